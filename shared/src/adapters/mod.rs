@@ -1,0 +1,1 @@
+//! Storage adapters, one per backing service, each behind its cargo feature.
