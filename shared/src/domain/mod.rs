@@ -18,3 +18,11 @@ pub fn now_millis() -> UnixMillis {
         .map(|d| d.as_millis() as UnixMillis)
         .unwrap_or(0)
 }
+
+mod session;
+pub use session::{SessionList, SessionState, SessionView};
+
+pub mod reconcile;
+
+mod backoff;
+pub use backoff::BackoffPolicy;

@@ -1,0 +1,110 @@
+//! What a host says about one running session, and how that maps to the tenant table's status.
+
+use serde::{Deserialize, Serialize};
+
+use super::{TenantId, TenantStatus, UnixMillis};
+
+/// The state of a tenant's session on a host (DESIGN.md "session states").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// Hydrating, waiting for a connect token, or handshaking.
+    Connecting,
+    /// Connected and logged in.
+    Open,
+    /// Waiting out a backoff delay before the next attempt.
+    Backoff,
+    /// Stopped on request; credentials kept.
+    Stopped,
+    /// Logged out or device removed (401/403). Terminal.
+    LoggedOut,
+    /// Another client took over (440). Terminal: never reconnected automatically.
+    Replaced,
+    /// Banned (402/406, temporary bans until their expiry). Terminal.
+    Banned,
+    /// No stored credentials. Terminal.
+    CredentialsMissing,
+    /// Stored credentials unusable. Terminal.
+    CredentialsCorrupt,
+}
+
+impl SessionState {
+    /// Every state, in a stable order (metrics, tables).
+    pub const ALL: [SessionState; 9] = [
+        Self::Connecting,
+        Self::Open,
+        Self::Backoff,
+        Self::Stopped,
+        Self::LoggedOut,
+        Self::Replaced,
+        Self::Banned,
+        Self::CredentialsMissing,
+        Self::CredentialsCorrupt,
+    ];
+
+    /// Whether only a person can bring the session back.
+    pub fn is_terminal(self) -> bool {
+        self.tenant_status().is_terminal()
+    }
+
+    /// The tenant-table status this state is reported as.
+    pub fn tenant_status(self) -> TenantStatus {
+        match self {
+            Self::Open => TenantStatus::Connected,
+            Self::Connecting | Self::Backoff => TenantStatus::Connecting,
+            Self::Stopped => TenantStatus::Disconnected,
+            Self::LoggedOut => TenantStatus::LoggedOut,
+            Self::Replaced => TenantStatus::Replaced,
+            Self::Banned => TenantStatus::Banned,
+            Self::CredentialsMissing => TenantStatus::CredentialsMissing,
+            Self::CredentialsCorrupt => TenantStatus::CredentialsCorrupt,
+        }
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Open => "open",
+            Self::Backoff => "backoff",
+            Self::Stopped => "stopped",
+            Self::LoggedOut => "logged_out",
+            Self::Replaced => "replaced",
+            Self::Banned => "banned",
+            Self::CredentialsMissing => "credentials_missing",
+            Self::CredentialsCorrupt => "credentials_corrupt",
+        }
+    }
+}
+
+/// One session as the host's control API reports it. Carries no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionView {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// Current state.
+    pub state: SessionState,
+    /// When the session entered `state`.
+    pub since_ms: UnixMillis,
+    /// When the current connection opened (only while `open`).
+    pub connected_since_ms: Option<UnixMillis>,
+    /// How long ago the last frame arrived from WhatsApp, when known.
+    pub last_frame_ago_ms: Option<u64>,
+    /// Reconnects since the host started this session.
+    pub reconnects: u64,
+    /// Consecutive failed attempts (reset when the session has been open for a stable period).
+    pub consecutive_failures: u32,
+    /// The current backoff delay, while in `backoff`.
+    pub backoff_ms: Option<u64>,
+    /// The last error, in words (never a secret).
+    pub last_error: Option<String>,
+}
+
+/// `GET /v1/sessions`: every session of a host, with the host's boot id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionList {
+    /// Changes whenever the host process restarts.
+    pub boot_id: String,
+    /// Every session the host holds.
+    pub sessions: Vec<SessionView>,
+}

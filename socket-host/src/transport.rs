@@ -1,0 +1,111 @@
+//! The engine's network edges, on the host's own stacks: a WebSocket transport on tokio-tungstenite (the
+//! same stack the fake server uses) and an HTTP client on reqwest (media and version look-ups).
+
+use std::sync::Arc;
+
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use whatsapp_rust::bytes::Bytes;
+use whatsapp_rust::http::{HttpClient, HttpRequest, HttpResponse};
+use whatsapp_rust::transport::{DisconnectReason, Transport, TransportEvent, TransportFactory};
+use whatsapp_rust::{async_channel, async_trait};
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How many inbound frames may wait for the engine before the reader stops pulling from the socket.
+const INBOUND_QUEUE: usize = 32;
+
+/// Opens one WebSocket per engine connect attempt to a fixed URL.
+#[derive(Clone, Debug)]
+pub struct WsTransportFactory {
+    url: Arc<str>,
+}
+
+impl WsTransportFactory {
+    /// A factory for `url` (`wss://web.whatsapp.com/ws/chat` in production, the fake server in tests).
+    pub fn new(url: impl Into<Arc<str>>) -> Self {
+        Self { url: url.into() }
+    }
+}
+
+struct WsTransport {
+    sink: Mutex<Option<SplitSink<Ws, Message>>>,
+}
+
+#[async_trait]
+impl Transport for WsTransport {
+    async fn send(&self, data: Bytes) -> anyhow::Result<()> {
+        let mut sink = self.sink.lock().await;
+        let sink = sink.as_mut().ok_or_else(|| anyhow::anyhow!("socket closed"))?;
+        sink.send(Message::Binary(data)).await?;
+        Ok(())
+    }
+
+    async fn disconnect(&self) {
+        if let Some(mut sink) = self.sink.lock().await.take() {
+            let _ = sink.close().await;
+        }
+    }
+}
+
+#[async_trait]
+impl TransportFactory for WsTransportFactory {
+    async fn create_transport(&self) -> anyhow::Result<(Arc<dyn Transport>, async_channel::Receiver<TransportEvent>)> {
+        let mut request = self.url.as_ref().into_client_request()?;
+        request.headers_mut().insert("Origin", HeaderValue::from_static("https://web.whatsapp.com"));
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        let (sink, mut stream) = ws.split();
+        let (tx, rx) = async_channel::bounded(INBOUND_QUEUE);
+        let _ = tx.try_send(TransportEvent::Connected);
+        tokio::spawn(async move {
+            let reason = loop {
+                match stream.next().await {
+                    Some(Ok(Message::Binary(b))) => {
+                        if tx.send(TransportEvent::DataReceived(b)).await.is_err() {
+                            return; // the engine dropped this connection
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        break DisconnectReason::ServerClose {
+                            code: frame.as_ref().map(|f| u16::from(f.code)),
+                            reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                        };
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break DisconnectReason::ReadError(e.to_string()),
+                    None => break DisconnectReason::StreamEnded,
+                }
+            };
+            let _ = tx.send(TransportEvent::Disconnected(reason)).await;
+        });
+        Ok((Arc::new(WsTransport { sink: Mutex::new(Some(sink)) }), rx))
+    }
+}
+
+/// The engine's HTTP client on reqwest (rustls, webpki roots).
+#[derive(Clone, Debug, Default)]
+pub struct ReqwestHttpClient {
+    client: reqwest::Client,
+}
+
+#[async_trait]
+impl HttpClient for ReqwestHttpClient {
+    async fn execute(&self, request: HttpRequest) -> anyhow::Result<HttpResponse> {
+        let method = reqwest::Method::from_bytes(request.method.as_bytes())?;
+        let mut builder = self.client.request(method, &request.url);
+        for (name, value) in &request.headers {
+            builder = builder.header(name, value);
+        }
+        if let Some(body) = request.body {
+            builder = builder.body(body.to_vec());
+        }
+        let response = builder.send().await?;
+        let status_code = response.status().as_u16();
+        let body = response.bytes().await?.to_vec();
+        Ok(HttpResponse { status_code, body })
+    }
+}
