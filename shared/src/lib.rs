@@ -7,8 +7,17 @@
 //! - [`crypto`]: AES-256-GCM sealing of every stored record and the data-key source.
 //! - [`ports`]: the storage traits (`CredentialStore`, `TenantStore`) and their error kinds.
 //! - [`adapters`]: the embedded default (redb), Firestore and DynamoDB, each behind a cargo feature.
+//! - [`contract`]: the contract-test suites every adapter passes (tests and the `contract-tests` feature only).
+//! - [`host_api`]: the control API's wire types and the typed client the functions use.
+//! - [`working_copy`]: the host's local, journaled copy of a tenant's snapshot; whole-tenant export files.
+//! - [`hydrate`]: filling the working copy from the credential store, and the start-up rule.
 
 pub mod adapters;
+#[cfg(any(test, feature = "contract-tests"))]
+pub mod contract;
 pub mod crypto;
 pub mod domain;
 pub mod ports;
+pub mod host_api;
+pub mod working_copy;
+pub mod hydrate;

@@ -1,12 +1,29 @@
-//! The HTTP surface: `/health` now; the control API, `/metrics` and the dashboard grow here.
+//! The HTTP surface: `/health`, the control API under `/v1`, `/metrics`, and the dashboard.
+//!
+//! Every route but `GET /health` needs `Authorization: Bearer <token>` (compared in constant time). Every
+//! input is validated before anything is touched: tenant ids, JSON bodies (unknown fields refused), body size.
+//! Errors are JSON with a stable `error` code and no internal detail; the cause goes to the log.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::routing::get;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use tower_http::timeout::TimeoutLayer;
+use wakeeper_shared::domain::TenantId;
+use wakeeper_shared::host_api::{Accepted, ErrorBody, Health, Rejected, RestoreRequest, RestoreResponse, SessionList, codes};
+
+use crate::host::{EnsureError, Host};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
 
 /// What every handler can reach.
 pub struct AppState {
@@ -14,63 +31,218 @@ pub struct AppState {
     pub boot_id: String,
     /// When the process started.
     pub started: Instant,
+    /// The sessions.
+    pub host: Arc<Host>,
+    /// The control token.
+    pub token: String,
+    /// Renders `/metrics` (none in tests that do not install a recorder).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl AppState {
-    /// Fresh state with a new boot id.
-    pub fn new() -> Self {
-        let mut raw = [0u8; 8];
-        getrandom::fill(&mut raw).expect("the OS random source works");
-        let boot_id = raw.iter().map(|b| format!("{b:02x}")).collect();
-        Self { boot_id, started: Instant::now() }
+    /// State for `host` with a new boot id.
+    pub fn new(host: Arc<Host>, token: String) -> Self {
+        Self { boot_id: new_boot_id(), started: Instant::now(), host, token, metrics: None }
     }
 }
 
-impl Default for AppState {
-    fn default() -> Self {
-        Self::new()
+fn new_boot_id() -> String {
+    let mut raw = [0u8; 8];
+    getrandom::fill(&mut raw).expect("the OS random source works");
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A refusal with its status and stable code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str) -> Self {
+        Self { status, code }
     }
 }
 
-#[derive(Serialize)]
-struct Health {
-    status: &'static str,
-    boot_id: String,
-    uptime_s: u64,
-    sessions: serde_json::Map<String, serde_json::Value>,
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.code.to_owned() })).into_response()
+    }
+}
+
+fn tenant(raw: &str) -> Result<TenantId, ApiError> {
+    TenantId::parse(raw).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_TENANT_ID))
+}
+
+/// Parses a JSON body strictly (unknown fields are refused by the wire types); an empty body is `T::default()`.
+fn json_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST))
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     Json(Health {
-        status: "ok",
+        status: "ok".into(),
         boot_id: state.boot_id.clone(),
         uptime_s: state.started.elapsed().as_secs(),
-        sessions: serde_json::Map::new(),
+        sessions: state.host.counts().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
     })
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    for (name, count) in state.host.counts() {
+        metrics::gauge!("wakeeper_sessions", "state" => name).set(count as f64);
+    }
+    let body = state.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn list_sessions(State(state): State<Arc<AppState>>) -> Json<SessionList> {
+    Json(SessionList { boot_id: state.boot_id.clone(), sessions: state.host.list() })
+}
+
+async fn get_session(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = tenant(&id)?;
+    state.host.get(&id).map(|v| Json(v).into_response()).ok_or(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND))
+}
+
+async fn put_session(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = tenant(&id)?;
+    match state.host.ensure(&id).await {
+        Ok(e) => Ok((
+            StatusCode::ACCEPTED,
+            Json(Accepted { tenant_id: id, state: e.state, already_running: e.already_running }),
+        )
+            .into_response()),
+        Err(EnsureError::CredentialsMissing) => Err(ApiError::new(StatusCode::CONFLICT, codes::CREDENTIALS_MISSING)),
+        Err(EnsureError::CredentialsCorrupt) => Err(ApiError::new(StatusCode::CONFLICT, codes::CREDENTIALS_CORRUPT)),
+        Err(EnsureError::ShuttingDown) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE)),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteParams {
+    #[serde(default)]
+    logout: bool,
+}
+
+async fn delete_session(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    params: Result<Query<DeleteParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = tenant(&id)?;
+    let Query(params) = params.map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST))?;
+    if params.logout {
+        // Logout needs the engine's logout IQ and the credential store; it is handled by the host's logout path.
+        return Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, codes::INTERNAL));
+    }
+    if state.host.stop(&id).await { Ok(StatusCode::NO_CONTENT) } else { Err(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND)) }
+}
+
+async fn reconnect(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = tenant(&id)?;
+    if !state.host.reconnect(&id) {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND));
+    }
+    let view = state.host.get(&id).ok_or(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND))?;
+    Ok((StatusCode::ACCEPTED, Json(Accepted { tenant_id: id, state: view.state, already_running: true })).into_response())
+}
+
+async fn restore(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
+    let request: RestoreRequest = json_body(&body)?;
+    let mut response = RestoreResponse::default();
+    let ids: Vec<TenantId> = match request.tenant_ids {
+        Some(raw) => raw
+            .into_iter()
+            .filter_map(|s| match TenantId::parse(&s) {
+                Ok(id) => Some(id),
+                Err(_) => {
+                    response.rejected.push(Rejected { tenant_id: s, error: codes::BAD_TENANT_ID.into() });
+                    None
+                }
+            })
+            .collect(),
+        None => crate::restore::desired_tenants(state.host.tenants().as_ref())
+            .await
+            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE))?
+            .into_iter()
+            .map(|r| r.tenant_id)
+            .collect(),
+    };
+    let outcomes = crate::restore::ensure_many(&state.host, ids, crate::restore::DEFAULT_CONCURRENCY).await;
+    for (id, outcome) in outcomes {
+        match outcome {
+            Ok(e) if e.already_running => response.already_running += 1,
+            Ok(_) => response.accepted += 1,
+            Err(e) => response.rejected.push(Rejected {
+                tenant_id: id.to_string(),
+                error: match e {
+                    EnsureError::CredentialsMissing => codes::CREDENTIALS_MISSING,
+                    EnsureError::CredentialsCorrupt => codes::CREDENTIALS_CORRUPT,
+                    EnsureError::ShuttingDown => codes::UNAVAILABLE,
+                }
+                .into(),
+            }),
+        }
+    }
+    Ok((StatusCode::ACCEPTED, Json(response)).into_response())
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}
+
+async fn require_token(State(state): State<Arc<AppState>>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let ok: bool = presented.as_bytes().ct_eq(state.token.as_bytes()).into();
+    if !ok || state.token.is_empty() {
+        return ApiError::new(StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED).into_response();
+    }
+    next.run(req).await
+}
+
+/// Turns the framework's own refusals (oversized bodies, unknown methods) into the API's JSON errors.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let code = match res.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => codes::PAYLOAD_TOO_LARGE,
+        StatusCode::METHOD_NOT_ALLOWED => codes::METHOD_NOT_ALLOWED,
+        StatusCode::REQUEST_TIMEOUT => codes::UNAVAILABLE,
+        _ => return res,
+    };
+    let is_json = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json { res } else { ApiError::new(res.status(), code).into_response() }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND)
 }
 
 /// The host's router.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new().route("/health", get(health)).with_state(state)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::body::Body;
-    use axum::http::{Request, StatusCode};
-    use tower::ServiceExt;
-
-    #[tokio::test]
-    async fn health_answers_ok_with_boot_id() {
-        let state = Arc::new(AppState::new());
-        let boot = state.boot_id.clone();
-        let res = router(state).oneshot(Request::get("/health").body(Body::empty()).unwrap()).await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        let body = axum::body::to_bytes(res.into_body(), 1 << 16).await.unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["status"], "ok");
-        assert_eq!(v["boot_id"], boot.as_str());
-        assert_eq!(boot.len(), 16);
-    }
+    let protected = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/dashboard", get(dashboard))
+        .route("/v1/sessions", get(list_sessions))
+        .route("/v1/sessions/{tenant_id}", get(get_session).put(put_session).delete(delete_session))
+        .route("/v1/sessions/{tenant_id}/reconnect", post(reconnect))
+        .route("/v1/restore", post(restore))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/health", get(health))
+        .merge(protected)
+        .fallback(not_found)
+        .layer(middleware::from_fn(json_errors))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
+        .with_state(state)
 }

@@ -51,6 +51,68 @@ pub struct Config {
     /// WhatsApp Web WebSocket URL (the fake server's in tests).
     #[arg(long, env = "WAKEEPER_WA_URL", default_value = "wss://web.whatsapp.com/ws/chat")]
     pub wa_url: String,
+
+    /// Bearer token of the control API. Prefer the file variant; without either, a token is generated
+    /// into `<data dir>/control.token` (mode 0600) on first start.
+    #[arg(long, env = "WAKEEPER_CONTROL_TOKEN", hide_env_values = true)]
+    pub control_token: Option<String>,
+
+    /// File holding the control token.
+    #[arg(long, env = "WAKEEPER_CONTROL_TOKEN_FILE")]
+    pub control_token_file: Option<PathBuf>,
+
+    /// This host's id (lease owner). Default: generated once into `<data dir>/host-id`.
+    #[arg(long, env = "WAKEEPER_HOST_ID")]
+    pub host_id: Option<String>,
+
+    /// The 32-byte data key sealing every stored record. Default: `<data dir>/keys/data.key`, created 0600.
+    #[arg(long, env = "WAKEEPER_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// Google Cloud project of the Firestore credential store; unset = the embedded store.
+    #[arg(long, env = "WAKEEPER_FIRESTORE_PROJECT")]
+    pub firestore_project: Option<String>,
+
+    /// Top-level Firestore collection of the credential store.
+    #[arg(long, env = "WAKEEPER_FIRESTORE_COLLECTION", default_value = "wakeeper_tenants")]
+    pub firestore_collection: String,
+
+    /// DynamoDB table of tenants; unset = the embedded store.
+    #[arg(long, env = "WAKEEPER_DYNAMODB_TABLE")]
+    pub dynamodb_table: Option<String>,
+
+    /// DynamoDB endpoint override (DynamoDB Local, moto).
+    #[arg(long, env = "WAKEEPER_DYNAMODB_ENDPOINT")]
+    pub dynamodb_endpoint: Option<String>,
+
+    /// Host-wide connect attempts per second (0 = unlimited).
+    #[arg(long, env = "WAKEEPER_CONNECT_RATE", default_value_t = 200.0)]
+    pub connect_rate: f64,
+
+    /// Connect attempts allowed in one burst before the rate applies.
+    #[arg(long, env = "WAKEEPER_CONNECT_BURST", default_value_t = 50)]
+    pub connect_burst: u32,
+
+    /// Handshakes in flight at once (0 = unlimited).
+    #[arg(long, env = "WAKEEPER_CONNECT_IN_FLIGHT", default_value_t = 64)]
+    pub connect_in_flight: usize,
+
+    /// Lease lifetime in seconds; renewed every third of it. A new host takes a tenant from a host that
+    /// died without releasing only after this.
+    #[arg(long, env = "WAKEEPER_LEASE_TTL_S", default_value_t = 30)]
+    pub lease_ttl_s: u64,
+
+    /// Longest a graceful shutdown may take (stop clients, flush replication, release leases).
+    #[arg(long, env = "WAKEEPER_SHUTDOWN_DEADLINE_S", default_value_t = 20)]
+    pub shutdown_deadline_s: u64,
+
+    /// Restore every desired tenant on start.
+    #[arg(long, env = "WAKEEPER_RESTORE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub restore_on_start: bool,
+
+    /// Seconds between in-host health sweeps (0 = off; the cloud runs the sweep as a function instead).
+    #[arg(long, env = "WAKEEPER_SWEEP_INTERVAL_S", default_value_t = 120)]
+    pub sweep_interval_s: u64,
 }
 
 impl Config {

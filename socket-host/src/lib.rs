@@ -3,13 +3,29 @@
 //! The always-on wakeeper host: one supervised WhatsApp Web client per tenant.
 //!
 //! # Layout
+//! - [`app`]: builds a whole host from its configuration and serves it.
 //! - [`config`]: flags and `WAKEEPER_*` variables.
 //! - [`api`]: the HTTP surface (`/health`, control API, metrics, dashboard).
+//! - [`host`]: every tenant's session and the operations on them (ensure, stop, reconnect, shutdown).
+//! - [`session`]: the per-tenant supervisor: lease, engine store, one client per connect attempt, backoff.
+//! - [`restore`]: restore every desired tenant, most recently healthy first.
+//! - [`engines`]: opens a tenant's engine store (hydrate, then the engine's backend over the working copy).
+//! - [`governor`]: the host-wide pacing of connect attempts.
 //! - [`transport`]: the engine's WebSocket transport and HTTP client.
+//! - [`engine_store`]: the engine's `Backend` over a tenant's local working copy.
+//! - [`replicator`]: ordered, batched replication of engine writes to the credential store.
 
 pub mod api;
+pub mod app;
 pub mod config;
+pub mod engines;
+pub mod governor;
+pub mod host;
+pub mod restore;
+pub mod session;
 pub mod transport;
+pub mod engine_store;
+pub mod replicator;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -2,6 +2,7 @@
 //! same stack the fake server uses) and an HTTP client on reqwest (media and version look-ups).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU16, Ordering};
 
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
@@ -19,16 +20,43 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 /// How many inbound frames may wait for the engine before the reader stops pulling from the socket.
 const INBOUND_QUEUE: usize = 32;
 
+/// What the transport saw of one tenant's link, for the supervisor: when the last frame arrived and whether
+/// the last upgrade was refused with an HTTP status (429 and 503 pace the backoff).
+#[derive(Debug, Default)]
+pub struct LinkProbe {
+    last_frame_ms: AtomicI64,
+    refused_status: AtomicU16,
+}
+
+impl LinkProbe {
+    /// Milliseconds since the epoch of the last frame received, 0 if none yet.
+    pub fn last_frame_ms(&self) -> i64 {
+        self.last_frame_ms.load(Ordering::Relaxed)
+    }
+
+    /// Takes the HTTP status of the last refused upgrade (0 if none), clearing it.
+    pub fn take_refused_status(&self) -> u16 {
+        self.refused_status.swap(0, Ordering::Relaxed)
+    }
+}
+
 /// Opens one WebSocket per engine connect attempt to a fixed URL.
 #[derive(Clone, Debug)]
 pub struct WsTransportFactory {
     url: Arc<str>,
+    probe: Arc<LinkProbe>,
 }
 
 impl WsTransportFactory {
     /// A factory for `url` (`wss://web.whatsapp.com/ws/chat` in production, the fake server in tests).
     pub fn new(url: impl Into<Arc<str>>) -> Self {
-        Self { url: url.into() }
+        Self { url: url.into(), probe: Arc::default() }
+    }
+
+    /// Reports what the link sees into `probe`.
+    pub fn with_probe(mut self, probe: Arc<LinkProbe>) -> Self {
+        self.probe = probe;
+        self
     }
 }
 
@@ -57,14 +85,24 @@ impl TransportFactory for WsTransportFactory {
     async fn create_transport(&self) -> anyhow::Result<(Arc<dyn Transport>, async_channel::Receiver<TransportEvent>)> {
         let mut request = self.url.as_ref().into_client_request()?;
         request.headers_mut().insert("Origin", HeaderValue::from_static("https://web.whatsapp.com"));
-        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        let ws = match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let status = response.status().as_u16();
+                self.probe.refused_status.store(status, Ordering::Relaxed);
+                anyhow::bail!("websocket upgrade refused with HTTP {status}");
+            }
+            Err(e) => return Err(e.into()),
+        };
         let (sink, mut stream) = ws.split();
+        let probe = self.probe.clone();
         let (tx, rx) = async_channel::bounded(INBOUND_QUEUE);
         let _ = tx.try_send(TransportEvent::Connected);
         tokio::spawn(async move {
             let reason = loop {
                 match stream.next().await {
                     Some(Ok(Message::Binary(b))) => {
+                        probe.last_frame_ms.store(wakeeper_shared::domain::now_millis(), Ordering::Relaxed);
                         if tx.send(TransportEvent::DataReceived(b)).await.is_err() {
                             return; // the engine dropped this connection
                         }

@@ -1,0 +1,286 @@
+//! The host's control API as the functions see it: wire types (shared with the host's handlers) and, with the
+//! `client` feature, a typed client.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::domain::{SessionList, SessionState, SessionView};
+use crate::domain::TenantId;
+
+/// Every error body: `{"error": "<stable code>"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable machine-readable code (see [`codes`]).
+    pub error: String,
+}
+
+/// The stable error codes of the control API.
+pub mod codes {
+    /// Missing or wrong bearer token (401).
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// No such session or route (404).
+    pub const NOT_FOUND: &str = "not_found";
+    /// A tenant id outside `[A-Za-z0-9_-]{1,64}` (400).
+    pub const BAD_TENANT_ID: &str = "bad_tenant_id";
+    /// A malformed body or parameter (400).
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// Body over the size limit (413).
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    /// Wrong method on a known route (405).
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// No stored credentials for the tenant (409).
+    pub const CREDENTIALS_MISSING: &str = "credentials_missing";
+    /// Stored credentials unusable (409).
+    pub const CREDENTIALS_CORRUPT: &str = "credentials_corrupt";
+    /// The session is not open (409).
+    pub const SESSION_NOT_OPEN: &str = "session_not_open";
+    /// A store or dependency is unavailable (503).
+    pub const UNAVAILABLE: &str = "unavailable";
+    /// Anything else (500).
+    pub const INTERNAL: &str = "internal";
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Always `ok` when the host answers.
+    pub status: String,
+    /// Changes whenever the host process restarts.
+    pub boot_id: String,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// Session counts by state name.
+    pub sessions: BTreeMap<String, u64>,
+}
+
+/// `PUT /v1/sessions/{id}` and `POST .../reconnect`: accepted, with the state the session is in now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// Its session's state at the time of the answer.
+    pub state: SessionState,
+    /// Whether the session was already running before the request.
+    #[serde(default)]
+    pub already_running: bool,
+}
+
+/// `POST /v1/restore` body. Ids are strings so bad ones can be rejected one by one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// Tenants to restore; absent means every desired tenant in the tenant store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_ids: Option<Vec<String>>,
+}
+
+/// One tenant a restore did not accept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// The id as given.
+    pub tenant_id: String,
+    /// A stable error code.
+    pub error: String,
+}
+
+/// `POST /v1/restore` answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreResponse {
+    /// Tenants whose session was started.
+    pub accepted: u64,
+    /// Tenants that were already running.
+    pub already_running: u64,
+    /// Tenants refused, with why.
+    pub rejected: Vec<Rejected>,
+}
+
+#[cfg(feature = "client")]
+pub use client::{ClientError, EnsureOutcome, HostClient};
+
+#[cfg(feature = "client")]
+mod client {
+    use std::time::Duration;
+
+    use reqwest::StatusCode;
+
+    use super::*;
+
+    /// Why a control-API call failed.
+    #[derive(Debug, thiserror::Error)]
+    pub enum ClientError {
+        /// The host could not be reached, timed out, or kept answering 5xx. Transient.
+        #[error("host unreachable: {0}")]
+        Unreachable(String),
+        /// The token was refused.
+        #[error("unauthorized")]
+        Unauthorized,
+        /// The session or route does not exist.
+        #[error("not found")]
+        NotFound,
+        /// Any other refusal, with its status and stable code.
+        #[error("host refused the request ({status}: {code})")]
+        Refused {
+            /// HTTP status.
+            status: u16,
+            /// The body's `error` code.
+            code: String,
+        },
+    }
+
+    /// What `ensure` achieved.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum EnsureOutcome {
+        /// The host started (or already ran) the session.
+        Accepted(Accepted),
+        /// No stored credentials: definitive, mark the tenant.
+        CredentialsMissing,
+        /// Stored credentials unusable: definitive, mark the tenant.
+        CredentialsCorrupt,
+    }
+
+    /// A typed client of one host's control API. Retries connect errors and 5xx only.
+    #[derive(Clone)]
+    pub struct HostClient {
+        http: reqwest::Client,
+        base: String,
+        token: String,
+        attempts: u32,
+    }
+
+    impl std::fmt::Debug for HostClient {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("HostClient").field("base", &self.base).finish_non_exhaustive()
+        }
+    }
+
+    impl HostClient {
+        /// A client of the host at `base_url` (e.g. `http://127.0.0.1:8080`) with its bearer token.
+        pub fn new(base_url: &str, token: impl Into<String>, timeout: Duration) -> Result<Self, ClientError> {
+            let http = reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(timeout.min(Duration::from_secs(5)))
+                .build()
+                .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+            Ok(Self { http, base: base_url.trim_end_matches('/').to_owned(), token: token.into(), attempts: 3 })
+        }
+
+        /// Sets how many times a call is tried in all (at least 1).
+        pub fn with_attempts(mut self, attempts: u32) -> Self {
+            self.attempts = attempts.max(1);
+            self
+        }
+
+        async fn call(
+            &self,
+            method: reqwest::Method,
+            path: &str,
+            body: Option<&serde_json::Value>,
+        ) -> Result<(StatusCode, Vec<u8>), ClientError> {
+            let url = format!("{}{}", self.base, path);
+            let mut last = String::new();
+            for attempt in 0..self.attempts {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(1u32 << attempt.min(5)))).await;
+                }
+                let mut req = self.http.request(method.clone(), &url).bearer_auth(&self.token);
+                if let Some(b) = body {
+                    req = req.json(b);
+                }
+                match req.send().await {
+                    Ok(res) if res.status().is_server_error() => {
+                        last = format!("status {}", res.status().as_u16());
+                    }
+                    Ok(res) => {
+                        let status = res.status();
+                        let bytes = res.bytes().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
+                        return Ok((status, bytes.to_vec()));
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(ClientError::Unreachable(last))
+        }
+
+        fn refused(status: StatusCode, body: &[u8]) -> ClientError {
+            match status {
+                StatusCode::UNAUTHORIZED => ClientError::Unauthorized,
+                StatusCode::NOT_FOUND => ClientError::NotFound,
+                _ => ClientError::Refused {
+                    status: status.as_u16(),
+                    code: serde_json::from_slice::<ErrorBody>(body).map(|b| b.error).unwrap_or_default(),
+                },
+            }
+        }
+
+        fn decode<T: serde::de::DeserializeOwned>(status: StatusCode, body: Vec<u8>) -> Result<T, ClientError> {
+            serde_json::from_slice(&body).map_err(|e| ClientError::Refused {
+                status: status.as_u16(),
+                code: format!("undecodable answer: {e}"),
+            })
+        }
+
+        /// `GET /health`.
+        pub async fn health(&self) -> Result<Health, ClientError> {
+            match self.call(reqwest::Method::GET, "/health", None).await? {
+                (s, b) if s.is_success() => Self::decode(s, b),
+                (s, b) => Err(Self::refused(s, &b)),
+            }
+        }
+
+        /// `GET /v1/sessions`.
+        pub async fn sessions(&self) -> Result<SessionList, ClientError> {
+            match self.call(reqwest::Method::GET, "/v1/sessions", None).await? {
+                (s, b) if s.is_success() => Self::decode(s, b),
+                (s, b) => Err(Self::refused(s, &b)),
+            }
+        }
+
+        /// `GET /v1/sessions/{id}`; `None` when the host has no such session.
+        pub async fn session(&self, tenant: &TenantId) -> Result<Option<SessionView>, ClientError> {
+            match self.call(reqwest::Method::GET, &format!("/v1/sessions/{tenant}"), None).await? {
+                (s, b) if s.is_success() => Self::decode(s, b).map(Some),
+                (StatusCode::NOT_FOUND, _) => Ok(None),
+                (s, b) => Err(Self::refused(s, &b)),
+            }
+        }
+
+        /// `PUT /v1/sessions/{id}`: make sure the tenant's session runs.
+        pub async fn ensure(&self, tenant: &TenantId) -> Result<EnsureOutcome, ClientError> {
+            match self.call(reqwest::Method::PUT, &format!("/v1/sessions/{tenant}"), None).await? {
+                (s, b) if s.is_success() => Self::decode(s, b).map(EnsureOutcome::Accepted),
+                (StatusCode::CONFLICT, b) => match serde_json::from_slice::<ErrorBody>(&b).map(|e| e.error) {
+                    Ok(c) if c == codes::CREDENTIALS_MISSING => Ok(EnsureOutcome::CredentialsMissing),
+                    Ok(c) if c == codes::CREDENTIALS_CORRUPT => Ok(EnsureOutcome::CredentialsCorrupt),
+                    _ => Err(Self::refused(StatusCode::CONFLICT, &b)),
+                },
+                (s, b) => Err(Self::refused(s, &b)),
+            }
+        }
+
+        /// `POST /v1/sessions/{id}/reconnect`.
+        pub async fn reconnect(&self, tenant: &TenantId) -> Result<Accepted, ClientError> {
+            match self.call(reqwest::Method::POST, &format!("/v1/sessions/{tenant}/reconnect"), None).await? {
+                (s, b) if s.is_success() => Self::decode(s, b),
+                (s, b) => Err(Self::refused(s, &b)),
+            }
+        }
+
+        /// `DELETE /v1/sessions/{id}`: stop, keep credentials.
+        pub async fn stop(&self, tenant: &TenantId) -> Result<(), ClientError> {
+            match self.call(reqwest::Method::DELETE, &format!("/v1/sessions/{tenant}"), None).await? {
+                (s, _) if s.is_success() => Ok(()),
+                (s, b) => Err(Self::refused(s, &b)),
+            }
+        }
+
+        /// `POST /v1/restore`.
+        pub async fn restore(&self, request: &RestoreRequest) -> Result<RestoreResponse, ClientError> {
+            let body = serde_json::to_value(request).expect("restore request serializes");
+            match self.call(reqwest::Method::POST, "/v1/restore", Some(&body)).await? {
+                (s, b) if s.is_success() => Self::decode(s, b),
+                (s, b) => Err(Self::refused(s, &b)),
+            }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Builds a whole host from its [`Config`]: stores, data key, replicator, governor, sessions, HTTP surface.
+//! `main` and the end-to-end tests both start the host through here.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use wakeeper_shared::adapters::embedded::EmbeddedStore;
+use wakeeper_shared::crypto::{Cipher, LocalKeyFile};
+use wakeeper_shared::ports::{CredentialStore, TenantStore};
+
+use crate::api::AppState;
+use crate::config::Config;
+use crate::engines::StoreEngines;
+use crate::governor::{Governor, GovernorConfig};
+use crate::host::Host;
+use crate::replicator::{Replicator, ReplicatorConfig};
+use crate::session::SessionConfig;
+
+/// A built host, ready to serve.
+pub struct App {
+    /// The sessions.
+    pub host: Arc<Host>,
+    /// Replication of engine writes to the credential store.
+    pub replicator: Replicator,
+    /// What the HTTP handlers share.
+    pub state: Arc<AppState>,
+    config: Config,
+}
+
+/// Reads a secret-ish file, trimmed; never logs its content.
+fn read_trimmed(path: &Path) -> anyhow::Result<String> {
+    let raw = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(raw.trim().to_owned())
+}
+
+/// Writes `content` to a new file with mode 0600.
+fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(content.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut raw = vec![0u8; bytes];
+    getrandom::fill(&mut raw).expect("the OS random source works");
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The control token: from the variable, the file, or generated once into the data dir.
+fn control_token(config: &Config) -> anyhow::Result<String> {
+    if let Some(t) = config.control_token.as_ref().filter(|t| !t.is_empty()) {
+        return Ok(t.clone());
+    }
+    if let Some(path) = &config.control_token_file {
+        let t = read_trimmed(path)?;
+        anyhow::ensure!(!t.is_empty(), "control token file {} is empty", path.display());
+        return Ok(t);
+    }
+    let path = config.data_dir.join("control.token");
+    if !path.exists() {
+        write_private(&path, &random_hex(32))?;
+        tracing::info!(path = %path.display(), "generated a control token (read it from this file)");
+    }
+    read_trimmed(&path)
+}
+
+/// This host's id: configured, or generated once into the data dir (so a restart takes its own leases back).
+fn host_id(config: &Config) -> anyhow::Result<String> {
+    if let Some(id) = &config.host_id {
+        return Ok(id.clone());
+    }
+    let path = config.data_dir.join("host-id");
+    if !path.exists() {
+        write_private(&path, &format!("host-{}", random_hex(6)))?;
+    }
+    read_trimmed(&path)
+}
+
+impl App {
+    /// Builds every part from `config`. Fails fast on bad configuration.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let key_file = config.key_file.clone().unwrap_or_else(|| config.data_dir.join("keys").join("data.key"));
+        let cipher = Cipher::from_source(&LocalKeyFile::new(key_file)).context("loading the data key")?;
+
+        let embedded = match (&config.firestore_project, &config.dynamodb_table) {
+            (Some(_), Some(_)) => None,
+            _ => Some(Arc::new(
+                EmbeddedStore::open(config.data_dir.join("store.redb"), cipher.clone()).context("opening the embedded store")?,
+            )),
+        };
+        let credentials: Arc<dyn CredentialStore> = match &config.firestore_project {
+            Some(project) => Arc::new(
+                wakeeper_shared::adapters::firestore::FirestoreCredentialStore::new(
+                    project.clone(),
+                    cipher.clone(),
+                    config.firestore_collection.clone(),
+                )
+                .await
+                .context("connecting to Firestore")?,
+            ),
+            None => embedded.clone().expect("embedded store opened"),
+        };
+        let tenants: Arc<dyn TenantStore> = match &config.dynamodb_table {
+            Some(table) => {
+                let client = match &config.dynamodb_endpoint {
+                    Some(url) => wakeeper_shared::adapters::dynamodb::dynamo_client_for_endpoint(url),
+                    None => aws_sdk_dynamodb::Client::new(&aws_config::load_from_env().await),
+                };
+                Arc::new(wakeeper_shared::adapters::dynamodb::DynamoTenantStore::new(client, table.clone()))
+            }
+            None => embedded.clone().expect("embedded store opened"),
+        };
+
+        let replicator = Replicator::start(credentials.clone(), ReplicatorConfig::default());
+        let engines = Arc::new(StoreEngines::new(credentials, config.data_dir.clone(), cipher, replicator.handle()));
+        let governor = Arc::new(Governor::new(GovernorConfig {
+            rate_per_sec: config.connect_rate,
+            burst: config.connect_burst,
+            max_in_flight: config.connect_in_flight,
+        }));
+        let mut session_config = SessionConfig::new(config.wa_url.clone(), host_id(&config)?);
+        session_config.lease_ttl = Duration::from_secs(config.lease_ttl_s.max(3));
+        let host = Host::new(tenants, engines, governor, session_config);
+
+        if let Some(mut fenced) = replicator.take_fenced_events() {
+            let host = host.clone();
+            tokio::spawn(async move {
+                while let Some(f) = fenced.recv().await {
+                    tracing::warn!(tenant = %f.tenant, "replication fenced: another host owns this tenant; stopping its client");
+                    host.lease_lost(&f.tenant);
+                }
+            });
+        }
+        let state = Arc::new(AppState::new(host.clone(), control_token(&config)?));
+        Ok(Self { host, replicator, state, config })
+    }
+
+    /// Serves until `shutdown` resolves, then stops every session, flushes replication and releases leases
+    /// within the configured deadline.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            data_dir = %self.config.data_dir.display(),
+            host_id = %self.host.host_id(),
+            boot_id = %self.state.boot_id,
+            "host started"
+        );
+        if self.config.restore_on_start {
+            let host = self.host.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::restore::restore_all(&host).await {
+                    tracing::error!(error = %e, "restore on start could not read the tenant store");
+                }
+            });
+        }
+        crate::run(listener, self.state.clone(), shutdown).await?;
+        let deadline = Duration::from_secs(self.config.shutdown_deadline_s);
+        let started = tokio::time::Instant::now();
+        let still_running = self.host.shutdown(deadline.mul_f64(0.6)).await;
+        let report = self.replicator.flush(started + deadline).await;
+        tracing::info!(
+            still_running,
+            pending_tenants = report.pending_tenants,
+            pending_changes = report.pending_changes,
+            took_ms = started.elapsed().as_millis() as u64,
+            "host stopped"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,55 @@
+//! Opens a tenant's engine store: the start-up rule (hydrate from the credential store, or push a newer local
+//! copy up), then the engine's `Backend` over the local working copy, replicating under the lease's epoch.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use wakeeper_shared::crypto::Cipher;
+use wakeeper_shared::domain::TenantId;
+use wakeeper_shared::hydrate::{HydrateOutcome, Hydrator};
+use wakeeper_shared::ports::CredentialStore;
+use wakeeper_shared::working_copy::WorkingCopy;
+use whatsapp_rust::store::traits::Backend;
+
+use crate::engine_store::EngineStore;
+use crate::replicator::ReplicatorHandle;
+use crate::session::{EngineProvider, OpenError};
+
+/// The production [`EngineProvider`].
+pub struct StoreEngines {
+    hydrator: Hydrator,
+    replicator: ReplicatorHandle,
+    data_dir: PathBuf,
+    cipher: Cipher,
+}
+
+impl StoreEngines {
+    /// Engines over `store`, with working copies under `data_dir`, replicated by `replicator`.
+    pub fn new(store: Arc<dyn CredentialStore>, data_dir: impl Into<PathBuf>, cipher: Cipher, replicator: ReplicatorHandle) -> Self {
+        let data_dir = data_dir.into();
+        Self { hydrator: Hydrator::new(store, data_dir.clone(), cipher.clone()), replicator, data_dir, cipher }
+    }
+}
+
+#[async_trait]
+impl EngineProvider for StoreEngines {
+    async fn open(&self, tenant: &TenantId, epoch: u64) -> Result<Arc<dyn Backend>, OpenError> {
+        match self.hydrator.prepare(tenant, epoch).await {
+            outcome if outcome.is_ready() => {}
+            HydrateOutcome::Missing => return Err(OpenError::Missing),
+            HydrateOutcome::Corrupt(why) => return Err(OpenError::Corrupt(why)),
+            HydrateOutcome::Unavailable(why) | HydrateOutcome::Fenced(why) => return Err(OpenError::Unavailable(why)),
+            other => return Err(OpenError::Unavailable(format!("{other:?}"))),
+        }
+        let (data_dir, t, cipher) = (self.data_dir.clone(), tenant.clone(), self.cipher.clone());
+        let replica = self.replicator.attach(tenant.clone(), epoch);
+        let opened = tokio::task::spawn_blocking(move || {
+            let wc = WorkingCopy::open(&data_dir, t, cipher).map_err(|e| OpenError::Unavailable(e.to_string()))?;
+            EngineStore::open(wc, replica).map_err(|e| OpenError::Corrupt(e.to_string()))
+        })
+        .await
+        .map_err(|e| OpenError::Unavailable(e.to_string()))??;
+        Ok(opened as Arc<dyn Backend>)
+    }
+}

@@ -1,0 +1,198 @@
+//! The host: every tenant's session, and the operations the control API, the restore on start and the
+//! sweep timer perform on them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use wakeeper_shared::domain::{SessionState, SessionView, StatusUpdate, TenantId, now_millis};
+use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
+
+use crate::governor::Governor;
+use crate::session::{self, EngineProvider, OpenError, SessionConfig, SessionDeps, SessionHandle, StateChange};
+
+/// Why `ensure` refused a tenant definitively.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnsureError {
+    /// No stored credentials (the tenant is marked).
+    #[error("credentials missing")]
+    CredentialsMissing,
+    /// Stored credentials unusable (the tenant is marked).
+    #[error("credentials corrupt")]
+    CredentialsCorrupt,
+    /// The host is shutting down.
+    #[error("host shutting down")]
+    ShuttingDown,
+}
+
+/// What `ensure` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ensured {
+    /// The session's state now.
+    pub state: SessionState,
+    /// Whether it was already running.
+    pub already_running: bool,
+}
+
+/// Every session of this host.
+pub struct Host {
+    deps: Arc<SessionDeps>,
+    sessions: RwLock<HashMap<TenantId, SessionHandle>>,
+    closing: std::sync::atomic::AtomicBool,
+}
+
+impl Host {
+    /// A host with no sessions yet.
+    pub fn new(
+        tenants: Arc<dyn TenantStore>,
+        engines: Arc<dyn EngineProvider>,
+        governor: Arc<Governor>,
+        config: SessionConfig,
+    ) -> Arc<Self> {
+        let (changes, _) = broadcast::channel(4096);
+        Arc::new(Self {
+            deps: Arc::new(SessionDeps { tenants, engines, governor, config, changes }),
+            sessions: RwLock::new(HashMap::new()),
+            closing: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// State changes of every session.
+    pub fn subscribe(&self) -> broadcast::Receiver<StateChange> {
+        self.deps.changes.subscribe()
+    }
+
+    /// The tenant table.
+    pub fn tenants(&self) -> &Arc<dyn TenantStore> {
+        &self.deps.tenants
+    }
+
+    /// The governor.
+    pub fn governor(&self) -> &Arc<Governor> {
+        &self.deps.governor
+    }
+
+    /// This host's id.
+    pub fn host_id(&self) -> &str {
+        &self.deps.config.host_id
+    }
+
+    /// Every session, as the control API lists them.
+    pub fn list(&self) -> Vec<SessionView> {
+        let sessions = self.sessions.read().expect("sessions lock");
+        sessions.values().map(SessionHandle::view).collect()
+    }
+
+    /// One session.
+    pub fn get(&self, tenant: &TenantId) -> Option<SessionView> {
+        self.sessions.read().expect("sessions lock").get(tenant).map(SessionHandle::view)
+    }
+
+    /// Session counts by state.
+    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
+        let mut counts: BTreeMap<&'static str, u64> = SessionState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        for h in self.sessions.read().expect("sessions lock").values() {
+            *counts.entry(h.state().as_str()).or_default() += 1;
+        }
+        counts
+    }
+
+    fn running(&self, tenant: &TenantId) -> Option<SessionHandle> {
+        self.sessions.read().expect("sessions lock").get(tenant).filter(|h| !h.is_finished()).cloned()
+    }
+
+    /// Makes sure the tenant's session runs: takes the lease, hydrates, and starts the supervisor (which
+    /// connects through the governor). Idempotent. Definitive credential problems are answered at once and
+    /// marked in the tenant table; transient ones (store outage, lease held elsewhere) are retried by the
+    /// supervisor.
+    pub async fn ensure(&self, tenant: &TenantId) -> Result<Ensured, EnsureError> {
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(EnsureError::ShuttingDown);
+        }
+        if let Some(h) = self.running(tenant) {
+            return Ok(Ensured { state: h.state(), already_running: true });
+        }
+        let deps = &self.deps;
+        let lease = match deps
+            .tenants
+            .acquire_lease(tenant, &deps.config.host_id, deps.config.lease_ttl.as_millis() as u64, now_millis())
+            .await
+        {
+            Ok(l) => Some(l),
+            Err(StoreError::Conflict(Conflict::LeaseHeld { .. })) | Err(_) => None,
+        };
+        let mut backend = None;
+        if let Some(l) = &lease {
+            match deps.engines.open(tenant, l.epoch).await {
+                Ok(b) => backend = Some(b),
+                Err(e @ (OpenError::Missing | OpenError::Corrupt(_))) => {
+                    let (state, err) = match &e {
+                        OpenError::Missing => (SessionState::CredentialsMissing, EnsureError::CredentialsMissing),
+                        _ => (SessionState::CredentialsCorrupt, EnsureError::CredentialsCorrupt),
+                    };
+                    let _ = deps.tenants.release_lease(tenant, l).await;
+                    let reason = e.to_string();
+                    if let Err(we) = deps
+                        .tenants
+                        .write_status(tenant, &StatusUpdate::terminal(state.tenant_status(), reason.clone()), now_millis())
+                        .await
+                    {
+                        tracing::warn!(tenant = %tenant, error = %we, "could not mark tenant");
+                    }
+                    self.insert(tenant, session::finished(tenant.clone(), state, reason));
+                    return Err(err);
+                }
+                Err(OpenError::Unavailable(_)) => {}
+            }
+        }
+        // Two racing ensures: the first insert wins, the loser lets its lease and backend go.
+        let mut sessions = self.sessions.write().expect("sessions lock");
+        if let Some(h) = sessions.get(tenant).filter(|h| !h.is_finished()) {
+            return Ok(Ensured { state: h.state(), already_running: true });
+        }
+        let handle = session::spawn(tenant.clone(), deps.clone(), lease, backend);
+        let state = handle.state();
+        sessions.insert(tenant.clone(), handle);
+        Ok(Ensured { state, already_running: false })
+    }
+
+    fn insert(&self, tenant: &TenantId, handle: SessionHandle) {
+        self.sessions.write().expect("sessions lock").insert(tenant.clone(), handle);
+    }
+
+    /// Asks a session to reconnect at once. `false` when the host has no running session for the tenant.
+    pub fn reconnect(&self, tenant: &TenantId) -> bool {
+        self.running(tenant).is_some_and(|h| h.reconnect())
+    }
+
+    /// A replication write was fenced (another host holds a newer epoch): stop that client first.
+    pub fn lease_lost(&self, tenant: &TenantId) {
+        if let Some(h) = self.running(tenant) {
+            h.lease_lost();
+        }
+    }
+
+    /// Stops a session (credentials kept) and forgets it. `false` when the host had none.
+    pub async fn stop(&self, tenant: &TenantId) -> bool {
+        let handle = self.sessions.write().expect("sessions lock").remove(tenant);
+        match handle {
+            Some(h) => {
+                h.stop().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops every session, releasing leases, within `deadline`. Returns how many were still running.
+    pub async fn shutdown(&self, deadline: Duration) -> usize {
+        self.closing.store(true, std::sync::atomic::Ordering::Release);
+        let handles: Vec<SessionHandle> = self.sessions.read().expect("sessions lock").values().cloned().collect();
+        let stops = futures_util::future::join_all(handles.iter().map(|h| h.stop()));
+        if tokio::time::timeout(deadline, stops).await.is_err() {
+            tracing::warn!("shutdown deadline reached with sessions still stopping");
+        }
+        handles.iter().filter(|h| !h.is_finished()).count()
+    }
+}

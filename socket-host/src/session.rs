@@ -1,0 +1,749 @@
+//! One supervised session per tenant: a task that owns the tenant's lease, its engine store and, one connect
+//! attempt at a time, one whatsapp-rust client.
+//!
+//! The engine's own reconnect loop is switched off: every attempt is made here, so it takes a governor token,
+//! follows this host's backoff, and never overlaps the previous client (two clients on one credential set
+//! knock each other off and fork the Signal state). A session ends only in a terminal state (written to the
+//! tenant table with its reason) or when asked to stop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use wakeeper_shared::domain::{
+    BackoffPolicy, Lease, SessionState, SessionView, StatusUpdate, TenantId, TenantStatus, now_millis,
+};
+use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
+use whatsapp_rust::bot::Bot;
+use whatsapp_rust::store::traits::Backend;
+use whatsapp_rust::types::events::{ConnectFailureReason, Event, EventHandler};
+
+use crate::governor::{ConnectPermit, Governor};
+use crate::transport::{LinkProbe, ReqwestHttpClient, WsTransportFactory};
+
+/// Why a tenant's engine store could not be opened.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OpenError {
+    /// Nothing stored for the tenant: needs a new link.
+    #[error("no stored credentials")]
+    Missing,
+    /// Stored credentials unusable: needs a new link.
+    #[error("stored credentials unusable: {0}")]
+    Corrupt(String),
+    /// A store could not be reached; try again later.
+    #[error("credential store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Opens a tenant's engine store (hydrating its working copy first when needed).
+#[async_trait]
+pub trait EngineProvider: Send + Sync {
+    /// The engine backend of `tenant`, whose writes are replicated under lease `epoch`.
+    async fn open(&self, tenant: &TenantId, epoch: u64) -> Result<Arc<dyn Backend>, OpenError>;
+    /// Called when the session lets go of its backend (stop, terminal state, lease lost).
+    async fn close(&self, _tenant: &TenantId) {}
+}
+
+/// Settings of every session of a host.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// WhatsApp Web WebSocket URL.
+    pub wa_url: String,
+    /// This host's id (lease owner).
+    pub host_id: String,
+    /// How long a lease lasts unless renewed; renewed every third of it.
+    pub lease_ttl: Duration,
+    /// Reconnect backoff.
+    pub backoff: BackoffPolicy,
+    /// Longest a handshake may hold a governor slot.
+    pub handshake_timeout: Duration,
+    /// WhatsApp Web version announced (skips the version look-up over HTTPS).
+    pub app_version: (u32, u32, u32),
+}
+
+impl SessionConfig {
+    /// Defaults for a host with this id talking to `wa_url`.
+    pub fn new(wa_url: impl Into<String>, host_id: impl Into<String>) -> Self {
+        Self {
+            wa_url: wa_url.into(),
+            host_id: host_id.into(),
+            lease_ttl: Duration::from_secs(30),
+            backoff: BackoffPolicy::default(),
+            handshake_timeout: Duration::from_secs(20),
+            app_version: (2, 3000, 1_023_000_000),
+        }
+    }
+}
+
+/// A session changed state (for webhooks, metrics and tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateChange {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// Previous state.
+    pub from: SessionState,
+    /// New state.
+    pub to: SessionState,
+    /// Why, in words (never a secret).
+    pub reason: Option<String>,
+    /// Consecutive failures at the time of the change.
+    pub consecutive_failures: u32,
+    /// When.
+    pub at_ms: i64,
+}
+
+/// What every session of a host shares.
+pub struct SessionDeps {
+    /// The tenant table (leases, status marks).
+    pub tenants: Arc<dyn TenantStore>,
+    /// Opens engine stores.
+    pub engines: Arc<dyn EngineProvider>,
+    /// Paces connect attempts.
+    pub governor: Arc<Governor>,
+    /// Settings.
+    pub config: SessionConfig,
+    /// State changes are published here.
+    pub changes: broadcast::Sender<StateChange>,
+}
+
+/// Something asked of a running session.
+#[derive(Debug)]
+enum Command {
+    Reconnect,
+    Stop { reply: oneshot::Sender<()> },
+    LeaseLost,
+}
+
+/// The handle the host keeps for a session.
+#[derive(Clone)]
+pub struct SessionHandle {
+    tenant: TenantId,
+    view: Arc<Mutex<SessionView>>,
+    probe: Arc<LinkProbe>,
+    commands: mpsc::UnboundedSender<Command>,
+    finished: Arc<AtomicBool>,
+}
+
+impl SessionHandle {
+    /// The session as the control API shows it.
+    pub fn view(&self) -> SessionView {
+        let mut v = self.view.lock().expect("session view lock").clone();
+        let last = self.probe.last_frame_ms();
+        v.last_frame_ago_ms = (last > 0).then(|| now_millis().saturating_sub(last).max(0) as u64);
+        v
+    }
+
+    /// The current state.
+    pub fn state(&self) -> SessionState {
+        self.view.lock().expect("session view lock").state
+    }
+
+    /// The tenant.
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    /// Whether the supervisor task has ended (terminal state or stopped).
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// Asks for an immediate reconnect (resets the backoff).
+    pub fn reconnect(&self) -> bool {
+        self.commands.send(Command::Reconnect).is_ok()
+    }
+
+    /// Tells the session its lease (or replication fence) was lost: the client stops before anything else.
+    pub fn lease_lost(&self) {
+        let _ = self.commands.send(Command::LeaseLost);
+    }
+
+    /// Stops the client and waits until it is down; the lease is released.
+    pub async fn stop(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::Stop { reply }).is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+/// Starts supervising `tenant`. `lease` and `backend` are what the caller already obtained (an `ensure`
+/// hydrates up front to answer definitive credential problems at once); the task gets whatever is missing.
+pub fn spawn(
+    tenant: TenantId,
+    deps: Arc<SessionDeps>,
+    lease: Option<Lease>,
+    backend: Option<Arc<dyn Backend>>,
+) -> SessionHandle {
+    let now = now_millis();
+    let view = Arc::new(Mutex::new(SessionView {
+        tenant_id: tenant.clone(),
+        state: SessionState::Connecting,
+        since_ms: now,
+        connected_since_ms: None,
+        last_frame_ago_ms: None,
+        reconnects: 0,
+        consecutive_failures: 0,
+        backoff_ms: None,
+        last_error: None,
+    }));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = SessionHandle {
+        tenant: tenant.clone(),
+        view: view.clone(),
+        probe: Arc::new(LinkProbe::default()),
+        commands: tx.clone(),
+        finished: Arc::new(AtomicBool::new(false)),
+    };
+    let sup = Supervisor {
+        tenant,
+        deps,
+        view,
+        probe: handle.probe.clone(),
+        commands: rx,
+        self_tx: tx,
+        lease,
+        lease_keeper: None,
+        backend,
+        failures: 0,
+    };
+    let finished = handle.finished.clone();
+    tokio::spawn(async move {
+        sup.run().await;
+        finished.store(true, Ordering::Release);
+    });
+    metrics::counter!("wakeeper_sessions_started_total").increment(1);
+    handle
+}
+
+/// A handle whose session never started: its state is already terminal (e.g. credentials missing at ensure).
+pub fn finished(tenant: TenantId, state: SessionState, reason: String) -> SessionHandle {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    SessionHandle {
+        view: Arc::new(Mutex::new(SessionView {
+            tenant_id: tenant.clone(),
+            state,
+            since_ms: now_millis(),
+            connected_since_ms: None,
+            last_frame_ago_ms: None,
+            reconnects: 0,
+            consecutive_failures: 0,
+            backoff_ms: None,
+            last_error: Some(reason),
+        })),
+        tenant,
+        probe: Arc::new(LinkProbe::default()),
+        commands: tx,
+        finished: Arc::new(AtomicBool::new(true)),
+    }
+}
+
+/// How one connect attempt ended.
+#[derive(Debug)]
+enum Ending {
+    /// A terminal state: mark the tenant, stop supervising.
+    Terminal { state: SessionState, reason: String },
+    /// A temporary ban: wait it out.
+    TempBan { until: Instant, reason: String },
+    /// The link went down or never came up: back off and retry.
+    Retry { reason: String, rate_limited: bool },
+    /// Asked to reconnect (or 515): again at once.
+    Again,
+    /// The lease is gone: let go, take it again before the next attempt.
+    LeaseLost,
+    /// Asked to stop.
+    Stop { reply: oneshot::Sender<()> },
+}
+
+/// The engine's lifecycle events, as the supervisor needs them.
+#[derive(Debug)]
+enum Signal {
+    Connected,
+    Disconnected(String),
+    LoggedOut(String),
+    Replaced,
+    TempBan { expire: Duration, code: String },
+    ConnectFailure { code: i32, logged_out: bool },
+    StreamError(String),
+}
+
+struct SignalHandler {
+    tx: mpsc::UnboundedSender<Signal>,
+}
+
+impl EventHandler for SignalHandler {
+    fn handle_event(&self, event: Arc<Event>) {
+        let signal = match &*event {
+            Event::Connected(_) => Signal::Connected,
+            Event::Disconnected(d) => Signal::Disconnected(d.reason.to_string()),
+            Event::LoggedOut(l) => Signal::LoggedOut(format!("logged out ({})", reason_code(&l.reason))),
+            Event::StreamReplaced(_) => Signal::Replaced,
+            Event::TemporaryBan(b) => Signal::TempBan { expire: b.expire.to_std().unwrap_or_default(), code: format!("{:?}", b.code) },
+            Event::ConnectFailure(f) => {
+                Signal::ConnectFailure { code: reason_code(&f.reason), logged_out: f.reason.is_logged_out() }
+            }
+            Event::StreamError(e) => Signal::StreamError(e.code.clone()),
+            _ => return,
+        };
+        let _ = self.tx.send(signal);
+    }
+}
+
+fn reason_code(reason: &ConnectFailureReason) -> i32 {
+    match reason {
+        ConnectFailureReason::Generic => 400,
+        ConnectFailureReason::LoggedOut => 401,
+        ConnectFailureReason::TempBanned => 402,
+        ConnectFailureReason::AccountLocked => 403,
+        ConnectFailureReason::ClientOutdated => 405,
+        ConnectFailureReason::UnknownLogout => 406,
+        ConnectFailureReason::BadUserAgent => 409,
+        ConnectFailureReason::CatExpired => 413,
+        ConnectFailureReason::CatInvalid => 414,
+        ConnectFailureReason::NotFound => 415,
+        ConnectFailureReason::ClientUnknown => 418,
+        ConnectFailureReason::InternalServerError => 500,
+        ConnectFailureReason::Experimental => 501,
+        ConnectFailureReason::ServiceUnavailable => 503,
+        ConnectFailureReason::Unknown(c) => *c,
+    }
+}
+
+struct Supervisor {
+    tenant: TenantId,
+    deps: Arc<SessionDeps>,
+    view: Arc<Mutex<SessionView>>,
+    probe: Arc<LinkProbe>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    self_tx: mpsc::UnboundedSender<Command>,
+    lease: Option<Lease>,
+    lease_keeper: Option<tokio::task::JoinHandle<()>>,
+    backend: Option<Arc<dyn Backend>>,
+    failures: u32,
+}
+
+/// What to do after waiting.
+enum Wake {
+    Go,
+    Stop(oneshot::Sender<()>),
+}
+
+impl Supervisor {
+    async fn run(mut self) {
+        let mut dropped_at: Option<Instant> = None;
+        loop {
+            // 1. The lease: no lease, no connect.
+            if self.lease.is_none() {
+                match self.acquire_lease().await {
+                    Ok(()) => {}
+                    Err(wait) => {
+                        if let Wake::Stop(reply) = self.wait(SessionState::Backoff, wait).await {
+                            return self.stopped(reply).await;
+                        }
+                        continue;
+                    }
+                }
+            }
+            // 2. The engine store, hydrated under this lease's epoch.
+            if self.backend.is_none() {
+                let epoch = self.lease.as_ref().map(|l| l.epoch).unwrap_or_default();
+                match self.deps.engines.open(&self.tenant, epoch).await {
+                    Ok(b) => self.backend = Some(b),
+                    Err(OpenError::Missing) => {
+                        return self.terminal(SessionState::CredentialsMissing, "no stored credentials".into()).await;
+                    }
+                    Err(OpenError::Corrupt(why)) => return self.terminal(SessionState::CredentialsCorrupt, why).await,
+                    Err(e @ OpenError::Unavailable(_)) => {
+                        self.note_error(e.to_string());
+                        let delay = self.next_delay(false);
+                        if let Wake::Stop(reply) = self.wait(SessionState::Backoff, delay).await {
+                            return self.stopped(reply).await;
+                        }
+                        continue;
+                    }
+                }
+            }
+            // 3. One attempt.
+            self.set_state(SessionState::Connecting, None);
+            let ending = self.attempt(&mut dropped_at).await;
+            match ending {
+                Ending::Terminal { state, reason } => return self.terminal(state, reason).await,
+                Ending::Stop { reply } => return self.stopped(reply).await,
+                Ending::Again => {
+                    self.failures = 0;
+                    dropped_at.get_or_insert_with(Instant::now);
+                }
+                Ending::LeaseLost => {
+                    metrics::counter!("wakeeper_lease_losses_total").increment(1);
+                    self.let_go_of_lease(false).await;
+                    self.note_error("lease lost to another host".into());
+                    dropped_at.get_or_insert_with(Instant::now);
+                }
+                Ending::TempBan { until, reason } => {
+                    self.set_state(SessionState::Banned, Some(reason.clone()));
+                    self.mark(StatusUpdate { status: TenantStatus::Banned, reason: Some(reason), whatsapp_connected: true });
+                    let wait = until.saturating_duration_since(Instant::now());
+                    if let Wake::Stop(reply) = self.wait(SessionState::Banned, wait).await {
+                        return self.stopped(reply).await;
+                    }
+                }
+                Ending::Retry { reason, rate_limited } => {
+                    dropped_at.get_or_insert_with(Instant::now);
+                    self.note_error(reason);
+                    metrics::counter!("wakeeper_connects_failed_total", "reason" => if rate_limited { "rate_limited" } else { "transient" }).increment(1);
+                    let delay = self.next_delay(rate_limited);
+                    if let Wake::Stop(reply) = self.wait(SessionState::Backoff, delay).await {
+                        return self.stopped(reply).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One client, one connection, until it ends.
+    async fn attempt(&mut self, dropped_at: &mut Option<Instant>) -> Ending {
+        let deps = self.deps.clone();
+        let permit: ConnectPermit = tokio::select! {
+            p = deps.governor.acquire() => p,
+            cmd = self.commands.recv() => return self.on_idle_command(cmd),
+        };
+        metrics::counter!("wakeeper_connects_attempted_total").increment(1);
+        let backend = self.backend.clone().expect("backend opened before an attempt");
+        let factory = WsTransportFactory::new(deps.config.wa_url.as_str()).with_probe(self.probe.clone());
+        let built = Bot::builder()
+            .with_backend_arc(backend)
+            .with_transport_factory(factory)
+            .with_http_client(ReqwestHttpClient::default())
+            .with_version(deps.config.app_version)
+            .build()
+            .await;
+        let bot = match built {
+            Ok(b) => b,
+            Err(e) => {
+                // The engine could not load the device from a store that passed the completeness check.
+                return Ending::Terminal { state: SessionState::CredentialsCorrupt, reason: format!("engine refused stored state: {e}") };
+            }
+        };
+        let client = bot.client();
+        client.enable_auto_reconnect.store(false, Ordering::Relaxed);
+        let (tx, mut signals) = mpsc::unbounded_channel();
+        let _subscription = client.subscribe_handler(Arc::new(SignalHandler { tx }));
+        let mut run = bot.spawn();
+        let mut permit = Some(permit);
+        let handshake_deadline = Instant::now() + deps.config.handshake_timeout;
+        let mut connected_at: Option<Instant> = None;
+        let mut verdict: Option<Ending> = None;
+        let mut last_reason: Option<String> = None;
+        let mut stream_error: Option<String> = None;
+        let mut rate_limited = false;
+        loop {
+            tokio::select! {
+                _ = &mut run => break,
+                Some(signal) = signals.recv() => match signal {
+                    Signal::Connected => {
+                        permit = None;
+                        connected_at = Some(Instant::now());
+                        if let Some(t) = dropped_at.take() {
+                            metrics::histogram!("wakeeper_reconnect_seconds").record(t.elapsed().as_secs_f64());
+                        }
+                        metrics::counter!("wakeeper_connects_succeeded_total").increment(1);
+                        self.opened();
+                    }
+                    Signal::Disconnected(reason) => last_reason = Some(reason),
+                    Signal::LoggedOut(reason) => verdict = Some(Ending::Terminal { state: SessionState::LoggedOut, reason }),
+                    Signal::Replaced => verdict = Some(Ending::Terminal {
+                        state: SessionState::Replaced,
+                        reason: "replaced: another client took over this number (440 conflict)".into(),
+                    }),
+                    Signal::TempBan { expire, code } => verdict = Some(Ending::TempBan {
+                        until: Instant::now() + expire,
+                        reason: format!("temporarily banned ({code}) for {}s", expire.as_secs()),
+                    }),
+                    Signal::ConnectFailure { code, logged_out } => {
+                        verdict = Some(match code {
+                            _ if logged_out => Ending::Terminal { state: SessionState::LoggedOut, reason: format!("logged out ({code})") },
+                            402 | 406 => Ending::Terminal { state: SessionState::Banned, reason: format!("banned ({code})") },
+                            429 => { rate_limited = true; Ending::Retry { reason: "rate limited (429)".into(), rate_limited: true } }
+                            _ => Ending::Retry { reason: format!("connect refused ({code})"), rate_limited: false },
+                        });
+                    }
+                    Signal::StreamError(code) => stream_error = Some(code),
+                },
+                cmd = self.commands.recv() => {
+                    let wanted = match cmd {
+                        Some(Command::Reconnect) => Ending::Again,
+                        Some(Command::LeaseLost) => Ending::LeaseLost,
+                        Some(Command::Stop { reply }) => Ending::Stop { reply },
+                        None => Ending::Stop { reply: oneshot::channel().0 },
+                    };
+                    // Down before anything else happens: never two clients on one credential set.
+                    client.disconnect().await;
+                    (&mut run).await;
+                    return wanted;
+                }
+                _ = tokio::time::sleep_until(handshake_deadline), if permit.is_some() => {
+                    permit = None;
+                }
+            }
+        }
+        drop(permit);
+        while let Ok(signal) = signals.try_recv() {
+            match signal {
+                Signal::LoggedOut(reason) => verdict = Some(Ending::Terminal { state: SessionState::LoggedOut, reason }),
+                Signal::Replaced => verdict = Some(Ending::Terminal {
+                    state: SessionState::Replaced,
+                    reason: "replaced: another client took over this number (440 conflict)".into(),
+                }),
+                Signal::Disconnected(reason) => last_reason = Some(reason),
+                Signal::StreamError(code) => stream_error = Some(code),
+                _ => {}
+            }
+        }
+        if let Some(v) = verdict {
+            return v;
+        }
+        let refused = self.probe.take_refused_status();
+        rate_limited |= refused == 429;
+        match connected_at {
+            Some(at) => {
+                // The link was up and went down. A stable connection resets the failure count; 515 (restart
+                // required) ends the stream on purpose and is not a failure.
+                if at.elapsed() >= self.deps.config.backoff.stable_after || stream_error.as_deref() == Some("515") {
+                    self.failures = 0;
+                }
+                if stream_error.as_deref() == Some("515") {
+                    return Ending::Again;
+                }
+                let reason = match (&stream_error, last_reason) {
+                    (Some(code), _) => format!("stream error {code}"),
+                    (None, Some(r)) => format!("connection lost: {r}"),
+                    (None, None) => "connection closed".into(),
+                };
+                Ending::Retry { reason, rate_limited }
+            }
+            None => {
+                let reason = match (refused, &stream_error) {
+                    (0, None) => "connect failed".to_string(),
+                    (0, Some(code)) => format!("stream error {code} before open"),
+                    (status, _) => format!("connect refused (HTTP {status})"),
+                };
+                self.failures = self.failures.saturating_add(1);
+                Ending::Retry { reason, rate_limited }
+            }
+        }
+    }
+
+    fn on_idle_command(&mut self, cmd: Option<Command>) -> Ending {
+        match cmd {
+            Some(Command::Reconnect) => Ending::Again,
+            Some(Command::LeaseLost) => Ending::LeaseLost,
+            Some(Command::Stop { reply }) => Ending::Stop { reply },
+            None => Ending::Stop { reply: oneshot::channel().0 },
+        }
+    }
+
+    /// Waits `delay` in `state`, unless told to reconnect (go now) or stop.
+    async fn wait(&mut self, state: SessionState, delay: Duration) -> Wake {
+        {
+            let mut v = self.view.lock().expect("session view lock");
+            v.backoff_ms = Some(delay.as_millis() as u64);
+        }
+        self.set_state(state, None);
+        let deadline = tokio::time::sleep(delay);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return Wake::Go,
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Reconnect) => { self.failures = 0; return Wake::Go; }
+                    Some(Command::LeaseLost) => { self.let_go_of_lease(false).await; return Wake::Go; }
+                    Some(Command::Stop { reply }) => return Wake::Stop(reply),
+                    None => return Wake::Stop(oneshot::channel().0),
+                }
+            }
+        }
+    }
+
+    fn next_delay(&mut self, rate_limited: bool) -> Duration {
+        let jitter = rand_unit();
+        self.deps.config.backoff.delay(self.failures, rate_limited, jitter)
+    }
+
+    /// Takes the lease, or says how long to wait before trying again.
+    async fn acquire_lease(&mut self) -> Result<(), Duration> {
+        let ttl = self.deps.config.lease_ttl;
+        match self
+            .deps
+            .tenants
+            .acquire_lease(&self.tenant, &self.deps.config.host_id, ttl.as_millis() as u64, now_millis())
+            .await
+        {
+            Ok(lease) => {
+                self.install_lease(lease);
+                Ok(())
+            }
+            Err(StoreError::Conflict(Conflict::LeaseHeld { holder })) => {
+                self.note_error("lease held by another host".into());
+                let left = holder.expires_at.saturating_sub(now_millis()).max(0) as u64;
+                Err(Duration::from_millis(left + 50 + (rand_unit() * 200.0) as u64))
+            }
+            Err(e) => {
+                self.note_error(format!("tenant store: {e}"));
+                Err(self.next_delay(false).max(Duration::from_millis(500)))
+            }
+        }
+    }
+
+    fn install_lease(&mut self, lease: Lease) {
+        self.lease = Some(lease.clone());
+        if let Some(k) = self.lease_keeper.take() {
+            k.abort();
+        }
+        let tenants = self.deps.tenants.clone();
+        let tenant = self.tenant.clone();
+        let ttl = self.deps.config.lease_ttl;
+        let tx = self.self_tx.clone();
+        self.lease_keeper = Some(tokio::spawn(keep_lease(tenants, tenant, lease, ttl, tx)));
+    }
+
+    async fn let_go_of_lease(&mut self, release: bool) {
+        if let Some(k) = self.lease_keeper.take() {
+            k.abort();
+        }
+        if let Some(lease) = self.lease.take()
+            && release
+            && let Err(e) = self.deps.tenants.release_lease(&self.tenant, &lease).await
+        {
+            tracing::warn!(tenant = %self.tenant, error = %e, "lease release failed; it will expire");
+        }
+        if self.backend.take().is_some() {
+            self.deps.engines.close(&self.tenant).await;
+        }
+    }
+
+    async fn terminal(mut self, state: SessionState, reason: String) {
+        tracing::warn!(tenant = %self.tenant, state = state.as_str(), reason = %reason, "session ended; needs a person");
+        self.set_state(state, Some(reason.clone()));
+        self.mark(StatusUpdate::terminal(state.tenant_status(), reason));
+        self.let_go_of_lease(true).await;
+    }
+
+    async fn stopped(mut self, reply: oneshot::Sender<()>) {
+        self.set_state(SessionState::Stopped, None);
+        self.let_go_of_lease(true).await;
+        let _ = reply.send(());
+    }
+
+    /// Writes a status in the background, retrying until the store takes it (a mark is never lost).
+    fn mark(&self, update: StatusUpdate) {
+        let tenants = self.deps.tenants.clone();
+        let tenant = self.tenant.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match tenants.write_status(&tenant, &update, now_millis()).await {
+                    Ok(_) => return,
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(tenant = %tenant, error = %e, "status write failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => {
+                        tracing::error!(tenant = %tenant, error = %e, "status write refused");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    fn opened(&mut self) {
+        let now = now_millis();
+        {
+            let mut v = self.view.lock().expect("session view lock");
+            v.connected_since_ms = Some(now);
+            v.backoff_ms = None;
+            v.last_error = None;
+        }
+        self.set_state(SessionState::Open, None);
+        self.mark(StatusUpdate { status: TenantStatus::Connected, reason: None, whatsapp_connected: true });
+    }
+
+    fn note_error(&self, error: String) {
+        self.view.lock().expect("session view lock").last_error = Some(error);
+    }
+
+    fn set_state(&self, state: SessionState, reason: Option<String>) {
+        let change = {
+            let mut v = self.view.lock().expect("session view lock");
+            v.consecutive_failures = self.failures;
+            if let Some(r) = &reason {
+                v.last_error = Some(r.clone());
+            }
+            if v.state == state {
+                return;
+            }
+            let from = v.state;
+            if from == SessionState::Open {
+                v.connected_since_ms = None;
+                v.reconnects += 1;
+            }
+            if state != SessionState::Backoff {
+                v.backoff_ms = None;
+            }
+            v.state = state;
+            v.since_ms = now_millis();
+            StateChange {
+                tenant_id: self.tenant.clone(),
+                from,
+                to: state,
+                reason: reason.or_else(|| v.last_error.clone()),
+                consecutive_failures: self.failures,
+                at_ms: v.since_ms,
+            }
+        };
+        tracing::debug!(tenant = %self.tenant, from = change.from.as_str(), to = change.to.as_str(), "session state");
+        let _ = self.deps.changes.send(change);
+    }
+}
+
+/// Renews a lease every third of its ttl; tells the session when it is lost or about to lapse unrenewed.
+async fn keep_lease(
+    tenants: Arc<dyn TenantStore>,
+    tenant: TenantId,
+    mut lease: Lease,
+    ttl: Duration,
+    tx: mpsc::UnboundedSender<Command>,
+) {
+    let period = ttl / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        match tenants.renew_lease(&tenant, &lease, ttl.as_millis() as u64, now_millis()).await {
+            Ok(renewed) => {
+                lease = renewed;
+                metrics::counter!("wakeeper_lease_renewals_total").increment(1);
+            }
+            Err(StoreError::Conflict(_)) => {
+                let _ = tx.send(Command::LeaseLost);
+                return;
+            }
+            Err(e) => {
+                // Could not renew: if the lease would lapse before the next try, stop the client first.
+                tracing::warn!(tenant = %tenant, error = %e, "lease renewal failed");
+                if lease.expires_at - now_millis() <= period.as_millis() as i64 {
+                    let _ = tx.send(Command::LeaseLost);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn rand_unit() -> f64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the OS random source works");
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}

@@ -1,0 +1,323 @@
+//! One task per connection: WebSocket upgrade, connection header, Noise handshake, login decision, then
+//! the stanza loop with its fault modes.
+//!
+//! The task owns everything about its connection (socket, ciphers, delayed pongs) and holds no lock across
+//! an await, so 10,000 of them cost little more than their sockets.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use whatsapp_rust::buffa::Message as _;
+use whatsapp_rust::wacore_binary::builder::NodeBuilder;
+use whatsapp_rust::wacore_binary::{Jid, Node};
+use whatsapp_rust::waproto::whatsapp as wa;
+
+use crate::WS_PATH;
+use crate::faults::{Command, PongMode, RefusePoint, StreamErrorKind};
+use crate::iq::{self, Outcome};
+use crate::keys::now_secs;
+use crate::noise::{ClientHello, Established, HandshakeFailure, IkOutcome, respond_ik, start_xx};
+use crate::state::{Admission, Shared};
+use crate::wire::{Channel, Link, WireError};
+
+/// Why a connection ended early. Logged at debug; never carries key material.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeFailure),
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("client payload does not decode")]
+    Payload,
+}
+
+/// Serves one accepted TCP connection to the end.
+pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream) {
+    let second = (shared.uptime_ms() / 1000) as usize;
+    shared.update(|s| {
+        s.rec.connect_attempt(second);
+        s.rec.socket_opened();
+    });
+    let mut closing = shared.closing.subscribe();
+    let outcome = tokio::select! {
+        outcome = run(&shared, tcp) => outcome,
+        _ = closing.wait_for(|c| *c) => Err(ConnError::Wire(WireError::Closed)),
+    };
+    shared.update(|s| {
+        s.rec.socket_closed();
+        if outcome.as_ref().is_err_and(|e| !matches!(e, ConnError::Wire(WireError::Closed))) {
+            s.rec.handshake_failed();
+        }
+    });
+    if let Err(e) = outcome {
+        tracing::debug!(error = %e, "connection ended before login");
+    }
+}
+
+/// The part of a connection before login. Returns `Ok` once the connection was handed to the stanza loop
+/// (or refused/rejected after a completed handshake).
+async fn run(shared: &Arc<Shared>, tcp: TcpStream) -> Result<(), ConnError> {
+    let _ = tcp.set_nodelay(true);
+    let upgrade_refusal = {
+        let s = shared.lock();
+        s.global.active_refusal(Instant::now()).filter(|r| r.point == RefusePoint::Upgrade)
+    };
+    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0).max_message_size(Some(1 << 24));
+    let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != WS_PATH {
+            return Err(status(StatusCode::NOT_FOUND));
+        }
+        if let Some(r) = upgrade_refusal {
+            return Err(status(StatusCode::from_u16(r.code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)));
+        }
+        Ok(resp)
+    };
+    let ws = match timeout(shared.config.handshake_timeout, tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(config))).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            if upgrade_refusal.is_some() {
+                shared.update(|s| s.rec.refused_at_upgrade());
+            }
+            return Err(WireError::from(e).into());
+        }
+        Err(_) => return Err(ConnError::Timeout),
+    };
+    let mut link = Link::new(ws);
+    let est = timeout(shared.config.handshake_timeout, handshake(shared, &mut link))
+        .await
+        .map_err(|_| ConnError::Timeout)??;
+
+    let payload = wa::ClientPayload::decode_from_slice(&est.payload).map_err(|_| ConnError::Payload)?;
+    let mut channel = Channel::new(est.read, est.write);
+    let Some(jid) = claimed_jid(&payload) else {
+        // A registration payload: a fresh client asking to pair. Pairing is not simulated; say so the way
+        // the server says "not logged in".
+        tracing::debug!("registration payload received; pairing is not simulated");
+        send(&mut link, &mut channel, &failure()).await?;
+        link.close().await;
+        return Ok(());
+    };
+    let jid_str = jid.to_string();
+    match shared.admit(&jid_str, &est.client_static, est.pattern) {
+        Admission::Reject => {
+            tracing::debug!(device = %jid_str, "login rejected with 401");
+            send(&mut link, &mut channel, &failure()).await?;
+            link.close().await;
+        }
+        Admission::Refuse(r) => {
+            tracing::debug!(device = %jid_str, code = r.code, "connect refused");
+            send(&mut link, &mut channel, &stream_error_code(r.code)).await?;
+            link.close().await;
+        }
+        Admission::Login => {
+            let success = success(shared, &jid_str);
+            send(&mut link, &mut channel, &success).await?;
+            let conn = shared.conn_id();
+            let (tx, rx) = mpsc::unbounded_channel();
+            shared.logged_in(conn, &jid_str, tx);
+            let end = stanza_loop(shared, &jid_str, link, channel, rx).await;
+            shared.logged_out(conn);
+            tracing::debug!(device = %jid_str, end = %end, "connection closed");
+        }
+    }
+    Ok(())
+}
+
+fn status(code: StatusCode) -> ErrorResponse {
+    let mut resp = ErrorResponse::new(None);
+    *resp.status_mut() = code;
+    resp
+}
+
+/// Reads the client's hello, answers with the matching pattern and returns the completed handshake.
+async fn handshake(shared: &Shared, link: &mut Link) -> Result<Established, ConnError> {
+    let hello = ClientHello::parse(&link.next_frame().await?)?;
+    if hello.is_ik() {
+        match respond_ik(&shared.identity, &hello)? {
+            IkOutcome::Accepted(est, reply) => {
+                // IK carries the login payload in the first message, so the device is known before we answer.
+                let device = wa::ClientPayload::decode_from_slice(&est.payload).ok().as_ref().and_then(claimed_jid);
+                delay_handshake(shared, device.map(|j| j.to_string()).as_deref()).await;
+                link.send_frame(&reply).await?;
+                return Ok(*est);
+            }
+            IkOutcome::Rejected => {
+                let (pending, reply) = start_xx(&shared.identity, &hello, true)?;
+                delay_handshake(shared, None).await;
+                link.send_frame(&reply).await?;
+                return Ok(pending.finish(&link.next_frame().await?)?);
+            }
+        }
+    }
+    let (pending, reply) = start_xx(&shared.identity, &hello, false)?;
+    delay_handshake(shared, None).await;
+    link.send_frame(&reply).await?;
+    Ok(pending.finish(&link.next_frame().await?)?)
+}
+
+async fn delay_handshake(shared: &Shared, device: Option<&str>) {
+    let delay = shared.lock().effective(device).handshake_delay;
+    if let Some(d) = delay {
+        sleep(d).await;
+    }
+}
+
+/// The device a login payload names: `username` is the phone number, `device` the companion number.
+fn claimed_jid(payload: &wa::ClientPayload) -> Option<Jid> {
+    let user = payload.username?;
+    Some(Jid::pn_device(user.to_string(), payload.device.unwrap_or(0) as u16))
+}
+
+fn success(shared: &Shared, jid: &str) -> Node {
+    let s = shared.lock();
+    let mut node = NodeBuilder::new("success")
+        .attr("t", now_secs().to_string())
+        .attr("props", "1")
+        .attr("abprops", "1")
+        .attr("location", "sim")
+        .attr("creation", s.devices.get(jid).and_then(|d| d.account.as_ref()).map_or(0, |a| a.created_secs).to_string());
+    if let Some(lid) = s.devices.get(jid).and_then(|d| d.lid.as_ref()) {
+        node = node.attr("lid", Jid::lid(lid.user.as_str()));
+    }
+    node.build()
+}
+
+fn failure() -> Node {
+    NodeBuilder::new("failure").attr("reason", "401").attr("location", "sim").build()
+}
+
+fn stream_error_code(code: u16) -> Node {
+    NodeBuilder::new("stream:error").attr("code", code.to_string()).build()
+}
+
+fn stream_error(kind: StreamErrorKind) -> Node {
+    let conflict = |t: &'static str| {
+        NodeBuilder::new("stream:error").children([NodeBuilder::new("conflict").attr("type", t).build()]).build()
+    };
+    match kind {
+        StreamErrorKind::Replaced => conflict("replaced"),
+        StreamErrorKind::DeviceRemoved => conflict("device_removed"),
+        k => stream_error_code(k.code()),
+    }
+}
+
+async fn send(link: &mut Link, channel: &mut Channel, node: &Node) -> Result<(), WireError> {
+    let framed = channel.seal(node)?;
+    link.send_raw(framed).await
+}
+
+/// How a logged-in connection ended.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    Dropped,
+    StreamError(StreamErrorKind),
+    Error(WireError),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::ClientClosed => f.write_str("client closed"),
+            End::Dropped => f.write_str("dropped by fault"),
+            End::StreamError(k) => write!(f, "stream error {}", k.code()),
+            End::Error(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Serves a logged-in connection until it ends.
+async fn stanza_loop(
+    shared: &Shared,
+    jid: &str,
+    mut link: Link,
+    mut channel: Channel,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) -> End {
+    let mut half_open = false;
+    let mut delayed_pongs: VecDeque<(Instant, String)> = VecDeque::new();
+    loop {
+        let next_pong = delayed_pongs.front().map(|(at, _)| *at);
+        tokio::select! {
+            biased;
+            command = commands.recv() => {
+                let kind = match command {
+                    None | Some(Command::Drop) => return End::Dropped,
+                    Some(Command::HalfOpen) => {
+                        half_open = true;
+                        delayed_pongs.clear();
+                        continue;
+                    }
+                    Some(Command::StreamError(kind)) => {
+                        shared.update(|s| s.rec.stream_error(jid, false));
+                        kind
+                    }
+                    Some(Command::Superseded) => {
+                        shared.update(|s| s.rec.stream_error(jid, true));
+                        StreamErrorKind::Replaced
+                    }
+                };
+                if !half_open {
+                    let _ = send(&mut link, &mut channel, &stream_error(kind)).await;
+                    link.close().await;
+                }
+                return End::StreamError(kind);
+            }
+            _ = sleep_until(next_pong.unwrap_or_else(Instant::now)), if next_pong.is_some() => {
+                if let Some((_, id)) = delayed_pongs.pop_front()
+                    && let Err(e) = send(&mut link, &mut channel, &iq::pong(&id)).await
+                {
+                    return End::Error(e);
+                }
+            }
+            frame = link.next_frame() => {
+                let mut frame = match frame {
+                    Ok(f) => f,
+                    Err(WireError::Closed) => return End::ClientClosed,
+                    Err(e) => return End::Error(e),
+                };
+                if half_open {
+                    // Read and discard: to the client this is indistinguishable from a peer that stopped
+                    // reading (its kernel acknowledges either way), and we still notice when it hangs up.
+                    continue;
+                }
+                if let Err(e) = channel.open(&mut frame) {
+                    return End::Error(e);
+                }
+                let outcome = match crate::wire::with_node(&frame, |node| iq::handle(shared, jid, node)) {
+                    Ok(o) => o,
+                    Err(e) => return End::Error(e),
+                };
+                let replies = match outcome {
+                    Outcome::Nothing => continue,
+                    Outcome::Reply(nodes) => nodes,
+                    Outcome::Ping(id) => {
+                        shared.update(|s| s.rec.ping(jid));
+                        let mode = shared.lock().effective(Some(jid)).pong.unwrap_or_default();
+                        match mode {
+                            PongMode::Normal => vec![iq::pong(&id)],
+                            PongMode::Drop => continue,
+                            PongMode::Delay { delay } => {
+                                delayed_pongs.push_back((Instant::now() + delay, id));
+                                continue;
+                            }
+                        }
+                    }
+                };
+                for node in &replies {
+                    if let Err(e) = send(&mut link, &mut channel, node).await {
+                        return End::Error(e);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The simulator's shared state: the device registry, fault settings, live connections and counters,
+//! behind one short-held lock (no lock is held across an await).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use whatsapp_rust::wacore_binary::Jid;
+
+use crate::faults::{Command, Refusal, Settings};
+use crate::keys::ServerIdentity;
+use crate::noise::Pattern;
+use crate::observe::{Recorder, RegistryFacts};
+use crate::server::{ConflictPolicy, SimConfig};
+
+/// A device the server would let log in.
+pub(crate) struct DeviceEntry {
+    pub(crate) jid: Jid,
+    pub(crate) lid: Option<Jid>,
+    /// The credential the device must present in the Noise handshake.
+    pub(crate) noise_public: [u8; 32],
+    pub(crate) tenant: Option<String>,
+    pub(crate) revoked: bool,
+    pub(crate) keys: KeyBundle,
+    /// Present when the simulator minted the device and so holds the account (phone) key.
+    pub(crate) account: Option<Account>,
+    pub(crate) settings: Settings,
+}
+
+/// The Signal keys the server publishes for a device (what `encrypt` IQs upload and fetch).
+#[derive(Default)]
+pub(crate) struct KeyBundle {
+    pub(crate) registration_id: Option<u32>,
+    pub(crate) identity: Option<[u8; 32]>,
+    pub(crate) signed_pre_key: Option<SignedPreKey>,
+    /// One-time pre-keys, by id.
+    pub(crate) prekeys: BTreeMap<u32, [u8; 32]>,
+    /// Whether the server considers the bundle present; when false, the digest check answers 404 and the
+    /// engine re-uploads.
+    pub(crate) server_has_prekeys: bool,
+}
+
+#[derive(Clone)]
+pub(crate) struct SignedPreKey {
+    pub(crate) id: u32,
+    pub(crate) public: [u8; 32],
+    pub(crate) signature: Vec<u8>,
+}
+
+/// What the simulator, standing in for the phone, knows about a minted device's account.
+pub(crate) struct Account {
+    pub(crate) key_index: u32,
+    /// `ADVSignedKeyIndexList` bytes, signed once at mint time.
+    pub(crate) key_index_list: Vec<u8>,
+    pub(crate) created_secs: u64,
+    /// The companion's `ADVSignedDeviceIdentity`, as pre-key bundles carry it.
+    pub(crate) device_identity: Vec<u8>,
+}
+
+/// A logged-in connection, reachable by fault actions.
+pub(crate) struct LiveConn {
+    pub(crate) jid: String,
+    pub(crate) commands: mpsc::UnboundedSender<Command>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    /// By phone-number device JID.
+    pub(crate) devices: HashMap<String, DeviceEntry>,
+    /// Phone numbers in use (user part), so minting never reuses one.
+    pub(crate) phones: std::collections::HashSet<String>,
+    /// Tenant id to device JID.
+    pub(crate) tenants: HashMap<String, String>,
+    pub(crate) global: Settings,
+    pub(crate) rec: Recorder,
+    pub(crate) live: HashMap<u64, LiveConn>,
+}
+
+impl State {
+    pub(crate) fn facts(&self, jid: &str) -> Option<RegistryFacts> {
+        self.devices.get(jid).map(|d| RegistryFacts {
+            tenant: d.tenant.clone(),
+            revoked: d.revoked,
+            prekeys_held: d.keys.prekeys.len() as u32,
+        })
+    }
+
+    pub(crate) fn insert_device(&mut self, entry: DeviceEntry) {
+        let jid = entry.jid.to_string();
+        self.phones.insert(entry.jid.user.to_string());
+        if let Some(t) = &entry.tenant {
+            self.tenants.insert(t.clone(), jid.clone());
+        }
+        self.devices.insert(jid, entry);
+    }
+
+    /// Settings in force for a device (its own over the global ones).
+    pub(crate) fn effective(&self, jid: Option<&str>) -> Settings {
+        match jid.and_then(|j| self.devices.get(j)) {
+            Some(d) => d.settings.over(&self.global),
+            None => self.global,
+        }
+    }
+}
+
+/// What the server does with a completed handshake.
+pub(crate) enum Admission {
+    /// `<success>`.
+    Login,
+    /// `<failure reason="401"/>`.
+    Reject,
+    /// `<stream:error code="429|503"/>` then close.
+    Refuse(Refusal),
+}
+
+/// Everything connection tasks and the control surface share.
+pub(crate) struct Shared {
+    pub(crate) identity: ServerIdentity,
+    pub(crate) config: SimConfig,
+    pub(crate) started: Instant,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+    next_conn: AtomicU64,
+    /// Set when the simulator stops; connections still in their handshake end on it.
+    pub(crate) closing: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub(crate) fn new(identity: ServerIdentity, config: SimConfig) -> Self {
+        Self {
+            identity,
+            config,
+            started: Instant::now(),
+            state: Mutex::new(State::default()),
+            changed: watch::channel(0).0,
+            next_conn: AtomicU64::new(1),
+            closing: watch::channel(false).0,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the state and wakes everyone waiting for a change.
+    pub(crate) fn update<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let out = f(&mut self.lock());
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        out
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub(crate) fn uptime_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub(crate) fn conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Records a completed handshake and decides its fate. Refusals come before credentials, as a loaded
+    /// server refuses before it looks anyone up.
+    pub(crate) fn admit(&self, jid: &str, key: &[u8; 32], pattern: Pattern) -> Admission {
+        let at = self.uptime_ms();
+        let now = Instant::now();
+        self.update(|s| {
+            s.rec.handshake(jid, key, pattern, at);
+            if let Some(r) = s.effective(Some(jid)).active_refusal(now) {
+                s.rec.refused(jid);
+                return Admission::Refuse(r);
+            }
+            match s.devices.get(jid) {
+                Some(d) if !d.revoked && d.noise_public == *key => Admission::Login,
+                Some(d) => {
+                    let wrong_key = !d.revoked;
+                    s.rec.rejected(jid, wrong_key);
+                    Admission::Reject
+                }
+                None => {
+                    s.rec.rejected(jid, false);
+                    Admission::Reject
+                }
+            }
+        })
+    }
+
+    /// Registers a logged-in connection. Under [`ConflictPolicy::ReplaceOlder`] the device's older
+    /// connections are told to end with `<conflict type="replaced"/>`, as WhatsApp does.
+    pub(crate) fn logged_in(&self, conn: u64, jid: &str, commands: mpsc::UnboundedSender<Command>) {
+        let policy = self.config.conflict;
+        self.update(|s| {
+            s.rec.logged_in(jid);
+            if policy == ConflictPolicy::ReplaceOlder {
+                for (_, older) in s.live.iter().filter(|(_, c)| c.jid == jid) {
+                    let _ = older.commands.send(Command::Superseded);
+                }
+            }
+            s.live.insert(conn, LiveConn { jid: jid.to_owned(), commands });
+        });
+    }
+
+    pub(crate) fn logged_out(&self, conn: u64) {
+        self.update(|s| {
+            if let Some(c) = s.live.remove(&conn) {
+                s.rec.logged_out(&c.jid);
+            }
+        });
+    }
+
+    /// Sends a command to the live connections `filter` selects; returns how many got it.
+    pub(crate) fn command(&self, command: Command, filter: impl Fn(&str) -> bool) -> usize {
+        let s = self.lock();
+        s.live.values().filter(|c| filter(&c.jid)).filter(|c| c.commands.send(command).is_ok()).count()
+    }
+}
