@@ -225,7 +225,8 @@ pub async fn cred_retried_batch_changes_nothing(store: &dyn CredentialStore) {
     write_ok(store, &t, &batch(2, 1, two.clone()), "generation 2").await;
     let before = read_ok(store, &t, "before the retries").await;
 
-    let retry_same = batch(2, 1, vec![put(RecordKind::Session, "a.0", secret("retry-2")), del(RecordKind::PreKey, "1")]);
+    let retry_same =
+        batch(2, 1, vec![put(RecordKind::Session, "a.0", secret("retry-2")), del(RecordKind::PreKey, "1")]);
     let retry_older = batch(1, 1, vec![put(RecordKind::Identity, "x", secret("retry-1"))]);
     for (label, b) in [("equal generation", retry_same), ("lower generation", retry_older)] {
         match store.write(&t, &b).await {
@@ -245,7 +246,8 @@ pub async fn cred_stale_epoch_is_refused(store: &dyn CredentialStore) {
     write_ok(store, &t, &batch(1, 3, vec![put(RecordKind::Session, "a.0", secret("e3"))]), "epoch 3").await;
     let before = read_ok(store, &t, "before the stale write").await;
 
-    let stale = batch(2, 2, vec![put(RecordKind::Session, "a.0", secret("e2")), put(RecordKind::PreKey, "9", secret("x"))]);
+    let stale =
+        batch(2, 2, vec![put(RecordKind::Session, "a.0", secret("e2")), put(RecordKind::PreKey, "9", secret("x"))]);
     assert_stale_epoch(store.write(&t, &stale).await, 2, 3, "write from epoch 2 after epoch 3");
     assert_snapshot_eq(&read_ok(store, &t, "after the stale write").await, &before, "a refused write changes nothing");
     assert_eq!(store.generation(&t).await.expect("generation"), Some(1), "a refused write keeps the generation");
@@ -253,7 +255,11 @@ pub async fn cred_stale_epoch_is_refused(store: &dyn CredentialStore) {
     let mut stale_snapshot = CredentialSnapshot { generation: 9, ..Default::default() };
     stale_snapshot.set_device(&restorable_device());
     assert_stale_epoch(store.replace(&t, &stale_snapshot, 2).await, 2, 3, "replace from epoch 2 after epoch 3");
-    assert_snapshot_eq(&read_ok(store, &t, "after the stale replace").await, &before, "a refused replace changes nothing");
+    assert_snapshot_eq(
+        &read_ok(store, &t, "after the stale replace").await,
+        &before,
+        "a refused replace changes nothing",
+    );
 
     // The same epoch keeps writing; a higher one takes over and fences the old.
     let same = vec![put(RecordKind::PreKey, "1", secret("e3-again"))];
@@ -335,7 +341,11 @@ pub async fn cred_replace_swaps_the_whole_snapshot(store: &dyn CredentialStore) 
     snapshot.records.insert(RecordKey::new(RecordKind::Session, "new.0"), secret("replaced-session"));
     snapshot.records.insert(RecordKey::new(RecordKind::AppStateVersion, "regular"), secret("replaced-version"));
     store.replace(&t, &snapshot, 2).await.expect("replace with a newer epoch");
-    assert_snapshot_eq(&read_ok(store, &t, "after replace").await, &snapshot, "replace leaves exactly the new snapshot");
+    assert_snapshot_eq(
+        &read_ok(store, &t, "after replace").await,
+        &snapshot,
+        "replace leaves exactly the new snapshot",
+    );
     assert_eq!(store.generation(&t).await.expect("generation"), Some(10), "generation after replace");
     assert_stale_epoch(
         store.write(&t, &batch(11, 1, vec![put(RecordKind::Session, "x", secret("x"))])).await,

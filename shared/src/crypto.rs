@@ -53,9 +53,8 @@ impl LocalKeyFile {
 
 impl KeySource for LocalKeyFile {
     fn data_key(&self) -> Result<[u8; 32], CryptoError> {
-        let unavailable = |what: &str, e: std::io::Error| {
-            CryptoError::KeyUnavailable(format!("{what} {}: {e}", self.path.display()))
-        };
+        let unavailable =
+            |what: &str, e: std::io::Error| CryptoError::KeyUnavailable(format!("{what} {}: {e}", self.path.display()));
         match std::fs::read(&self.path) {
             Ok(bytes) => bytes
                 .try_into()

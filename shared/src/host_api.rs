@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::domain::{SessionList, SessionState, SessionView};
 use crate::domain::TenantId;
+pub use crate::domain::{SessionList, SessionState, SessionView};
 
 /// Every error body: `{"error": "<stable code>"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,10 +214,8 @@ mod client {
         }
 
         fn decode<T: serde::de::DeserializeOwned>(status: StatusCode, body: Vec<u8>) -> Result<T, ClientError> {
-            serde_json::from_slice(&body).map_err(|e| ClientError::Refused {
-                status: status.as_u16(),
-                code: format!("undecodable answer: {e}"),
-            })
+            serde_json::from_slice(&body)
+                .map_err(|e| ClientError::Refused { status: status.as_u16(), code: format!("undecodable answer: {e}") })
         }
 
         /// `GET /health`.

@@ -84,7 +84,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 /// Hydrates one tenant unconditionally: reads the snapshot from `store`, checks it can restore a device, and
 /// writes it as the local working copy's base (replacing whatever was there).
-pub async fn hydrate(store: &dyn CredentialStore, data_dir: &Path, tenant: &TenantId, cipher: &Cipher) -> HydrateOutcome {
+pub async fn hydrate(
+    store: &dyn CredentialStore,
+    data_dir: &Path,
+    tenant: &TenantId,
+    cipher: &Cipher,
+) -> HydrateOutcome {
     let snapshot = match store.read(tenant).await {
         Ok(s) => s,
         Err(e) => return from_store_error(e),
@@ -114,7 +119,8 @@ async fn install(data_dir: &Path, tenant: &TenantId, cipher: &Cipher, snapshot: 
 /// The local working copy's generation: `Ok(None)` when absent, `Err` when it exists but is corrupt.
 async fn local_generation(data_dir: &Path, tenant: &TenantId, cipher: &Cipher) -> Result<Option<u64>, HydrateOutcome> {
     let (data_dir, tenant, cipher) = (data_dir.to_path_buf(), tenant.clone(), cipher.clone());
-    match blocking(move || WorkingCopy::open(&data_dir, tenant, cipher).map(|wc| (wc.exists(), wc.generation()))).await {
+    match blocking(move || WorkingCopy::open(&data_dir, tenant, cipher).map(|wc| (wc.exists(), wc.generation()))).await
+    {
         Ok(Ok((true, None))) => Err(HydrateOutcome::Corrupt("local working copy is corrupt".into())),
         Ok(Ok((_, generation))) => Ok(generation),
         Ok(Err(e)) => Err(local_unavailable(e)),
@@ -203,9 +209,24 @@ impl Hydrator {
         match (local, remote) {
             (None, None) => HydrateOutcome::Missing,
             (None, Some(_)) => self.hydrate(tenant).await,
-            (Some(l), Some(r)) if l == r => HydrateOutcome::UpToDate { generation: l },
+            (Some(l), Some(r)) if l == r => self.verify_local(tenant, l).await,
             (Some(l), Some(r)) if l < r => self.hydrate(tenant).await,
             (Some(l), r) => self.push_local(tenant, epoch, l, r).await,
+        }
+    }
+
+    /// Decrypts the whole local copy once before trusting it: a copy that fails is replaced from the store
+    /// rather than reported as corrupt credentials (the store's copy is fine).
+    async fn verify_local(&self, tenant: &TenantId, generation: u64) -> HydrateOutcome {
+        let (data_dir, t, cipher) = (self.data_dir.clone(), tenant.clone(), self.cipher.clone());
+        match blocking(move || WorkingCopy::open(&data_dir, t, cipher)?.scan(|_| {})).await {
+            Ok(Ok(Some(_))) => HydrateOutcome::UpToDate { generation },
+            Ok(Err(e @ WorkingCopyError::Io { .. })) => local_unavailable(e),
+            Err(e) => local_unavailable(e),
+            Ok(Ok(None) | Err(_)) => {
+                warn!(%tenant, "local working copy does not decrypt; hydrating from the credential store");
+                self.hydrate(tenant).await
+            }
         }
     }
 
@@ -245,11 +266,19 @@ impl Hydrator {
     }
 
     /// [`Hydrator::prepare`] for many `(tenant, epoch)` pairs, at most `concurrency` at a time.
-    pub async fn prepare_many(&self, tenants: Vec<(TenantId, u64)>, concurrency: usize) -> Vec<(TenantId, HydrateOutcome)> {
+    pub async fn prepare_many(
+        &self,
+        tenants: Vec<(TenantId, u64)>,
+        concurrency: usize,
+    ) -> Vec<(TenantId, HydrateOutcome)> {
         self.for_each(tenants.into_iter().map(|(t, e)| (t, Some(e))).collect(), concurrency).await
     }
 
-    async fn for_each(&self, tenants: Vec<(TenantId, Option<u64>)>, concurrency: usize) -> Vec<(TenantId, HydrateOutcome)> {
+    async fn for_each(
+        &self,
+        tenants: Vec<(TenantId, Option<u64>)>,
+        concurrency: usize,
+    ) -> Vec<(TenantId, HydrateOutcome)> {
         futures_util::stream::iter(tenants)
             .map(|(tenant, epoch)| {
                 let this = self.clone();

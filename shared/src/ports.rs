@@ -117,12 +117,22 @@ pub trait TenantStore: Send + Sync {
 
     /// Takes the lease for `owner` if it is free, expired, or already `owner`'s; the epoch always rises.
     /// `Conflict(LeaseHeld)` when another owner holds a live lease.
-    async fn acquire_lease(&self, tenant: &TenantId, owner: &str, ttl_ms: u64, now: UnixMillis)
-    -> Result<Lease, StoreError>;
+    async fn acquire_lease(
+        &self,
+        tenant: &TenantId,
+        owner: &str,
+        ttl_ms: u64,
+        now: UnixMillis,
+    ) -> Result<Lease, StoreError>;
 
     /// Extends a held lease (same epoch). `Conflict(LeaseLost)` when it is no longer the current lease.
-    async fn renew_lease(&self, tenant: &TenantId, lease: &Lease, ttl_ms: u64, now: UnixMillis)
-    -> Result<Lease, StoreError>;
+    async fn renew_lease(
+        &self,
+        tenant: &TenantId,
+        lease: &Lease,
+        ttl_ms: u64,
+        now: UnixMillis,
+    ) -> Result<Lease, StoreError>;
 
     /// Gives a held lease up at once (expiry set to 0, epoch kept). Releasing a lost lease is not an error.
     async fn release_lease(&self, tenant: &TenantId, lease: &Lease) -> Result<(), StoreError>;

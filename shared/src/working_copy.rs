@@ -283,7 +283,12 @@ impl WorkingCopy {
 
     /// A reader for single records by location.
     pub fn reader(&self) -> RecordReader {
-        RecordReader { dir: self.dir.clone(), tenant: self.tenant.clone(), cipher: self.cipher.clone(), ad: self.ad.clone() }
+        RecordReader {
+            dir: self.dir.clone(),
+            tenant: self.tenant.clone(),
+            cipher: self.cipher.clone(),
+            ad: self.ad.clone(),
+        }
     }
 
     /// The whole local snapshot: `Ok(None)` when there is no local copy, `Err(Corrupt)` when there is one that
@@ -444,10 +449,8 @@ impl WorkingCopy {
             return Err(WorkingCopyError::Invalid("journal would exceed 4 GiB; compact first".into()));
         }
 
-        let file = OpenOptions::new()
-            .write(true)
-            .open(self.dir.join(JOURNAL_FILE))
-            .map_err(io_err("opening the journal"))?;
+        let file =
+            OpenOptions::new().write(true).open(self.dir.join(JOURNAL_FILE)).map_err(io_err("opening the journal"))?;
         // A torn tail (or a failed earlier append) left bytes past the last whole entry: cut them off, or the
         // new entry would sit behind garbage that replay stops at.
         let on_disk = file.metadata().map_err(io_err("inspecting the journal"))?.len();
@@ -582,7 +585,10 @@ fn frame_ad(tenant: &TenantId) -> Vec<u8> {
 
 fn check_key(key: &RecordKey) -> Result<(), WorkingCopyError> {
     if key.key.len() > MAX_RECORD_KEY_LEN {
-        return Err(WorkingCopyError::Invalid(format!("a {} key is longer than {MAX_RECORD_KEY_LEN} bytes", key.kind.as_str())));
+        return Err(WorkingCopyError::Invalid(format!(
+            "a {} key is longer than {MAX_RECORD_KEY_LEN} bytes",
+            key.kind.as_str()
+        )));
     }
     Ok(())
 }
@@ -876,7 +882,8 @@ pub fn export_header(bytes: &[u8]) -> Result<(ExportHeader, usize), ExportError>
 /// Opens an export blob made by [`export_snapshot`] with the same data key.
 pub fn import_snapshot(cipher: &Cipher, bytes: &[u8]) -> Result<(ExportHeader, CredentialSnapshot), ExportError> {
     let (header, header_len) = export_header(bytes)?;
-    let body = cipher.open_with_ad(&bytes[..header_len], &bytes[header_len..]).map_err(|_| ExportError::Undecryptable)?;
+    let body =
+        cipher.open_with_ad(&bytes[..header_len], &bytes[header_len..]).map_err(|_| ExportError::Undecryptable)?;
     let mut snapshot = CredentialSnapshot { generation: header.generation, ..Default::default() };
     let mut p = 0usize;
     while p < body.len() {
@@ -888,7 +895,8 @@ pub fn import_snapshot(cipher: &Cipher, bytes: &[u8]) -> Result<(ExportHeader, C
             .ok_or(ExportError::Format)?;
         p += 1 + kl;
         let key_len = read_u32(&body, p).ok_or(ExportError::Format)? as usize;
-        let key = body.get(p + 4..p + 4 + key_len).and_then(|k| std::str::from_utf8(k).ok()).ok_or(ExportError::Format)?;
+        let key =
+            body.get(p + 4..p + 4 + key_len).and_then(|k| std::str::from_utf8(k).ok()).ok_or(ExportError::Format)?;
         if key.len() > MAX_RECORD_KEY_LEN {
             return Err(ExportError::Format);
         }
@@ -906,7 +914,12 @@ pub fn import_snapshot(cipher: &Cipher, bytes: &[u8]) -> Result<(ExportHeader, C
 }
 
 /// Writes an export to `path` atomically (temp file 0600, fsync, rename, directory fsync).
-pub fn write_export_file(path: &Path, cipher: &Cipher, tenant: &TenantId, snapshot: &CredentialSnapshot) -> Result<(), ExportError> {
+pub fn write_export_file(
+    path: &Path,
+    cipher: &Cipher,
+    tenant: &TenantId,
+    snapshot: &CredentialSnapshot,
+) -> Result<(), ExportError> {
     let bytes = export_snapshot(cipher, tenant, snapshot);
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");

@@ -16,7 +16,9 @@ use firestore::{FirestoreDb, FirestoreDbOptions};
 use wakeeper_shared::adapters::firestore::FirestoreCredentialStore;
 use wakeeper_shared::contract::{self, fresh_tenant, restorable_device};
 use wakeeper_shared::crypto::Cipher;
-use wakeeper_shared::domain::{ChangeBatch, CredentialSnapshot, MAX_WRITES_PER_COMMIT, RecordChange, RecordKey, RecordKind};
+use wakeeper_shared::domain::{
+    ChangeBatch, CredentialSnapshot, MAX_WRITES_PER_COMMIT, RecordChange, RecordKey, RecordKind,
+};
 use wakeeper_shared::ports::{CredentialStore, StoreError};
 
 const PROJECT: &str = "wakeeper-test";
@@ -144,7 +146,10 @@ async fn documents_follow_the_documented_layout() {
             panic!("record {name} has no bytes value");
         };
         assert!(!sealed.windows(marker.len()).any(|w| w == marker), "a value is stored in plaintext");
-        assert!(matches!(doc.fields.get("generation").and_then(|v| v.value_type.clone()), Some(ValueType::IntegerValue(3))));
+        assert!(matches!(
+            doc.fields.get("generation").and_then(|v| v.value_type.clone()),
+            Some(ValueType::IntegerValue(3))
+        ));
     }
 }
 
@@ -155,7 +160,8 @@ async fn replace_beyond_one_commit_is_whole_and_leaves_no_garbage() {
     let Some(store) = store().await else { return };
     let db = raw_db().await;
     let t = fresh_tenant();
-    store.write(&t, &ChangeBatch { generation: 1, epoch: 1, changes: vec![put(RecordKind::Session, "old.0", b"old")] })
+    store
+        .write(&t, &ChangeBatch { generation: 1, epoch: 1, changes: vec![put(RecordKind::Session, "old.0", b"old")] })
         .await
         .unwrap();
 
@@ -182,10 +188,9 @@ async fn replace_beyond_one_commit_is_whole_and_leaves_no_garbage() {
 
     // A batch of the full 500 changes onto it cannot share a commit with the meta document: it is applied
     // by rebuilding the set, and must read back as exactly the applied snapshot.
-    let mut changes: Vec<RecordChange> = (0..450u32).map(|i| RecordChange {
-        key: RecordKey::new(RecordKind::PreKey, i.to_string()),
-        value: None,
-    }).collect();
+    let mut changes: Vec<RecordChange> = (0..450u32)
+        .map(|i| RecordChange { key: RecordKey::new(RecordKind::PreKey, i.to_string()), value: None })
+        .collect();
     changes.extend((0..50u32).map(|i| put(RecordKind::Session, &format!("new-{i}.0"), b"fresh")));
     assert_eq!(changes.len(), MAX_WRITES_PER_COMMIT);
     store.write(&t, &ChangeBatch { generation: 10, epoch: 1, changes: changes.clone() }).await.unwrap();
@@ -248,12 +253,12 @@ async fn reads_are_consistent_across_pages() {
             generation
         })
     };
-    let mut seen_generations = std::collections::BTreeSet::new();
     for _ in 0..15 {
         let s = store.read(&t).await.unwrap();
         assert_eq!(s.records.len(), 1_102, "no record lost or duplicated");
         assert_eq!(s.records[&first], s.records[&last], "a read mixed two commits");
-        seen_generations.insert(s.generation);
+        let want = if s.generation == 1 { b"0".to_vec() } else { s.generation.to_string().into_bytes() };
+        assert_eq!(s.records[&first], want, "the generation read belongs to the records read");
     }
     done.store(true, Ordering::Relaxed);
     let written = writer.await.unwrap();
@@ -295,34 +300,73 @@ async fn another_data_key_reads_corrupt() {
     assert_eq!(other.generation(&t).await.unwrap(), Some(1), "metadata needs no key");
 }
 
-/// Firestore that cannot be reached is `Unavailable` (transient), never `NotFound` or `Corrupt`.
-#[tokio::test]
-async fn an_unreachable_firestore_is_unavailable() {
-    if emulator().is_none() {
-        return;
+/// A TCP relay to the emulator that the test can cut, as an outage would.
+struct Relay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(target: String) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { return };
+                let target = target.clone();
+                conns.spawn(async move {
+                    if let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+            }
+            // Dropping the task drops the listener and, with the JoinSet, every relayed connection.
+        });
+        Relay { port, task }
     }
-    // A port nothing listens on: bind one, then let it go.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+
+    /// Closes the listener and every open connection.
+    async fn cut(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Firestore that goes away is `Unavailable` (transient) on every entry point, never `NotFound` or `Corrupt`,
+/// and a client cannot be built against an address where nothing listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_firestore_is_unavailable() {
+    let Some(host) = emulator() else { return };
+    let relay = Relay::start(host).await;
     let options = FirestoreDbOptions {
-        firebase_api_url: Some(format!("http://127.0.0.1:{port}")),
+        firebase_api_url: Some(format!("http://127.0.0.1:{}", relay.port)),
         ..FirestoreDbOptions::new(PROJECT.to_owned())
     };
-    let db = match FirestoreDb::with_options(options).await {
-        Ok(db) => db,
-        Err(_) => return, // refusing at connect time is just as good: nothing was misreported
-    };
-    let store =
-        FirestoreCredentialStore::from_db(db, Cipher::new(&KEY), "down_").unwrap().with_timeout(Duration::from_secs(3));
+    let db = FirestoreDb::with_options(options.clone()).await.expect("connect through the relay");
+    let store = FirestoreCredentialStore::from_db(db, Cipher::new(&KEY), format!("down{}_", random_hex(4)))
+        .unwrap()
+        .with_timeout(Duration::from_secs(3));
     let t = fresh_tenant();
-    for result in [
-        store.read(&t).await.map(|_| ()),
-        store.generation(&t).await.map(|_| ()),
-        store.write(&t, &ChangeBatch { generation: 1, epoch: 1, changes: vec![] }).await,
-        store.list_tenants().await.map(|_| ()),
-    ] {
+    let one = ChangeBatch { generation: 1, epoch: 1, changes: vec![put(RecordKind::Session, "x.0", b"v")] };
+    store.write(&t, &one).await.expect("the store works through the relay");
+    assert_eq!(store.generation(&t).await.unwrap(), Some(1));
+
+    relay.cut().await;
+    let two = ChangeBatch { generation: 2, epoch: 1, changes: vec![put(RecordKind::Session, "x.0", b"w")] };
+    let results = [
+        ("read", store.read(&t).await.map(|_| ())),
+        ("generation", store.generation(&t).await.map(|_| ())),
+        ("write", store.write(&t, &two).await),
+        ("replace", store.replace(&t, &CredentialSnapshot::default(), 1).await),
+        ("delete", store.delete(&t).await),
+        ("list_tenants", store.list_tenants().await.map(|_| ())),
+    ];
+    for (op, result) in results {
         match result {
             Err(e @ StoreError::Unavailable(_)) => assert!(e.is_transient()),
-            other => panic!("an unreachable firestore: want Unavailable, got {other:?}"),
+            other => panic!("{op} on a firestore that went away: want Unavailable, got {other:?}"),
         }
     }
+    assert!(FirestoreDb::with_options(options).await.is_err(), "nothing listens there any more");
 }

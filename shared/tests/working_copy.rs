@@ -124,7 +124,10 @@ fn record_locations_read_back_single_values() {
     let reader = wc.reader();
     assert_eq!(reader.read(locs[0], &RecordKey::new(RecordKind::PreKey, "7")).unwrap(), Some(b"seven".to_vec()));
     assert_eq!(reader.read(locs[1], &RecordKey::new(RecordKind::PreKey, "8")).unwrap(), None);
-    assert!(matches!(reader.read(locs[0], &RecordKey::new(RecordKind::PreKey, "8")), Err(WorkingCopyError::Corrupt(_))));
+    assert!(matches!(
+        reader.read(locs[0], &RecordKey::new(RecordKind::PreKey, "8")),
+        Err(WorkingCopyError::Corrupt(_))
+    ));
 
     let mut seen = Vec::new();
     wc.scan(|item| seen.push((item.key, item.loc))).unwrap();
@@ -495,7 +498,9 @@ async fn hydration_outcomes_are_distinct() {
     assert_eq!(open(dir.path(), "good").load().unwrap().unwrap(), restorable(12, 3));
 
     assert_eq!(hydrate(&faulty, dir.path(), &tid("nobody"), &cipher()).await, HydrateOutcome::Missing);
-    assert!(matches!(hydrate(&faulty, dir.path(), &tid("partial"), &cipher()).await, HydrateOutcome::Corrupt(r) if r.contains("account")));
+    assert!(
+        matches!(hydrate(&faulty, dir.path(), &tid("partial"), &cipher()).await, HydrateOutcome::Corrupt(r) if r.contains("account"))
+    );
     assert!(!open(dir.path(), "partial").exists(), "an unrestorable snapshot is not installed");
     let down = hydrate(&faulty, dir.path(), &tid("down"), &cipher()).await;
     assert!(down.is_transient(), "{down:?}");
@@ -593,4 +598,18 @@ async fn hydrate_many_isolates_tenants() {
     assert!(results[&tid("down")].is_transient());
     assert!(matches!(&results[&tid("boom")], HydrateOutcome::Unavailable(r) if r.contains("task")));
     assert_eq!(results[&tid("missing")], HydrateOutcome::Missing);
+}
+
+#[tokio::test]
+async fn prepare_rehydrates_a_same_generation_copy_that_does_not_decrypt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn CredentialStore> = Arc::new(embedded(dir.path()));
+    let h = Hydrator::new(store.clone(), dir.path(), cipher());
+    let t = tid("t1");
+    store.replace(&t, &restorable(5, 1), 1).await.unwrap();
+    // Same generation, sound structure, but sealed with another data key.
+    WorkingCopy::open(dir.path(), t.clone(), Cipher::new(&[1; 32])).unwrap().write_base(&restorable(5, 1)).unwrap();
+    assert_eq!(h.prepare(&t, 1).await, HydrateOutcome::Hydrated { generation: 5, records: 2 });
+    assert_eq!(h.prepare(&t, 1).await, HydrateOutcome::UpToDate { generation: 5 });
+    assert_eq!(open(dir.path(), "t1").load().unwrap().unwrap(), restorable(5, 1));
 }

@@ -18,7 +18,9 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tower_http::timeout::TimeoutLayer;
 use wakeeper_shared::domain::TenantId;
-use wakeeper_shared::host_api::{Accepted, ErrorBody, Health, Rejected, RestoreRequest, RestoreResponse, SessionList, codes};
+use wakeeper_shared::host_api::{
+    Accepted, ErrorBody, Health, Rejected, RestoreRequest, RestoreResponse, SessionList, codes,
+};
 
 use crate::host::{EnsureError, Host};
 
@@ -141,7 +143,11 @@ async fn delete_session(
         // Logout needs the engine's logout IQ and the credential store; it is handled by the host's logout path.
         return Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, codes::INTERNAL));
     }
-    if state.host.stop(&id).await { Ok(StatusCode::NO_CONTENT) } else { Err(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND)) }
+    if state.host.stop(&id).await {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND))
+    }
 }
 
 async fn reconnect(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -150,7 +156,8 @@ async fn reconnect(State(state): State<Arc<AppState>>, Path(id): Path<String>) -
         return Err(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND));
     }
     let view = state.host.get(&id).ok_or(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND))?;
-    Ok((StatusCode::ACCEPTED, Json(Accepted { tenant_id: id, state: view.state, already_running: true })).into_response())
+    Ok((StatusCode::ACCEPTED, Json(Accepted { tenant_id: id, state: view.state, already_running: true }))
+        .into_response())
 }
 
 async fn restore(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
@@ -219,7 +226,8 @@ async fn json_errors(req: Request, next: Next) -> Response {
         StatusCode::REQUEST_TIMEOUT => codes::UNAVAILABLE,
         _ => return res,
     };
-    let is_json = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let is_json =
+        res.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if is_json { res } else { ApiError::new(res.status(), code).into_response() }
 }
 

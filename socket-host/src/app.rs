@@ -101,7 +101,8 @@ impl App {
         let embedded = match (&config.firestore_project, &config.dynamodb_table) {
             (Some(_), Some(_)) => None,
             _ => Some(Arc::new(
-                EmbeddedStore::open(config.data_dir.join("store.redb"), cipher.clone()).context("opening the embedded store")?,
+                EmbeddedStore::open(config.data_dir.join("store.redb"), cipher.clone())
+                    .context("opening the embedded store")?,
             )),
         };
         let credentials: Arc<dyn CredentialStore> = match &config.firestore_project {
@@ -109,7 +110,7 @@ impl App {
                 wakeeper_shared::adapters::firestore::FirestoreCredentialStore::new(
                     project.clone(),
                     cipher.clone(),
-                    config.firestore_collection.clone(),
+                    config.firestore_prefix.clone(),
                 )
                 .await
                 .context("connecting to Firestore")?,

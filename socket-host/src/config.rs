@@ -73,9 +73,10 @@ pub struct Config {
     #[arg(long, env = "WAKEEPER_FIRESTORE_PROJECT")]
     pub firestore_project: Option<String>,
 
-    /// Top-level Firestore collection of the credential store.
-    #[arg(long, env = "WAKEEPER_FIRESTORE_COLLECTION", default_value = "wakeeper_tenants")]
-    pub firestore_collection: String,
+    /// Prefix of the Firestore collections of the credential store (`<prefix>tenants/...`); keeps
+    /// deployments sharing one database apart.
+    #[arg(long, env = "WAKEEPER_FIRESTORE_PREFIX", default_value = "wakeeper_")]
+    pub firestore_prefix: String,
 
     /// DynamoDB table of tenants; unset = the embedded store.
     #[arg(long, env = "WAKEEPER_DYNAMODB_TABLE")]

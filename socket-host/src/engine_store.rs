@@ -37,6 +37,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 
 use async_trait::async_trait;
@@ -99,7 +100,10 @@ fn malformed(what: &'static str) -> EStoreError {
 enum Slot {
     Inline(Box<[u8]>),
     /// On disk; `meta` caches the timestamp some kinds are swept by.
-    Disk { loc: RecordLoc, meta: i64 },
+    Disk {
+        loc: RecordLoc,
+        meta: i64,
+    },
 }
 
 const KINDS: usize = RecordKind::ALL.len();
@@ -324,6 +328,8 @@ pub struct EngineStore {
     /// Fingerprint of the last device record written, to skip saves that change nothing.
     device_fp: StdMutex<Option<u64>>,
     counters: StdMutex<(u64, u64)>,
+    /// The working copy's generation, readable without waiting for a writer's fsync.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for EngineStore {
@@ -354,6 +360,7 @@ impl EngineStore {
         let state = scan_state(&wc)?;
         let reader = wc.reader();
         let tenant = wc.tenant().clone();
+        let generation = AtomicU64::new(wc.generation().unwrap_or(0));
         debug!(%tenant, generation = ?wc.generation(), "engine store opened");
         Ok(Arc::new(Self {
             tenant,
@@ -364,6 +371,7 @@ impl EngineStore {
             replica,
             device_fp: StdMutex::new(None),
             counters: StdMutex::new((0, 0)),
+            generation,
         }))
     }
 
@@ -378,7 +386,7 @@ impl EngineStore {
         let records = st.maps.iter().map(|m| m.len() as u64).sum::<u64>() + st.prekeys.len() as u64;
         let (appends, compactions) = *self.counters.lock().expect("counters");
         EngineStoreStats {
-            generation: self.wc.lock().expect("working copy").generation().unwrap_or(0),
+            generation: self.generation.load(Ordering::SeqCst),
             appends,
             compactions,
             records,
@@ -390,11 +398,9 @@ impl EngineStore {
     fn value(&self, kind: RecordKind, key: &str, slot: &Slot) -> EResult<Vec<u8>> {
         match slot {
             Slot::Inline(b) => Ok(b.to_vec()),
-            Slot::Disk { loc, .. } => self
-                .reader
-                .read(*loc, &rk(kind, key))
-                .map_err(db)?
-                .ok_or_else(|| malformed("deleted")),
+            Slot::Disk { loc, .. } => {
+                self.reader.read(*loc, &rk(kind, key)).map_err(db)?.ok_or_else(|| malformed("deleted"))
+            }
         }
     }
 
@@ -466,6 +472,7 @@ impl EngineStore {
                 None => st.remove(&change.key),
             }
         }
+        self.generation.store(to, Ordering::SeqCst);
         self.replica.submit(from, to, replicated);
         self.counters.lock().expect("counters").0 += 1;
         if compact {
@@ -823,8 +830,11 @@ impl ProtocolStore for EngineStore {
 
     async fn clear_all_sender_key_devices(&self) -> EResult<()> {
         self.write(|_, st| {
-            let changes =
-                st.map(RecordKind::SenderKeyDevice).keys().map(|k| del(RecordKind::SenderKeyDevice, k.to_string())).collect();
+            let changes = st
+                .map(RecordKind::SenderKeyDevice)
+                .keys()
+                .map(|k| del(RecordKind::SenderKeyDevice, k.to_string()))
+                .collect();
             Ok((changes, ()))
         })
         .await
@@ -1044,7 +1054,9 @@ impl ProtocolStore for EngineStore {
     async fn take_sent_message(&self, chat_jid: &str, message_id: &str) -> EResult<Option<Vec<u8>>> {
         let key = format!("{}{message_id}", lp(chat_jid));
         self.write(|this, st| match this.get_in(st, RecordKind::SentMessage, &key)? {
-            Some(v) => Ok((vec![del(RecordKind::SentMessage, key.clone())], Some(v.get(8..).unwrap_or_default().to_vec()))),
+            Some(v) => {
+                Ok((vec![del(RecordKind::SentMessage, key.clone())], Some(v.get(8..).unwrap_or_default().to_vec())))
+            }
             None => Ok((Vec::new(), None)),
         })
         .await
@@ -1075,7 +1087,13 @@ impl ProtocolStore for EngineStore {
         let now = whatsapp_rust::wacore::time::now_secs();
         let changes = rows
             .iter()
-            .map(|r| put(RecordKind::PendingInbound, format!("{}{}{}", lp(r.chat), lp(r.sender), r.id), with_i64(now, r.message)))
+            .map(|r| {
+                put(
+                    RecordKind::PendingInbound,
+                    format!("{}{}{}", lp(r.chat), lp(r.sender), r.id),
+                    with_i64(now, r.message),
+                )
+            })
             .collect();
         self.write(|_, _| Ok((changes, ()))).await
     }
@@ -1139,7 +1157,9 @@ impl MsgSecretStore for EngineStore {
                     },
                 };
                 let (expires, ts) = match prior {
-                    Some((x, t)) => (merge_msg_secret_expiry(x, e.expires_at), merge_msg_secret_message_ts(t, e.message_ts)),
+                    Some((x, t)) => {
+                        (merge_msg_secret_expiry(x, e.expires_at), merge_msg_secret_message_ts(t, e.message_ts))
+                    }
                     None => (e.expires_at, e.message_ts),
                 };
                 merged.insert(key, (expires, ts, e.secret.to_vec()));

@@ -26,7 +26,12 @@ pub struct StoreEngines {
 
 impl StoreEngines {
     /// Engines over `store`, with working copies under `data_dir`, replicated by `replicator`.
-    pub fn new(store: Arc<dyn CredentialStore>, data_dir: impl Into<PathBuf>, cipher: Cipher, replicator: ReplicatorHandle) -> Self {
+    pub fn new(
+        store: Arc<dyn CredentialStore>,
+        data_dir: impl Into<PathBuf>,
+        cipher: Cipher,
+        replicator: ReplicatorHandle,
+    ) -> Self {
         let data_dir = data_dir.into();
         Self { hydrator: Hydrator::new(store, data_dir.clone(), cipher.clone()), replicator, data_dir, cipher }
     }

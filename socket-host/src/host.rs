@@ -135,7 +135,11 @@ impl Host {
                     let reason = e.to_string();
                     if let Err(we) = deps
                         .tenants
-                        .write_status(tenant, &StatusUpdate::terminal(state.tenant_status(), reason.clone()), now_millis())
+                        .write_status(
+                            tenant,
+                            &StatusUpdate::terminal(state.tenant_status(), reason.clone()),
+                            now_millis(),
+                        )
                         .await
                     {
                         tracing::warn!(tenant = %tenant, error = %we, "could not mark tenant");

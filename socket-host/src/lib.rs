@@ -18,14 +18,14 @@
 pub mod api;
 pub mod app;
 pub mod config;
+pub mod engine_store;
 pub mod engines;
 pub mod governor;
 pub mod host;
+pub mod replicator;
 pub mod restore;
 pub mod session;
 pub mod transport;
-pub mod engine_store;
-pub mod replicator;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,7 +33,10 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 /// Serves the host's HTTP surface on `listener` until `shutdown` resolves.
-pub async fn run(listener: TcpListener, state: Arc<api::AppState>, shutdown: impl Future<Output = ()> + Send + 'static)
--> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<api::AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown).await
 }

@@ -281,7 +281,9 @@ impl EventHandler for SignalHandler {
             Event::Disconnected(d) => Signal::Disconnected(d.reason.to_string()),
             Event::LoggedOut(l) => Signal::LoggedOut(format!("logged out ({})", reason_code(&l.reason))),
             Event::StreamReplaced(_) => Signal::Replaced,
-            Event::TemporaryBan(b) => Signal::TempBan { expire: b.expire.to_std().unwrap_or_default(), code: format!("{:?}", b.code) },
+            Event::TemporaryBan(b) => {
+                Signal::TempBan { expire: b.expire.to_std().unwrap_or_default(), code: format!("{:?}", b.code) }
+            }
             Event::ConnectFailure(f) => {
                 Signal::ConnectFailure { code: reason_code(&f.reason), logged_out: f.reason.is_logged_out() }
             }
@@ -384,7 +386,11 @@ impl Supervisor {
                 }
                 Ending::TempBan { until, reason } => {
                     self.set_state(SessionState::Banned, Some(reason.clone()));
-                    self.mark(StatusUpdate { status: TenantStatus::Banned, reason: Some(reason), whatsapp_connected: true });
+                    self.mark(StatusUpdate {
+                        status: TenantStatus::Banned,
+                        reason: Some(reason),
+                        whatsapp_connected: true,
+                    });
                     let wait = until.saturating_duration_since(Instant::now());
                     if let Wake::Stop(reply) = self.wait(SessionState::Banned, wait).await {
                         return self.stopped(reply).await;
@@ -424,7 +430,10 @@ impl Supervisor {
             Ok(b) => b,
             Err(e) => {
                 // The engine could not load the device from a store that passed the completeness check.
-                return Ending::Terminal { state: SessionState::CredentialsCorrupt, reason: format!("engine refused stored state: {e}") };
+                return Ending::Terminal {
+                    state: SessionState::CredentialsCorrupt,
+                    reason: format!("engine refused stored state: {e}"),
+                };
             }
         };
         let client = bot.client();
@@ -492,11 +501,15 @@ impl Supervisor {
         drop(permit);
         while let Ok(signal) = signals.try_recv() {
             match signal {
-                Signal::LoggedOut(reason) => verdict = Some(Ending::Terminal { state: SessionState::LoggedOut, reason }),
-                Signal::Replaced => verdict = Some(Ending::Terminal {
-                    state: SessionState::Replaced,
-                    reason: "replaced: another client took over this number (440 conflict)".into(),
-                }),
+                Signal::LoggedOut(reason) => {
+                    verdict = Some(Ending::Terminal { state: SessionState::LoggedOut, reason })
+                }
+                Signal::Replaced => {
+                    verdict = Some(Ending::Terminal {
+                        state: SessionState::Replaced,
+                        reason: "replaced: another client took over this number (440 conflict)".into(),
+                    })
+                }
                 Signal::Disconnected(reason) => last_reason = Some(reason),
                 Signal::StreamError(code) => stream_error = Some(code),
                 _ => {}

@@ -18,7 +18,8 @@
 //! Global secondary index `desired` (partition key `desired_shard` N, sort key `tenant_id` S, all attributes
 //! projected) is sparse: only desired tenants carry `desired_shard`, so [`TenantStore::list_desired`] scans
 //! the index and reads desired tenants only, whatever the size of the table. The shard spreads the index over
-//! 16 partitions. A page token is the last tenant id of the page (the index position is rebuilt from it).
+//! 16 partitions. A page token is the page's `LastEvaluatedKey`, base64url-encoded; a token the store did
+//! not hand out is `Invalid`.
 //! Index reads are eventually consistent: a tenant whose flag was just set may show up a moment later.
 //!
 //! Every change is one conditional `UpdateItem`: leases with `attribute_not_exists(lease_owner) OR
@@ -43,6 +44,8 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
     ProjectionType, ReturnValue, ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus,
 };
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use tracing::{debug, warn};
 
 use crate::domain::{Lease, StatusUpdate, TenantId, TenantRecord, TenantStatus, UnixMillis};
@@ -153,9 +156,11 @@ impl DynamoTenantStore {
                 .map_err(|e| map_sdk_err("describe table", e))?;
             let table = out.table();
             let active = table.and_then(|t| t.table_status()) == Some(&TableStatus::Active)
-                && table.map(|t| t.global_secondary_indexes()).unwrap_or_default().iter().all(|i| {
-                    i.index_status() == Some(&aws_sdk_dynamodb::types::IndexStatus::Active)
-                });
+                && table
+                    .map(|t| t.global_secondary_indexes())
+                    .unwrap_or_default()
+                    .iter()
+                    .all(|i| i.index_status() == Some(&aws_sdk_dynamodb::types::IndexStatus::Active));
             if active {
                 return Ok(());
             }
@@ -179,7 +184,9 @@ impl DynamoTenantStore {
     ) -> Result<Result<UpdateItemOutput, Option<HashMap<String, AttributeValue>>>, StoreError> {
         match req.send().await {
             Ok(out) => Ok(Ok(out)),
-            Err(SdkError::ServiceError(e)) if matches!(e.err(), UpdateItemError::ConditionalCheckFailedException(_)) => {
+            Err(SdkError::ServiceError(e))
+                if matches!(e.err(), UpdateItemError::ConditionalCheckFailedException(_)) =>
+            {
                 let item = match e.err() {
                     UpdateItemError::ConditionalCheckFailedException(c) => c.item().cloned(),
                     _ => None,
@@ -194,17 +201,7 @@ impl DynamoTenantStore {
 #[async_trait]
 impl TenantStore for DynamoTenantStore {
     async fn list_desired(&self, page_token: Option<String>, limit: usize) -> Result<Page<TenantRecord>, StoreError> {
-        let start = match page_token {
-            Some(token) => {
-                let after =
-                    TenantId::parse(&token).map_err(|_| StoreError::Invalid("malformed page token".into()))?;
-                Some(HashMap::from([
-                    (TENANT_ID.to_string(), s(after.as_str())),
-                    (DESIRED_SHARD.to_string(), n(after.shard(DESIRED_SHARDS))),
-                ]))
-            }
-            None => None,
-        };
+        let start = page_token.as_deref().map(decode_page_token).transpose()?;
         let out = self
             .client
             .scan()
@@ -224,13 +221,7 @@ impl TenantStore for DynamoTenantStore {
                 Err(e) => warn!(error = %e, "skipping an undecodable tenant item"),
             }
         }
-        let next = match out.last_evaluated_key() {
-            Some(key) => match key.get(TENANT_ID) {
-                Some(AttributeValue::S(id)) => Some(id.clone()),
-                _ => return Err(StoreError::Corrupt("dynamodb returned a page key without tenant_id".into())),
-            },
-            None => None,
-        };
+        let next = out.last_evaluated_key().map(encode_page_token).transpose()?;
         Ok(Page { items, next })
     }
 
@@ -446,6 +437,45 @@ impl TenantStore for DynamoTenantStore {
 
 // ---- encoding ----------------------------------------------------------------------------------------------
 
+/// The index position a page ends at, as stored: the table may hold rows a hand or an old release wrote, so
+/// the key is kept verbatim rather than re-derived from a (valid) tenant id.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PageToken {
+    /// `tenant_id` of the last item.
+    t: String,
+    /// `desired_shard` of the last item (a DynamoDB number, as text).
+    s: String,
+}
+
+/// Longest page token accepted (a tenant id is short; this bounds hostile input).
+const MAX_TOKEN_LEN: usize = 512;
+
+/// An opaque page token: base64url of the last evaluated key.
+fn encode_page_token(key: &Item) -> Result<String, StoreError> {
+    let (Some(AttributeValue::S(t)), Some(AttributeValue::N(s))) = (key.get(TENANT_ID), key.get(DESIRED_SHARD)) else {
+        return Err(StoreError::Corrupt("dynamodb returned a page key of another shape".into()));
+    };
+    let json = serde_json::to_vec(&PageToken { t: t.clone(), s: s.clone() }).expect("serializes");
+    Ok(URL_SAFE_NO_PAD.encode(json))
+}
+
+/// The key to resume after; anything the store did not hand out is `Invalid`.
+fn decode_page_token(token: &str) -> Result<Item, StoreError> {
+    let invalid = || StoreError::Invalid("malformed page token".into());
+    if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+        return Err(invalid());
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
+    let PageToken { t, s } = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+    if t.is_empty() || s.parse::<i64>().is_err() {
+        return Err(invalid());
+    }
+    Ok(HashMap::from([
+        (TENANT_ID.to_string(), AttributeValue::S(t)),
+        (DESIRED_SHARD.to_string(), AttributeValue::N(s)),
+    ]))
+}
+
 fn s(v: &str) -> AttributeValue {
     AttributeValue::S(v.to_owned())
 }
@@ -577,6 +607,19 @@ mod tests {
         assert!(parse_item(&item(&[(TENANT_ID, s("t")), (STATUS, s("nope"))])).is_err());
         assert!(parse_item(&item(&[(TENANT_ID, s("t")), (CONSECUTIVE_FAILURES, n(-1))])).is_err());
         assert!(parse_item(&item(&[(TENANT_ID, s("t")), (WHATSAPP_CONNECTED, s("yes"))])).is_err());
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_refuse_forgeries() {
+        let key = item(&[(TENANT_ID, s("../odd")), (DESIRED_SHARD, n(3))]);
+        let token = encode_page_token(&key).unwrap();
+        assert_eq!(decode_page_token(&token).unwrap(), key);
+        let long = "x".repeat(MAX_TOKEN_LEN + 1);
+        for bad in ["", "..", "a/b", "%2e%2e", "a\0b", "\u{0430}bc", "abcd", long.as_str()] {
+            assert!(matches!(decode_page_token(bad), Err(StoreError::Invalid(_))), "{bad:?}");
+        }
+        let no_shard = URL_SAFE_NO_PAD.encode(br#"{"t":"a","s":"x"}"#);
+        assert!(decode_page_token(&no_shard).is_err());
     }
 
     #[test]

@@ -86,9 +86,7 @@ impl EmbeddedStore {
             builder.recursive(true);
             #[cfg(unix)]
             std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-            builder
-                .create(dir)
-                .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
+            builder.create(dir).map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
         }
         let db = Database::create(&path).map_err(db_err)?;
         #[cfg(unix)]
@@ -419,7 +417,7 @@ impl TenantStore for EmbeddedStore {
             let desired = txn.open_table(DESIRED).map_err(db_err)?;
             let tenants = txn.open_table(TENANTS).map_err(db_err)?;
             let lower = match &after {
-                Some(id) => Bound::Included(id.as_str()),
+                Some(id) => Bound::Excluded(id.as_str()),
                 None => Bound::Unbounded,
             };
             let mut rows = desired.range::<&str>((lower, Bound::Unbounded)).map_err(db_err)?;
@@ -626,7 +624,9 @@ impl crate::contract::SwapRecords for EmbeddedStore {
                     .expect("the source record is stored")
                     .value()
                     .to_vec();
-                credentials.insert((to.as_str(), key.kind.as_str(), key.key.as_str()), value.as_slice()).map_err(db_err)?;
+                credentials
+                    .insert((to.as_str(), key.kind.as_str(), key.key.as_str()), value.as_slice())
+                    .map_err(db_err)?;
             }
             txn.commit().map_err(db_err)
         })

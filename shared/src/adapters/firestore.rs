@@ -389,8 +389,15 @@ impl FirestoreCredentialStore {
                 garbage: Vec::new(),
                 update_time: announced_at,
             };
-            self.commit(vec![self.meta_write(tenant, Some(&announced), generation, max_epoch, Some(&new_set), &garbage)])
-                .await?;
+            self.commit(vec![self.meta_write(
+                tenant,
+                Some(&announced),
+                generation,
+                max_epoch,
+                Some(&new_set),
+                &garbage,
+            )])
+            .await?;
         }
         debug!(tenant = %tenant, records = records.len(), generation, "installed a new record set");
         self.collect_garbage(tenant).await;
@@ -419,7 +426,9 @@ impl FirestoreCredentialStore {
                     .collect();
                 match self.commit(writes).await {
                     Ok(_) => {}
-                    Err(Attempt::Raced) => return Err(StoreError::Unavailable("contention deleting a record set".into())),
+                    Err(Attempt::Raced) => {
+                        return Err(StoreError::Unavailable("contention deleting a record set".into()));
+                    }
                     Err(Attempt::Failed(e)) => return Err(e),
                 }
             }
@@ -513,8 +522,8 @@ impl CredentialStore for FirestoreCredentialStore {
             changes.push((key.clone(), sealed));
         }
 
-        for _ in 0..MAX_ATTEMPTS {
-            let attempt = if changes.len() < MAX_WRITES_PER_COMMIT {
+        for attempt in 0..MAX_ATTEMPTS {
+            let outcome = if changes.len() < MAX_WRITES_PER_COMMIT {
                 let meta = self.get_meta(tenant).await?;
                 Meta::fence(meta.as_ref(), batch.epoch)?;
                 if let Some(m) = meta.as_ref().filter(|m| m.set.is_some())
@@ -562,9 +571,12 @@ impl CredentialStore for FirestoreCredentialStore {
                 let records: Vec<_> = records.into_iter().collect();
                 self.install_set(tenant, meta.as_ref(), &records, batch.generation, batch.epoch).await
             };
-            match attempt {
+            match outcome {
                 Ok(()) => return Ok(()),
-                Err(Attempt::Raced) => debug!(tenant = %tenant, "firestore write raced; retrying"),
+                Err(Attempt::Raced) => {
+                    debug!(tenant = %tenant, attempt, "firestore write raced; retrying");
+                    backoff(attempt).await;
+                }
                 Err(Attempt::Failed(e)) => return Err(e),
             }
         }
@@ -579,12 +591,15 @@ impl CredentialStore for FirestoreCredentialStore {
             .iter()
             .map(|(k, v)| Ok((k.clone(), self.seal(tenant, k, v)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let meta = self.get_meta(tenant).await?;
             Meta::fence(meta.as_ref(), epoch)?;
             match self.install_set(tenant, meta.as_ref(), &records, snapshot.generation, epoch).await {
                 Ok(()) => return Ok(()),
-                Err(Attempt::Raced) => debug!(tenant = %tenant, "firestore replace raced; retrying"),
+                Err(Attempt::Raced) => {
+                    debug!(tenant = %tenant, attempt, "firestore replace raced; retrying");
+                    backoff(attempt).await;
+                }
                 Err(Attempt::Failed(e)) => return Err(e),
             }
         }
@@ -592,7 +607,7 @@ impl CredentialStore for FirestoreCredentialStore {
     }
 
     async fn delete(&self, tenant: &TenantId) -> Result<(), StoreError> {
-        for _ in 0..MAX_ATTEMPTS {
+        for attempt in 0..MAX_ATTEMPTS {
             let Some(meta) = self.get_meta(tenant).await? else { return Ok(()) };
             let Some(set) = meta.set.clone() else {
                 // Already a tombstone; finish collecting what an earlier delete left.
@@ -608,7 +623,7 @@ impl CredentialStore for FirestoreCredentialStore {
                     // logout should not leave them behind, so report a failure to the caller for a retry.
                     return self.try_collect_garbage(tenant).await;
                 }
-                Err(Attempt::Raced) => continue,
+                Err(Attempt::Raced) => backoff(attempt).await,
                 Err(Attempt::Failed(e)) => return Err(e),
             }
         }
@@ -658,10 +673,7 @@ impl crate::contract::SwapRecords for FirestoreCredentialStore {
         let set = self.get_meta(tenant).await.unwrap().and_then(|m| m.set).expect("tenant has records");
         let va = self.raw_value(tenant, &set, a).await;
         let vb = self.raw_value(tenant, &set, b).await;
-        let writes = vec![
-            self.record_write(tenant, &set, a, &vb, 0),
-            self.record_write(tenant, &set, b, &va, 0),
-        ];
+        let writes = vec![self.record_write(tenant, &set, a, &vb, 0), self.record_write(tenant, &set, b, &va, 0)];
         assert!(self.commit(writes).await.is_ok(), "swapping stored values failed");
     }
 
@@ -694,6 +706,15 @@ fn set_collection(set: &str) -> String {
 /// `/`, and engine keys are arbitrary strings).
 fn record_doc_id(key: &RecordKey) -> String {
     format!("{}~{}", key.kind.as_str(), URL_SAFE_NO_PAD.encode(key.key.as_bytes()))
+}
+
+/// Waits a little before retrying a lost race, so two writers do not keep colliding: up to 2^attempt x 5 ms
+/// (at most 320 ms), with full jitter.
+async fn backoff(attempt: usize) {
+    let cap_ms = 5u64 << attempt.min(6);
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the OS random source works");
+    tokio::time::sleep(Duration::from_millis(u64::from_le_bytes(b) % (cap_ms + 1))).await;
 }
 
 /// 64 random bits, hex: a record set id no two writers pick alike.

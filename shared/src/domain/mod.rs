@@ -13,10 +13,7 @@ pub use tenant_id::{MAX_TENANT_ID_LEN, TenantId, TenantIdError};
 
 /// The current time in [`UnixMillis`].
 pub fn now_millis() -> UnixMillis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as UnixMillis)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as UnixMillis).unwrap_or(0)
 }
 
 mod session;

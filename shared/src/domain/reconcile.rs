@@ -103,10 +103,7 @@ pub fn reconcile(
     let HostView::Reachable(list) = host else {
         return Plan { host_unreachable: true, ..Plan::default() };
     };
-    let mut plan = Plan {
-        host_restarted: last_boot_id.is_some_and(|b| b != list.boot_id),
-        ..Plan::default()
-    };
+    let mut plan = Plan { host_restarted: last_boot_id.is_some_and(|b| b != list.boot_id), ..Plan::default() };
     let running: HashMap<&TenantId, &SessionView> = list.sessions.iter().map(|s| (&s.tenant_id, s)).collect();
     for record in desired.iter().filter(|r| r.whatsapp_connected) {
         let id = &record.tenant_id;

@@ -80,7 +80,12 @@ async fn run(shared: &Arc<Shared>, tcp: TcpStream) -> Result<(), ConnError> {
         }
         Ok(resp)
     };
-    let ws = match timeout(shared.config.handshake_timeout, tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(config))).await {
+    let ws = match timeout(
+        shared.config.handshake_timeout,
+        tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(config)),
+    )
+    .await
+    {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             if upgrade_refusal.is_some() {
@@ -183,7 +188,10 @@ fn success(shared: &Shared, jid: &str) -> Node {
         .attr("props", "1")
         .attr("abprops", "1")
         .attr("location", "sim")
-        .attr("creation", s.devices.get(jid).and_then(|d| d.account.as_ref()).map_or(0, |a| a.created_secs).to_string());
+        .attr(
+            "creation",
+            s.devices.get(jid).and_then(|d| d.account.as_ref()).map_or(0, |a| a.created_secs).to_string(),
+        );
     if let Some(lid) = s.devices.get(jid).and_then(|d| d.lid.as_ref()) {
         node = node.attr("lid", Jid::lid(lid.user.as_str()));
     }

@@ -52,6 +52,9 @@ fn iq(shared: &Shared, jid: &str, node: &NodeRef<'_>) -> Outcome {
         // Results and errors for server-initiated IQs need no answer.
         return Outcome::Nothing;
     }
+    if xmlns != "w:p" {
+        shared.update(|s| s.rec.iq(jid, &xmlns));
+    }
     let first = node.children().and_then(|c| c.first());
     let child = first.map(|c| &*c.tag).unwrap_or("");
     let reply = match (xmlns.as_str(), kind.as_str(), child) {
@@ -214,7 +217,8 @@ fn fetch_bundles(shared: &Shared, id: &str, key: &NodeRef<'_>) -> Node {
         .into_iter()
         .map(|jid| {
             let found = s.devices.values_mut().find(|d| {
-                d.jid == jid || d.lid.as_ref().is_some_and(|l| l.user == jid.user && l.device == jid.device && jid.is_lid())
+                d.jid == jid
+                    || d.lid.as_ref().is_some_and(|l| l.user == jid.user && l.device == jid.device && jid.is_lid())
             });
             let bundle = found.and_then(|d| {
                 let k = &mut d.keys;

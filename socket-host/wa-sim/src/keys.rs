@@ -48,13 +48,13 @@ impl ServerIdentity {
         let not_after = now + VALID_FOR_SECS;
         let intermediate_public = public_bytes(&intermediate);
         let static_public = public_bytes(&static_key);
-        let intermediate_cert = certificate(&root, INTERMEDIATE_SERIAL, ROOT_SERIAL, &intermediate_public, not_before, not_after);
-        let leaf_cert = certificate(&intermediate, LEAF_SERIAL, INTERMEDIATE_SERIAL, &static_public, not_before, not_after);
-        let cert_chain = wa::CertChain {
-            leaf: MessageField::some(leaf_cert),
-            intermediate: MessageField::some(intermediate_cert),
-        }
-        .encode_to_vec();
+        let intermediate_cert =
+            certificate(&root, INTERMEDIATE_SERIAL, ROOT_SERIAL, &intermediate_public, not_before, not_after);
+        let leaf_cert =
+            certificate(&intermediate, LEAF_SERIAL, INTERMEDIATE_SERIAL, &static_public, not_before, not_after);
+        let cert_chain =
+            wa::CertChain { leaf: MessageField::some(leaf_cert), intermediate: MessageField::some(intermediate_cert) }
+                .encode_to_vec();
         Self { root, static_key, static_public, cert_chain }
     }
 
@@ -118,7 +118,10 @@ mod tests {
     use super::*;
     use whatsapp_rust::wacore::libsignal::protocol::PublicKey;
 
-    fn verify(issuer: &[u8; 32], cert: &wa::cert_chain::NoiseCertificate) -> wa::cert_chain::noise_certificate::Details {
+    fn verify(
+        issuer: &[u8; 32],
+        cert: &wa::cert_chain::NoiseCertificate,
+    ) -> wa::cert_chain::noise_certificate::Details {
         let details = cert.details.as_deref().unwrap();
         let pk = PublicKey::from_djb_public_key_bytes(issuer).unwrap();
         assert!(pk.verify_signature(details, cert.signature.as_deref().unwrap()), "signature must verify");

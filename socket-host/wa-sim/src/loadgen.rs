@@ -135,7 +135,8 @@ pub async fn login(url: &str, creds: &Credentials, trust: ServerTrust) -> Result
         None => {
             let mut noise = NoiseHandshake::new(NOISE_PATTERN_XX, &WA_CONN_HEADER).map_err(hs)?;
             noise.authenticate(&eph_public);
-            let hello = wa::handshake_message::ClientHello { ephemeral: Some(eph_public.to_vec()), ..Default::default() };
+            let hello =
+                wa::handshake_message::ClientHello { ephemeral: Some(eph_public.to_vec()), ..Default::default() };
             send_first(&mut ws, hello).await?;
             let reply = server_hello(&mut ws, &mut frames).await?;
             let e = server_ephemeral(&reply)?;
@@ -168,8 +169,16 @@ pub async fn login(url: &str, creds: &Credentials, trust: ServerTrust) -> Result
         }
     };
     let (write, read) = noise.finish().map_err(hs)?;
-    let mut session =
-        Session { ws, frames, read, write, read_counter: 0, write_counter: 0, server_static, login_time: Duration::ZERO };
+    let mut session = Session {
+        ws,
+        frames,
+        read,
+        write,
+        read_counter: 0,
+        write_counter: 0,
+        server_static,
+        login_time: Duration::ZERO,
+    };
     let verdict = session.next_tag().await?;
     if verdict != "success" {
         return Err(LoadError::Refused(verdict));
@@ -189,7 +198,8 @@ impl Session {
             .attr("to", "s.whatsapp.net")
             .build();
         let plain = marshal(&ping).map_err(|_| LoadError::Handshake("marshal"))?;
-        let ct = self.write.encrypt_with_counter(self.write_counter, &plain).map_err(|_| LoadError::Handshake("encrypt"))?;
+        let ct =
+            self.write.encrypt_with_counter(self.write_counter, &plain).map_err(|_| LoadError::Handshake("encrypt"))?;
         self.write_counter += 1;
         let framed = encode_frame(&ct, None).map_err(|_| LoadError::Handshake("frame"))?;
         self.ws.send(Message::Binary(Bytes::from(framed))).await?;
@@ -239,7 +249,8 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 async fn send_first(ws: &mut Ws, hello: wa::handshake_message::ClientHello) -> Result<(), LoadError> {
     let msg = wa::HandshakeMessage { client_hello: MessageField::some(hello), ..Default::default() };
-    let framed = encode_frame(&msg.encode_to_vec(), Some(&WA_CONN_HEADER)).map_err(|_| LoadError::Handshake("frame"))?;
+    let framed =
+        encode_frame(&msg.encode_to_vec(), Some(&WA_CONN_HEADER)).map_err(|_| LoadError::Handshake("frame"))?;
     ws.send(Message::Binary(Bytes::from(framed))).await?;
     Ok(())
 }

@@ -145,7 +145,8 @@ pub(crate) fn mint(
         noise_key: device.noise_key.clone(),
         adv_secret_key: device.adv_secret_key,
     };
-    let (account_bytes, _) = PairUtils::do_pair_crypto(&state, &container).map_err(|e| MintError::Pairing(e.to_string()))?;
+    let (account_bytes, _) =
+        PairUtils::do_pair_crypto(&state, &container).map_err(|e| MintError::Pairing(e.to_string()))?;
     let account = wa::ADVSignedDeviceIdentity::decode_from_slice(&account_bytes)
         .map_err(|e| MintError::Pairing(e.to_string()))?;
 
@@ -246,9 +247,14 @@ mod tests {
 
         // The account signature verifies against the account key, over the device's identity.
         let account = device.account.as_ref().unwrap();
-        let account_key = PublicKey::from_djb_public_key_bytes(account.account_signature_key.as_deref().unwrap()).unwrap();
-        let msg = [ADV_ACCOUNT_SIGNATURE, account.details.as_deref().unwrap(), device.identity_key.public_key.public_key_bytes()]
-            .concat();
+        let account_key =
+            PublicKey::from_djb_public_key_bytes(account.account_signature_key.as_deref().unwrap()).unwrap();
+        let msg = [
+            ADV_ACCOUNT_SIGNATURE,
+            account.details.as_deref().unwrap(),
+            device.identity_key.public_key.public_key_bytes(),
+        ]
+        .concat();
         assert!(account_key.verify_signature(&msg, account.account_signature.as_deref().unwrap()));
         assert_eq!(account.device_signature.as_ref().map(Vec::len), Some(64));
     }

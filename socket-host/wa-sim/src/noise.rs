@@ -7,7 +7,9 @@
 use whatsapp_rust::buffa::{Message, MessageField};
 use whatsapp_rust::wacore::handshake::{NoiseCipher, NoiseHandshake};
 use whatsapp_rust::wacore::libsignal::protocol::KeyPair;
-use whatsapp_rust::wacore_binary::consts::{NOISE_PATTERN_IK, NOISE_PATTERN_XX, NOISE_PATTERN_XXFALLBACK, WA_CONN_HEADER};
+use whatsapp_rust::wacore_binary::consts::{
+    NOISE_PATTERN_IK, NOISE_PATTERN_XX, NOISE_PATTERN_XXFALLBACK, WA_CONN_HEADER,
+};
 use whatsapp_rust::waproto::whatsapp as wa;
 
 use crate::keys::{ServerIdentity, public_bytes};
@@ -182,7 +184,9 @@ fn server_hello(ephemeral: [u8; 32], enc_static: Option<Vec<u8>>, enc_cert: Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use whatsapp_rust::wacore::handshake::{IkHandshakeState, IkServerHelloOutcome, XxFallbackHandshakeState, XxHandshakeState};
+    use whatsapp_rust::wacore::handshake::{
+        IkHandshakeState, IkServerHelloOutcome, XxFallbackHandshakeState, XxHandshakeState,
+    };
 
     // The engine's own initiator state machines drive these: if the responder drifts from what the client
     // computes, the AEAD tags fail.

@@ -106,6 +106,8 @@ pub struct DeviceObservation {
     pub pings: u64,
     /// One-time pre-keys the server holds for the device.
     pub prekeys_held: u32,
+    /// IQs answered, by namespace (`encrypt`, `usync`, `abt`, ...); keepalive pings count in `pings`.
+    pub iqs_answered: BTreeMap<String, u64>,
 }
 
 impl DeviceObservation {
@@ -139,6 +141,7 @@ struct DeviceCounters {
     last_key: Option<[u8; 32]>,
     wrong_key: u64,
     pings: u64,
+    iqs: BTreeMap<String, u64>,
 }
 
 /// Registry facts merged into a device's observation at snapshot time.
@@ -242,6 +245,16 @@ impl Recorder {
         }
     }
 
+    pub(crate) fn iq(&mut self, jid: &str, xmlns: &str) {
+        let d = self.device(jid);
+        match d.iqs.get_mut(xmlns) {
+            Some(n) => *n += 1,
+            None => {
+                d.iqs.insert(xmlns.to_owned(), 1);
+            }
+        }
+    }
+
     pub(crate) fn ping(&mut self, jid: &str) {
         self.summary.pings += 1;
         self.device(jid).pings += 1;
@@ -289,6 +302,7 @@ impl Recorder {
             wrong_key_attempts: d.wrong_key,
             pings: d.pings,
             prekeys_held: facts.map_or(0, |f| f.prekeys_held),
+            iqs_answered: d.iqs.clone(),
         })
     }
 

@@ -268,7 +268,8 @@ impl SimHandle {
     /// Registers a device from a snapshot's device record: the noise key, JIDs and published keys.
     /// Returns the device JID.
     pub fn register_record(&self, record: &DeviceRecord, tenant: Option<&TenantId>) -> Result<String, SimError> {
-        let device = crate::mint::device_from_record(record).map_err(|_| SimError::InvalidRecord("not an engine device"))?;
+        let device =
+            crate::mint::device_from_record(record).map_err(|_| SimError::InvalidRecord("not an engine device"))?;
         let jid = device.pn.clone().ok_or(SimError::InvalidRecord("pn"))?;
         let public = |k: &whatsapp_rust::wacore::libsignal::protocol::KeyPair| crate::keys::public_bytes(k);
         self.register(DeviceEntry {
@@ -453,7 +454,11 @@ impl SimHandle {
     }
 
     /// Waits until `check` returns `Some`, re-checking whenever anything the simulator observes changes.
-    pub async fn wait_for<T>(&self, limit: Duration, mut check: impl FnMut(&SimHandle) -> Option<T>) -> Result<T, SimError> {
+    pub async fn wait_for<T>(
+        &self,
+        limit: Duration,
+        mut check: impl FnMut(&SimHandle) -> Option<T>,
+    ) -> Result<T, SimError> {
         let deadline = Instant::now() + limit;
         let mut changes = self.shared.subscribe();
         loop {
