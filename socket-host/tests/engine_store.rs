@@ -27,7 +27,7 @@ use whatsapp_rust::wacore::store::traits::{
     AppStateSyncKey, AppSyncStore, Backend, DeviceInfo, DeviceListRecord, DeviceStore, LidPnMappingEntry,
     MsgSecretEntry, MsgSecretStore, PendingInboundKey, PendingInboundRow, ProtocolStore, SignalStore, TcTokenEntry,
 };
-use whatsapp_rust::wacore::store::{Device, PersistenceManager, SignalStoreCache};
+use whatsapp_rust::wacore::store::{PersistenceManager, SignalStoreCache};
 
 fn cipher() -> Cipher {
     Cipher::new(&[0x42; 32])

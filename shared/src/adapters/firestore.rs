@@ -27,8 +27,9 @@
 //! being built is recorded in `garbage` before its first record is written, so a crash leaves nothing
 //! that a later `delete` or `replace` does not clean up.
 //!
-//! Reads are consistent: the meta document is read with `BatchGetDocuments`, and the record set is
-//! listed at that response's `read_time`, so a commit landing between pages cannot tear a snapshot.
+//! Reads are consistent: the meta document is read with `BatchGetDocuments` in a new read-only transaction,
+//! and the record set is listed page by page in that same transaction, so a commit landing between pages
+//! cannot tear a snapshot.
 //!
 //! This adapter talks to Firestore's gRPC API through the `firestore` crate's client (connection,
 //! authentication, `FIRESTORE_EMULATOR_HOST`), using the raw request types for exact control of
@@ -42,8 +43,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use firestore::gcloud_sdk::google::firestore::v1::{
     self as pb, BatchGetDocumentsRequest, CommitRequest, Document, DocumentMask, GetDocumentRequest,
-    ListDocumentsRequest, Precondition, Value, Write, batch_get_documents_response, list_documents_request,
-    precondition, value::ValueType, write,
+    ListDocumentsRequest, Precondition, RollbackRequest, TransactionOptions, Value, Write, batch_get_documents_request,
+    batch_get_documents_response, list_documents_request, precondition, transaction_options, value::ValueType, write,
 };
 use firestore::gcloud_sdk::prost_types::Timestamp;
 use firestore::gcloud_sdk::tonic::{Code, Status};
@@ -113,6 +114,29 @@ impl Meta {
                 Err(StoreError::Conflict(Conflict::StaleEpoch { presented: epoch, current: m.max_epoch }))
             }
             _ => Ok(()),
+        }
+    }
+}
+
+/// A read-only transaction: every read made with it sees one instant. Ended (rolled back) when dropped;
+/// read-only transactions hold no locks, so that happens in the background.
+struct ReadSnapshot {
+    db: FirestoreDb,
+    transaction: Vec<u8>,
+}
+
+impl Drop for ReadSnapshot {
+    fn drop(&mut self) {
+        let req = RollbackRequest {
+            database: self.db.get_database_path().clone(),
+            transaction: std::mem::take(&mut self.transaction),
+            ..Default::default()
+        };
+        let db = self.db.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), db.client().get().rollback(req)).await;
+            });
         }
     }
 }
@@ -204,42 +228,53 @@ impl FirestoreCredentialStore {
         }
     }
 
-    /// The meta document and the time it was read at, so the records can be listed as of that instant.
-    async fn get_meta_with_read_time(&self, tenant: &TenantId) -> Result<(Option<Meta>, Timestamp), StoreError> {
+    /// The meta document, read in a new read-only transaction whose id then lists the records, so every
+    /// page of the listing sees the same instant as the meta document.
+    async fn get_meta_in_snapshot(&self, tenant: &TenantId) -> Result<(Option<Meta>, ReadSnapshot), StoreError> {
         let req = BatchGetDocumentsRequest {
             database: self.database(),
             documents: vec![self.meta_name(tenant)],
+            consistency_selector: Some(batch_get_documents_request::ConsistencySelector::NewTransaction(
+                TransactionOptions {
+                    mode: Some(transaction_options::Mode::ReadOnly(transaction_options::ReadOnly::default())),
+                },
+            )),
             ..Default::default()
         };
-        let result = self
+        let (result, transaction) = self
             .call("get meta", async {
                 let mut client = self.db.client().get();
                 let mut stream = client.batch_get_documents(req).await?.into_inner();
-                let mut out = None;
+                let (mut result, mut transaction) = (None, Vec::new());
                 while let Some(msg) = stream.message().await? {
-                    if let (Some(result), Some(read_time)) = (msg.result, msg.read_time) {
-                        out = Some((result, read_time));
+                    if !msg.transaction.is_empty() {
+                        transaction = msg.transaction;
+                    }
+                    if msg.result.is_some() {
+                        result = msg.result;
                     }
                 }
-                Ok(out)
+                Ok((result, transaction))
             })
             .await?
             .map_err(|s| map_status("get meta", s))?;
+        if transaction.is_empty() {
+            return Err(StoreError::Unavailable("firestore get meta: no transaction started".into()));
+        }
+        let snapshot = ReadSnapshot { db: self.db.clone(), transaction };
         match result {
-            Some((batch_get_documents_response::Result::Found(doc), read_time)) => {
-                Ok((Some(parse_meta(&doc)?), read_time))
-            }
-            Some((batch_get_documents_response::Result::Missing(_), read_time)) => Ok((None, read_time)),
+            Some(batch_get_documents_response::Result::Found(doc)) => Ok((Some(parse_meta(&doc)?), snapshot)),
+            Some(batch_get_documents_response::Result::Missing(_)) => Ok((None, snapshot)),
             None => Err(StoreError::Unavailable("firestore get meta: empty response".into())),
         }
     }
 
-    /// Every document of a record set, optionally as of `read_time`, page by page.
+    /// Every document of a record set, optionally within a read snapshot, page by page.
     async fn list_set(
         &self,
         tenant: &TenantId,
         set: &str,
-        read_time: Option<Timestamp>,
+        snapshot: Option<&ReadSnapshot>,
         names_only: bool,
     ) -> Result<Vec<Document>, StoreError> {
         let mut docs = Vec::new();
@@ -252,7 +287,8 @@ impl FirestoreCredentialStore {
                 page_token: std::mem::take(&mut page_token),
                 // An empty mask returns names only.
                 mask: names_only.then(DocumentMask::default),
-                consistency_selector: read_time.map(list_documents_request::ConsistencySelector::ReadTime),
+                consistency_selector: snapshot
+                    .map(|s| list_documents_request::ConsistencySelector::Transaction(s.transaction.clone())),
                 ..Default::default()
             };
             let mut client = self.db.client().get();
@@ -485,10 +521,10 @@ impl FirestoreCredentialStore {
 #[async_trait]
 impl CredentialStore for FirestoreCredentialStore {
     async fn read(&self, tenant: &TenantId) -> Result<CredentialSnapshot, StoreError> {
-        let (meta, read_time) = self.get_meta_with_read_time(tenant).await?;
+        let (meta, snapshot) = self.get_meta_in_snapshot(tenant).await?;
         let Some(meta) = meta else { return Err(StoreError::NotFound) };
         let Some(set) = &meta.set else { return Err(StoreError::NotFound) };
-        let docs = self.list_set(tenant, set, Some(read_time), false).await?;
+        let docs = self.list_set(tenant, set, Some(&snapshot), false).await?;
         let mut records = BTreeMap::new();
         for doc in &docs {
             let (key, value) = self.open_record(tenant, doc)?;
@@ -547,7 +583,7 @@ impl CredentialStore for FirestoreCredentialStore {
             } else {
                 // 500 distinct records plus the meta document do not fit one commit: rebuild the set from
                 // the stored (still sealed) records with the changes applied, and switch to it at once.
-                let (meta, read_time) = self.get_meta_with_read_time(tenant).await?;
+                let (meta, snapshot) = self.get_meta_in_snapshot(tenant).await?;
                 Meta::fence(meta.as_ref(), batch.epoch)?;
                 let live = meta.as_ref().filter(|m| m.set.is_some());
                 if let Some(m) = live
@@ -557,7 +593,7 @@ impl CredentialStore for FirestoreCredentialStore {
                 }
                 let mut records: BTreeMap<RecordKey, Vec<u8>> = BTreeMap::new();
                 if let Some(set) = live.and_then(|m| m.set.as_deref()) {
-                    for doc in self.list_set(tenant, set, Some(read_time), false).await? {
+                    for doc in self.list_set(tenant, set, Some(&snapshot), false).await? {
                         let (key, sealed) = raw_record(&doc)?;
                         records.insert(key, sealed.to_vec());
                     }
