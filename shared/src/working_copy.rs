@@ -722,8 +722,7 @@ fn walk_journal(bytes: &[u8], base_generation: u64) -> JournalWalk {
     let mut entries = Vec::new();
     let mut at = JOURNAL_HEADER_LEN;
     let mut generation = base_generation;
-    loop {
-        let Some(body_len) = read_u32(bytes, at) else { break };
+    while let Some(body_len) = read_u32(bytes, at) {
         let Some(crc) = read_u32(bytes, at + 4) else { break };
         let body_start = at + ENTRY_HEADER_LEN;
         let body_len = body_len as usize;

@@ -140,8 +140,13 @@ async fn delete_session(
     let id = tenant(&id)?;
     let Query(params) = params.map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST))?;
     if params.logout {
-        // Logout needs the engine's logout IQ and the credential store; it is handled by the host's logout path.
-        return Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, codes::INTERNAL));
+        return match state.host.logout(&id).await {
+            Ok(_) => Ok(StatusCode::NO_CONTENT),
+            Err(e) => {
+                tracing::warn!(tenant = %id, error = %e, "logout failed");
+                Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE))
+            }
+        };
     }
     if state.host.stop(&id).await {
         Ok(StatusCode::NO_CONTENT)

@@ -148,6 +148,7 @@ impl App {
                 }
             });
         }
+        crate::webhooks::start(host.subscribe(), config.webhook_urls.clone(), config.webhook_secret.clone());
         let state = Arc::new(AppState::new(host.clone(), control_token(&config)?));
         Ok(Self { host, replicator, state, config })
     }

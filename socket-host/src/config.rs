@@ -111,6 +111,14 @@ pub struct Config {
     #[arg(long, env = "WAKEEPER_RESTORE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub restore_on_start: bool,
 
+    /// Comma-separated URLs that receive state-change, alert and message events.
+    #[arg(long, env = "WAKEEPER_WEBHOOK_URLS", value_delimiter = ',')]
+    pub webhook_urls: Vec<String>,
+
+    /// Secret of the HMAC-SHA256 signature of webhook bodies.
+    #[arg(long, env = "WAKEEPER_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
     /// Seconds between in-host health sweeps (0 = off; the cloud runs the sweep as a function instead).
     #[arg(long, env = "WAKEEPER_SWEEP_INTERVAL_S", default_value_t = 120)]
     pub sweep_interval_s: u64,

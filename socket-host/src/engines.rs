@@ -18,6 +18,7 @@ use crate::session::{EngineProvider, OpenError};
 
 /// The production [`EngineProvider`].
 pub struct StoreEngines {
+    store: Arc<dyn CredentialStore>,
     hydrator: Hydrator,
     replicator: ReplicatorHandle,
     data_dir: PathBuf,
@@ -33,7 +34,13 @@ impl StoreEngines {
         replicator: ReplicatorHandle,
     ) -> Self {
         let data_dir = data_dir.into();
-        Self { hydrator: Hydrator::new(store, data_dir.clone(), cipher.clone()), replicator, data_dir, cipher }
+        Self {
+            hydrator: Hydrator::new(store.clone(), data_dir.clone(), cipher.clone()),
+            store,
+            replicator,
+            data_dir,
+            cipher,
+        }
     }
 }
 
@@ -56,5 +63,16 @@ impl EngineProvider for StoreEngines {
         .await
         .map_err(|e| OpenError::Unavailable(e.to_string()))??;
         Ok(opened as Arc<dyn Backend>)
+    }
+
+    async fn delete(&self, tenant: &TenantId) -> Result<(), OpenError> {
+        self.store.delete(tenant).await.map_err(|e| OpenError::Unavailable(e.to_string()))?;
+        let (data_dir, t, cipher) = (self.data_dir.clone(), tenant.clone(), self.cipher.clone());
+        tokio::task::spawn_blocking(move || WorkingCopy::open(&data_dir, t, cipher).and_then(|mut wc| wc.delete()))
+            .await
+            .map_err(|e| OpenError::Unavailable(e.to_string()))?
+            .map_err(|e| OpenError::Unavailable(e.to_string()))?;
+        self.replicator.forget(tenant);
+        Ok(())
     }
 }

@@ -189,6 +189,34 @@ impl Host {
         }
     }
 
+    /// Logs a tenant out: unlinks the device when connected, deletes its credentials, marks it. `false` when
+    /// the host had no session for it (credentials are still deleted).
+    pub async fn logout(&self, tenant: &TenantId) -> Result<bool, OpenError> {
+        let handle = self.sessions.read().expect("sessions lock").get(tenant).cloned();
+        match handle {
+            Some(h) if !h.is_finished() => {
+                h.logout().await;
+                Ok(true)
+            }
+            other => {
+                self.deps.engines.delete(tenant).await?;
+                let reason = "logged out on request".to_string();
+                self.deps
+                    .tenants
+                    .write_status(
+                        tenant,
+                        &StatusUpdate::terminal(SessionState::LoggedOut.tenant_status(), reason.clone()),
+                        now_millis(),
+                    )
+                    .await
+                    .map_err(|e| OpenError::Unavailable(e.to_string()))?;
+                let known = other.is_some();
+                self.insert(tenant, session::finished(tenant.clone(), SessionState::LoggedOut, reason));
+                Ok(known)
+            }
+        }
+    }
+
     /// Stops every session, releasing leases, within `deadline`. Returns how many were still running.
     pub async fn shutdown(&self, deadline: Duration) -> usize {
         self.closing.store(true, std::sync::atomic::Ordering::Release);

@@ -11,6 +11,7 @@
 //! - [`restore`]: restore every desired tenant, most recently healthy first.
 //! - [`engines`]: opens a tenant's engine store (hydrate, then the engine's backend over the working copy).
 //! - [`governor`]: the host-wide pacing of connect attempts.
+//! - [`webhooks`]: signed state-change and alert events to the configured URLs.
 //! - [`transport`]: the engine's WebSocket transport and HTTP client.
 //! - [`engine_store`]: the engine's `Backend` over a tenant's local working copy.
 //! - [`replicator`]: ordered, batched replication of engine writes to the credential store.
@@ -26,6 +27,7 @@ pub mod replicator;
 pub mod restore;
 pub mod session;
 pub mod transport;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -45,8 +45,11 @@ pub struct ReplicatorConfig {
     /// Longest retry delay.
     pub backoff_max: Duration,
     /// Called after every acknowledged commit (benchmarks, tests).
-    pub on_commit: Option<Arc<dyn Fn(&CommitInfo) + Send + Sync>>,
+    pub on_commit: Option<CommitHook>,
 }
+
+/// A callback told of every acknowledged commit.
+pub type CommitHook = Arc<dyn Fn(&CommitInfo) + Send + Sync>;
 
 impl Default for ReplicatorConfig {
     fn default() -> Self {
@@ -143,6 +146,8 @@ type PendingMap = HashMap<RecordKey, (u64, Option<Vec<u8>>)>;
 #[derive(Default)]
 struct TenantState {
     epoch: u64,
+    /// Bumped when a newer epoch supersedes the queue; a commit started before ignores its result.
+    incarnation: u64,
     fenced: bool,
     /// Newest generation the store acknowledged (or had when the first change arrived).
     committed: Option<u64>,
@@ -271,21 +276,32 @@ impl Replica {
 
     /// Whether the store refused this tenant's writes for a stale epoch.
     pub fn is_fenced(&self) -> bool {
-        self.shared.as_ref().is_some_and(|s| s.is_fenced(&self.tenant))
+        self.shared.as_ref().is_some_and(|s| s.is_fenced(&self.tenant, self.epoch))
     }
 }
 
 impl ReplicatorHandle {
-    /// Links `tenant` with the epoch of the lease this host holds. A higher epoch than the tenant had clears a
-    /// fence (the host has taken the lease again).
+    /// Links `tenant` with the epoch of the lease this host holds. Attach after the start-up rule
+    /// ([`wakeeper_shared::hydrate::Hydrator::prepare`]) has reconciled the local copy with the store.
+    ///
+    /// A higher epoch than the tenant had starts it afresh: a fence is cleared (the host holds the lease
+    /// again), and whatever an earlier holder's store left unreplicated is dropped, because the start-up rule
+    /// has already either pushed it up (it is in the local copy) or deliberately replaced it with the store's
+    /// newer state. A commit of that earlier queue still in flight is ignored when it returns, and replicas of
+    /// the older epoch count as fenced, so a client that should have stopped cannot write any more.
     pub fn attach(&self, tenant: TenantId, epoch: u64) -> Replica {
         {
             let mut q = self.shared.queue.lock().expect("replicator lock");
             let st = q.tenants.entry(tenant.clone()).or_default();
-            if epoch > st.epoch && st.fenced {
-                st.fenced = false;
+            if epoch > st.epoch {
+                let dropped = st.unacked();
+                if dropped > 0 {
+                    self.shared.dropped.fetch_add(dropped as u64, Ordering::Relaxed);
+                    info!(%tenant, epoch, dropped, "re-attached under a newer lease; the earlier queue is superseded");
+                }
+                let in_flight = st.in_flight;
+                *st = TenantState { epoch, incarnation: st.incarnation + 1, in_flight, ..Default::default() };
             }
-            st.epoch = st.epoch.max(epoch);
         }
         Replica { tenant, epoch, shared: Some(self.shared.clone()) }
     }
@@ -405,9 +421,8 @@ impl Shared {
         }
         let mut q = self.queue.lock().expect("replicator lock");
         let now = Instant::now();
-        let st = q.tenants.entry(tenant.clone()).or_default();
-        st.epoch = st.epoch.max(epoch);
-        if st.fenced {
+        let st = q.tenants.entry(tenant.clone()).or_insert_with(|| TenantState { epoch, ..Default::default() });
+        if st.fenced || epoch < st.epoch {
             self.dropped.fetch_add(changes.len() as u64, Ordering::Relaxed);
             return;
         }
@@ -448,8 +463,8 @@ impl Shared {
         at
     }
 
-    fn is_fenced(&self, tenant: &TenantId) -> bool {
-        self.queue.lock().expect("replicator lock").tenants.get(tenant).is_some_and(|st| st.fenced)
+    fn is_fenced(&self, tenant: &TenantId, epoch: u64) -> bool {
+        self.queue.lock().expect("replicator lock").tenants.get(tenant).is_some_and(|st| st.fenced || epoch < st.epoch)
     }
 
     fn report(&self) -> FlushReport {
@@ -579,11 +594,11 @@ async fn scheduler(shared: Arc<Shared>) {
 /// Commits one tenant's planned batches in order (planning first if needed), then reschedules it.
 async fn commit_tenant(shared: &Shared, tenant: &TenantId) {
     let started = Instant::now();
-    let (batches, since) = {
+    let (batches, since, incarnation) = {
         let mut q = shared.queue.lock().expect("replicator lock");
         let Some(st) = q.tenants.get_mut(tenant) else { return };
         shared.plan(tenant, st);
-        (st.planned.clone(), st.planned_since)
+        (st.planned.clone(), st.planned_since, st.incarnation)
     };
     let mut acked = 0usize;
     let mut outcome: Result<(), StoreError> = Ok(());
@@ -621,6 +636,14 @@ async fn commit_tenant(shared: &Shared, tenant: &TenantId) {
         let Some(st) = q.tenants.get_mut(tenant) else { return };
         st.in_flight = false;
         st.last_commit = Some(started);
+        if st.incarnation != incarnation {
+            // A newer epoch superseded the queue this commit came from; its outcome concerns nobody now.
+            if st.unacked() > 0 {
+                let at = shared.due_time(st, Instant::now());
+                schedule(&mut q, tenant, at);
+            }
+            return;
+        }
         for _ in 0..acked {
             if let Some(b) = st.planned.pop_front() {
                 st.committed = Some(b.generation);

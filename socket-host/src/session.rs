@@ -45,6 +45,8 @@ pub trait EngineProvider: Send + Sync {
     async fn open(&self, tenant: &TenantId, epoch: u64) -> Result<Arc<dyn Backend>, OpenError>;
     /// Called when the session lets go of its backend (stop, terminal state, lease lost).
     async fn close(&self, _tenant: &TenantId) {}
+    /// Deletes every stored credential of the tenant (logout): the remote store, then the local copy.
+    async fn delete(&self, tenant: &TenantId) -> Result<(), OpenError>;
 }
 
 /// Settings of every session of a host.
@@ -113,7 +115,7 @@ pub struct SessionDeps {
 #[derive(Debug)]
 enum Command {
     Reconnect,
-    Stop { reply: oneshot::Sender<()> },
+    Stop { reply: oneshot::Sender<()>, logout: bool },
     LeaseLost,
 }
 
@@ -163,8 +165,18 @@ impl SessionHandle {
 
     /// Stops the client and waits until it is down; the lease is released.
     pub async fn stop(&self) {
+        self.stop_with(false).await;
+    }
+
+    /// Logs the device out (unlinks it from the phone when connected), deletes its credentials and marks the
+    /// tenant logged out. Waits until done.
+    pub async fn logout(&self) {
+        self.stop_with(true).await;
+    }
+
+    async fn stop_with(&self, logout: bool) {
         let (reply, done) = oneshot::channel();
-        if self.commands.send(Command::Stop { reply }).is_ok() {
+        if self.commands.send(Command::Stop { reply, logout }).is_ok() {
             let _ = done.await;
         }
     }
@@ -254,8 +266,8 @@ enum Ending {
     Again,
     /// The lease is gone: let go, take it again before the next attempt.
     LeaseLost,
-    /// Asked to stop.
-    Stop { reply: oneshot::Sender<()> },
+    /// Asked to stop (and maybe to log out).
+    Stop { reply: oneshot::Sender<()>, logout: bool },
 }
 
 /// The engine's lifecycle events, as the supervisor needs them.
@@ -330,7 +342,7 @@ struct Supervisor {
 /// What to do after waiting.
 enum Wake {
     Go,
-    Stop(oneshot::Sender<()>),
+    Stop(oneshot::Sender<()>, bool),
 }
 
 impl Supervisor {
@@ -342,8 +354,8 @@ impl Supervisor {
                 match self.acquire_lease().await {
                     Ok(()) => {}
                     Err(wait) => {
-                        if let Wake::Stop(reply) = self.wait(SessionState::Backoff, wait).await {
-                            return self.stopped(reply).await;
+                        if let Wake::Stop(reply, logout) = self.wait(SessionState::Backoff, wait).await {
+                            return self.stopped(reply, logout).await;
                         }
                         continue;
                     }
@@ -361,8 +373,8 @@ impl Supervisor {
                     Err(e @ OpenError::Unavailable(_)) => {
                         self.note_error(e.to_string());
                         let delay = self.next_delay(false);
-                        if let Wake::Stop(reply) = self.wait(SessionState::Backoff, delay).await {
-                            return self.stopped(reply).await;
+                        if let Wake::Stop(reply, logout) = self.wait(SessionState::Backoff, delay).await {
+                            return self.stopped(reply, logout).await;
                         }
                         continue;
                     }
@@ -373,7 +385,7 @@ impl Supervisor {
             let ending = self.attempt(&mut dropped_at).await;
             match ending {
                 Ending::Terminal { state, reason } => return self.terminal(state, reason).await,
-                Ending::Stop { reply } => return self.stopped(reply).await,
+                Ending::Stop { reply, logout } => return self.stopped(reply, logout).await,
                 Ending::Again => {
                     self.failures = 0;
                     dropped_at.get_or_insert_with(Instant::now);
@@ -392,8 +404,8 @@ impl Supervisor {
                         whatsapp_connected: true,
                     });
                     let wait = until.saturating_duration_since(Instant::now());
-                    if let Wake::Stop(reply) = self.wait(SessionState::Banned, wait).await {
-                        return self.stopped(reply).await;
+                    if let Wake::Stop(reply, logout) = self.wait(SessionState::Banned, wait).await {
+                        return self.stopped(reply, logout).await;
                     }
                 }
                 Ending::Retry { reason, rate_limited } => {
@@ -401,8 +413,8 @@ impl Supervisor {
                     self.note_error(reason);
                     metrics::counter!("wakeeper_connects_failed_total", "reason" => if rate_limited { "rate_limited" } else { "transient" }).increment(1);
                     let delay = self.next_delay(rate_limited);
-                    if let Wake::Stop(reply) = self.wait(SessionState::Backoff, delay).await {
-                        return self.stopped(reply).await;
+                    if let Wake::Stop(reply, logout) = self.wait(SessionState::Backoff, delay).await {
+                        return self.stopped(reply, logout).await;
                     }
                 }
             }
@@ -485,10 +497,13 @@ impl Supervisor {
                     let wanted = match cmd {
                         Some(Command::Reconnect) => Ending::Again,
                         Some(Command::LeaseLost) => Ending::LeaseLost,
-                        Some(Command::Stop { reply }) => Ending::Stop { reply },
-                        None => Ending::Stop { reply: oneshot::channel().0 },
+                        Some(Command::Stop { reply, logout }) => Ending::Stop { reply, logout },
+                        None => Ending::Stop { reply: oneshot::channel().0, logout: false },
                     };
                     // Down before anything else happens: never two clients on one credential set.
+                    if matches!(wanted, Ending::Stop { logout: true, .. }) && client.is_connected() {
+                        client.logout().await;
+                    }
                     client.disconnect().await;
                     (&mut run).await;
                     return wanted;
@@ -553,8 +568,8 @@ impl Supervisor {
         match cmd {
             Some(Command::Reconnect) => Ending::Again,
             Some(Command::LeaseLost) => Ending::LeaseLost,
-            Some(Command::Stop { reply }) => Ending::Stop { reply },
-            None => Ending::Stop { reply: oneshot::channel().0 },
+            Some(Command::Stop { reply, logout }) => Ending::Stop { reply, logout },
+            None => Ending::Stop { reply: oneshot::channel().0, logout: false },
         }
     }
 
@@ -573,8 +588,8 @@ impl Supervisor {
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Reconnect) => { self.failures = 0; return Wake::Go; }
                     Some(Command::LeaseLost) => { self.let_go_of_lease(false).await; return Wake::Go; }
-                    Some(Command::Stop { reply }) => return Wake::Stop(reply),
-                    None => return Wake::Stop(oneshot::channel().0),
+                    Some(Command::Stop { reply, logout }) => return Wake::Stop(reply, logout),
+                    None => return Wake::Stop(oneshot::channel().0, false),
                 }
             }
         }
@@ -644,8 +659,20 @@ impl Supervisor {
         self.let_go_of_lease(true).await;
     }
 
-    async fn stopped(mut self, reply: oneshot::Sender<()>) {
-        self.set_state(SessionState::Stopped, None);
+    async fn stopped(mut self, reply: oneshot::Sender<()>, logout: bool) {
+        if logout {
+            let reason = "logged out on request".to_string();
+            self.set_state(SessionState::LoggedOut, Some(reason.clone()));
+            if self.backend.take().is_some() {
+                self.deps.engines.close(&self.tenant).await;
+            }
+            if let Err(e) = self.deps.engines.delete(&self.tenant).await {
+                tracing::error!(tenant = %self.tenant, error = %e, "deleting credentials after logout failed");
+            }
+            self.mark(StatusUpdate::terminal(TenantStatus::LoggedOut, reason));
+        } else {
+            self.set_state(SessionState::Stopped, None);
+        }
         self.let_go_of_lease(true).await;
         let _ = reply.send(());
     }

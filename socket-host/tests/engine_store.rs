@@ -783,3 +783,29 @@ async fn a_thousand_tenants_each_commit_once_per_window() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_lease_supersedes_the_earlier_queue_and_the_earlier_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Flaky::new(embedded(dir.path()));
+    let r = Replicator::start(store.clone(), fast_config());
+    let t = tid("reacquired");
+    let old = open(dir.path(), &t, r.handle().attach(t.clone(), 1));
+    store.down.store(true, Ordering::SeqCst);
+    old.put_session("a@c.us.0", b"unreplicated").await.unwrap();
+    eventually(10, "a failed attempt", || r.stats().failed_attempts >= 1).await;
+    drop(old);
+
+    // The host lost the lease and took it again (epoch 2); the start-up rule pushed the local copy up.
+    store.down.store(false, Ordering::SeqCst);
+    let snapshot = local(dir.path(), &t);
+    store.replace(&t, &snapshot, 2).await.unwrap();
+    let old_replica = r.handle().attach(t.clone(), 1);
+    let s = open(dir.path(), &t, r.handle().attach(t.clone(), 2));
+    assert!(old_replica.is_fenced(), "a replica of the earlier lease may not write any more");
+    s.put_session("b@c.us.0", b"after").await.unwrap();
+    flush(&r).await;
+    assert_eq!(store.read(&t).await.unwrap(), local(dir.path(), &t));
+    let stats = r.stats();
+    assert_eq!((stats.fenced, stats.pending_changes), (0, 0), "{stats:?}");
+}

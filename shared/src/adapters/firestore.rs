@@ -28,8 +28,9 @@
 //! that a later `delete` or `replace` does not clean up.
 //!
 //! Reads are consistent: the meta document is read with `BatchGetDocuments` in a new read-only transaction,
-//! and the record set is listed page by page in that same transaction, so a commit landing between pages
-//! cannot tear a snapshot.
+//! and the record set is read by one `RunQuery` stream in that same transaction, so a commit landing while
+//! a large snapshot streams in cannot tear it. (`ListDocuments` pages are not used for reads: the emulator
+//! serves later pages at the current time, whatever the transaction or read time says.)
 //!
 //! This adapter talks to Firestore's gRPC API through the `firestore` crate's client (connection,
 //! authentication, `FIRESTORE_EMULATOR_HOST`), using the raw request types for exact control of
@@ -43,8 +44,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use firestore::gcloud_sdk::google::firestore::v1::{
     self as pb, BatchGetDocumentsRequest, CommitRequest, Document, DocumentMask, GetDocumentRequest,
-    ListDocumentsRequest, Precondition, RollbackRequest, TransactionOptions, Value, Write, batch_get_documents_request,
-    batch_get_documents_response, list_documents_request, precondition, transaction_options, value::ValueType, write,
+    ListDocumentsRequest, Precondition, RollbackRequest, RunQueryRequest, StructuredQuery, TransactionOptions, Value,
+    Write, batch_get_documents_request, batch_get_documents_response, precondition, run_query_request,
+    structured_query, transaction_options, value::ValueType, write,
 };
 use firestore::gcloud_sdk::prost_types::Timestamp;
 use firestore::gcloud_sdk::tonic::{Code, Status};
@@ -269,14 +271,8 @@ impl FirestoreCredentialStore {
         }
     }
 
-    /// Every document of a record set, optionally within a read snapshot, page by page.
-    async fn list_set(
-        &self,
-        tenant: &TenantId,
-        set: &str,
-        snapshot: Option<&ReadSnapshot>,
-        names_only: bool,
-    ) -> Result<Vec<Document>, StoreError> {
+    /// Every document of a record set as it is now, page by page (housekeeping: not a consistent snapshot).
+    async fn list_set(&self, tenant: &TenantId, set: &str, names_only: bool) -> Result<Vec<Document>, StoreError> {
         let mut docs = Vec::new();
         let mut page_token = String::new();
         loop {
@@ -287,8 +283,6 @@ impl FirestoreCredentialStore {
                 page_token: std::mem::take(&mut page_token),
                 // An empty mask returns names only.
                 mask: names_only.then(DocumentMask::default),
-                consistency_selector: snapshot
-                    .map(|s| list_documents_request::ConsistencySelector::Transaction(s.transaction.clone())),
                 ..Default::default()
             };
             let mut client = self.db.client().get();
@@ -303,6 +297,42 @@ impl FirestoreCredentialStore {
             }
             page_token = resp.next_page_token;
         }
+    }
+
+    /// Every document of a record set as one query stream inside `snapshot`'s transaction. A single stream,
+    /// not `ListDocuments` pages: the emulator serves later pages at the current time, whatever the
+    /// transaction says, which would tear a snapshot larger than one page.
+    async fn query_set(
+        &self,
+        tenant: &TenantId,
+        set: &str,
+        snapshot: &ReadSnapshot,
+    ) -> Result<Vec<Document>, StoreError> {
+        let req = RunQueryRequest {
+            parent: self.meta_name(tenant),
+            query_type: Some(run_query_request::QueryType::StructuredQuery(StructuredQuery {
+                from: vec![structured_query::CollectionSelector {
+                    collection_id: set_collection(set),
+                    all_descendants: false,
+                }],
+                ..Default::default()
+            })),
+            consistency_selector: Some(run_query_request::ConsistencySelector::Transaction(
+                snapshot.transaction.clone(),
+            )),
+            ..Default::default()
+        };
+        self.call("query records", async {
+            let mut client = self.db.client().get();
+            let mut stream = client.run_query(req).await?.into_inner();
+            let mut docs = Vec::new();
+            while let Some(msg) = stream.message().await? {
+                docs.extend(msg.document);
+            }
+            Ok(docs)
+        })
+        .await?
+        .map_err(|s| map_status("query records", s))
     }
 
     /// Applies `writes` atomically. A failed precondition is a lost race, not an error.
@@ -454,7 +484,7 @@ impl FirestoreCredentialStore {
             return Ok(());
         }
         for set in &meta.garbage {
-            let docs = self.list_set(tenant, set, None, true).await?;
+            let docs = self.list_set(tenant, set, true).await?;
             for chunk in docs.chunks(MAX_WRITES_PER_COMMIT) {
                 let writes = chunk
                     .iter()
@@ -524,7 +554,7 @@ impl CredentialStore for FirestoreCredentialStore {
         let (meta, snapshot) = self.get_meta_in_snapshot(tenant).await?;
         let Some(meta) = meta else { return Err(StoreError::NotFound) };
         let Some(set) = &meta.set else { return Err(StoreError::NotFound) };
-        let docs = self.list_set(tenant, set, Some(&snapshot), false).await?;
+        let docs = self.query_set(tenant, set, &snapshot).await?;
         let mut records = BTreeMap::new();
         for doc in &docs {
             let (key, value) = self.open_record(tenant, doc)?;
@@ -593,7 +623,7 @@ impl CredentialStore for FirestoreCredentialStore {
                 }
                 let mut records: BTreeMap<RecordKey, Vec<u8>> = BTreeMap::new();
                 if let Some(set) = live.and_then(|m| m.set.as_deref()) {
-                    for doc in self.list_set(tenant, set, Some(&snapshot), false).await? {
+                    for doc in self.query_set(tenant, set, &snapshot).await? {
                         let (key, sealed) = raw_record(&doc)?;
                         records.insert(key, sealed.to_vec());
                     }

@@ -31,6 +31,8 @@ CONTROL SURFACE (HTTP, JSON; --control-addr)
   POST   /v1/devices                          mint a paired device
                                               {\"tenant\":\"t1\", \"push_name\"?, \"device_id\"?, \"server_has_prekeys\"?}
                                               -> {jid, lid, noise_public, snapshot:{generation, records:[{kind,key,value_b64}]}}
+  POST   /v1/devices/register             register devices paired elsewhere (load tools, imports)
+                                              {\"devices\":[{\"jid\":\"5511...:1@s.whatsapp.net\", \"noise_public\":\"<hex>\"}]}
   POST   /v1/devices/{jid}/revoke             next login of the device gets <failure reason=\"401\"/>
   POST   /v1/devices/{jid}/reinstate          undo revoke
   POST   /v1/devices/{jid}/forget-prekeys     server forgets the pre-keys; the engine re-uploads
@@ -53,6 +55,7 @@ pub fn router(sim: SimHandle) -> Router {
         .route("/v1/summary", get(summary))
         .route("/v1/observations", get(observations))
         .route("/v1/devices", post(mint))
+        .route("/v1/devices/register", post(register))
         .route("/v1/devices/{jid}", get(device))
         .route("/v1/devices/{jid}/revoke", post(revoke))
         .route("/v1/devices/{jid}/reinstate", post(reinstate))
@@ -167,6 +170,37 @@ async fn mint(State(sim): State<SimHandle>, Json(req): Json<MintRequest>) -> Api
         "noise_public": hex(&minted.noise_public),
         "snapshot": { "generation": minted.snapshot.generation, "records": records },
     })))
+}
+
+#[derive(Deserialize)]
+struct RegisterRequest {
+    devices: Vec<RegisterDevice>,
+}
+
+#[derive(Deserialize)]
+struct RegisterDevice {
+    jid: String,
+    noise_public: String,
+}
+
+async fn register(State(sim): State<SimHandle>, Json(req): Json<RegisterRequest>) -> ApiResult<serde_json::Value> {
+    for d in &req.devices {
+        let key = parse_hex32(&d.noise_public)
+            .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "noise_public must be 64 hex characters".into()))?;
+        sim.register_existing(key, &d.jid)?;
+    }
+    Ok(Json(json!({ "registered": req.devices.len() })))
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
 }
 
 async fn revoke(State(sim): State<SimHandle>, Path(jid): Path<String>) -> ApiResult<serde_json::Value> {

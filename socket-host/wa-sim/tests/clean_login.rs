@@ -47,6 +47,7 @@ async fn connect_sequence_is_clean_and_prekeys_round_trip() {
     let obs = sim.wait_for_device(&fresh.jid, Duration::from_secs(20), |o| o.prekeys_held > 0).await.unwrap();
     assert!(obs.prekeys_held >= 100, "the engine uploads its batch of pre-keys, got {}", obs.prekeys_held);
     settle(&sim, &fresh.jid, 1).await;
+    client.barrier().await;
 
     // The server forgets them: on the next connect the digest check gets 404 and the engine re-uploads.
     let before = sim.prekey_ids(&fresh.jid).unwrap();
@@ -58,6 +59,7 @@ async fn connect_sequence_is_clean_and_prekeys_round_trip() {
     let after = sim.prekey_ids(&fresh.jid).unwrap();
     assert!(obs.prekeys_held > 0);
     assert_ne!(before, after, "a fresh batch was uploaded");
+    client.barrier().await;
     client.stop().await;
     // Expected: the dropped socket itself, and the 404 ("digestKey: no record found ..., re-uploading").
     let expected = ["Connection reset without closing handshake", "digestKey: no record found"];

@@ -190,3 +190,48 @@ async fn two_clients_on_one_device_are_a_conflict_the_sim_reports() {
     sim.wait_for_device(&jid, Duration::from_secs(5), |o| o.current_connections == 1).await.unwrap();
     second.stop().await;
 }
+
+/// Starts a simulator on `addr` (the previous one's port), retrying while the old listener is released.
+async fn restart_on(addr: std::net::SocketAddr, key_seed: Option<[u8; 32]>) -> Sim {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match Sim::start(wa_sim::SimConfig { bind: addr, key_seed, ..Default::default() }).await {
+            Ok(sim) => return sim,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("cannot restart on {addr}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_is_reached_with_ik_or_by_xx_fallback() {
+    let seed = Some([42u8; 32]);
+    let sim = Sim::start(wa_sim::SimConfig { key_seed: seed, ..Default::default() }).await.unwrap();
+    let addr = sim.addr();
+    let minted = sim.mint_device_with(&tenant("restart-srv"), &Default::default()).unwrap();
+    let record = minted.snapshot.device().unwrap();
+    let mut client = TestClient::start(&sim.url(), &minted.snapshot).await;
+    client.connected(CONNECT).await;
+
+    // Same seed: the same server, so the cached static key still works and the client resumes with IK.
+    drop(sim);
+    client.wait_event(Duration::from_secs(10), "Disconnected", |e| matches!(e, Event::Disconnected(_))).await;
+    let same = restart_on(addr, seed).await;
+    same.register_record(&record, None).unwrap();
+    client.connected(CONNECT).await;
+    let obs = same.device(&minted.jid).unwrap();
+    assert_eq!((obs.logins, obs.ik_handshakes), (1, 1));
+
+    // New keys: the client's IK attempt cannot decrypt, the server answers XXfallback, the login succeeds.
+    drop(same);
+    client.wait_event(Duration::from_secs(10), "Disconnected", |e| matches!(e, Event::Disconnected(_))).await;
+    let other = restart_on(addr, None).await;
+    other.register_record(&record, None).unwrap();
+    client.connected(CONNECT).await;
+    let s = other.summary();
+    assert_eq!((s.logins, s.handshakes_fallback), (1, 1));
+    client.stop().await;
+}

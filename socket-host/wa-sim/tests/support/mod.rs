@@ -160,6 +160,12 @@ impl TestClient {
         }
     }
 
+    /// A round trip through the connection: once its answer is in, every earlier answer from the server
+    /// has been read too (stanzas are processed in order).
+    pub async fn barrier(&self) {
+        self.client.blocking().get_blocklist().await.expect("blocklist round trip");
+    }
+
     /// Stops the client (flushes and waits for the run loop).
     pub async fn stop(mut self) {
         if let Some(h) = self.handle.take() {

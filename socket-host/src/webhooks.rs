@@ -1,0 +1,222 @@
+//! Webhooks: every session state change, and alerts, POSTed as signed JSON to the configured URLs.
+//!
+//! Delivery never blocks a session: state changes arrive over a broadcast channel and go into a bounded queue
+//! per URL, each drained by its own task with retries and backoff. The body is signed with HMAC-SHA256 in
+//! `X-Wakeeper-Signature: sha256=<hex>`; `X-Wakeeper-Event-Id` is an idempotency key.
+//!
+//! Alerts: a tenant whose consecutive failures go past [`ALERT_AFTER_FAILURES`] raises `alert.failing`; the
+//! same tenant reaching `open` again raises `alert.recovered`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use sha2::Sha256;
+use tokio::sync::{Mutex, Notify, broadcast};
+use wakeeper_shared::domain::{SessionState, TenantId};
+
+use crate::session::StateChange;
+
+/// Failures in a row after which an alert fires.
+pub const ALERT_AFTER_FAILURES: u32 = 3;
+/// Events kept per URL while it is unreachable; the oldest are dropped past this (counted and logged).
+pub const QUEUE_LIMIT: usize = 10_000;
+/// The signature header.
+pub const SIGNATURE_HEADER: &str = "X-Wakeeper-Signature";
+
+/// `sha256=<hex of HMAC-SHA256(secret, body)>`.
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(body);
+    let tag = mac.finalize().into_bytes();
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256=");
+    for b in tag {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// One event as delivered.
+#[derive(Debug, Clone, Serialize)]
+pub struct WebhookEvent {
+    /// Unique id (idempotency key).
+    pub id: String,
+    /// `session.state_changed`, `alert.failing` or `alert.recovered`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// Previous state (state changes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<SessionState>,
+    /// New state.
+    pub state: SessionState,
+    /// Why (never a secret).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Consecutive failures at the time.
+    pub consecutive_failures: u32,
+    /// When, in ms since the epoch.
+    pub at_ms: i64,
+}
+
+fn event_id() -> String {
+    let mut raw = [0u8; 12];
+    getrandom::fill(&mut raw).expect("the OS random source works");
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Turns state changes into webhook events (state change, plus alerts on the crossing and on recovery).
+#[derive(Default)]
+pub struct AlertTracker {
+    alerted: HashMap<TenantId, bool>,
+}
+
+impl AlertTracker {
+    /// The events one state change produces.
+    pub fn events_for(&mut self, c: &StateChange) -> Vec<WebhookEvent> {
+        let base = |kind| WebhookEvent {
+            id: event_id(),
+            kind,
+            tenant_id: c.tenant_id.clone(),
+            from: None,
+            state: c.to,
+            reason: c.reason.clone(),
+            consecutive_failures: c.consecutive_failures,
+            at_ms: c.at_ms,
+        };
+        let mut out = vec![WebhookEvent { from: Some(c.from), ..base("session.state_changed") }];
+        let alerted = self.alerted.entry(c.tenant_id.clone()).or_default();
+        if !*alerted && c.consecutive_failures > ALERT_AFTER_FAILURES {
+            *alerted = true;
+            out.push(base("alert.failing"));
+        } else if *alerted && c.to == SessionState::Open {
+            *alerted = false;
+            out.push(base("alert.recovered"));
+        }
+        if c.to.is_terminal() {
+            self.alerted.remove(&c.tenant_id);
+        }
+        out
+    }
+}
+
+struct Queue {
+    items: Mutex<VecDeque<(String, Vec<u8>)>>,
+    ready: Notify,
+}
+
+/// Starts delivery of `changes` to `urls`. Returns at once; runs until the channel closes.
+pub fn start(mut changes: broadcast::Receiver<StateChange>, urls: Vec<String>, secret: Option<String>) {
+    if urls.is_empty() {
+        return;
+    }
+    let secret: Arc<Vec<u8>> = Arc::new(secret.unwrap_or_default().into_bytes());
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client builds");
+    let queues: Vec<Arc<Queue>> = urls
+        .into_iter()
+        .map(|url| {
+            let q = Arc::new(Queue { items: Mutex::new(VecDeque::new()), ready: Notify::new() });
+            tokio::spawn(deliver(url, q.clone(), http.clone(), secret.clone()));
+            q
+        })
+        .collect();
+    tokio::spawn(async move {
+        let mut tracker = AlertTracker::default();
+        loop {
+            let change = match changes.recv().await {
+                Ok(c) => c,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "webhook fan-out fell behind; state events dropped");
+                    metrics::counter!("wakeeper_webhook_dropped_total").increment(n);
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            for event in tracker.events_for(&change) {
+                let body = serde_json::to_vec(&event).expect("event serializes");
+                for q in &queues {
+                    let mut items = q.items.lock().await;
+                    if items.len() >= QUEUE_LIMIT {
+                        items.pop_front();
+                        metrics::counter!("wakeeper_webhook_dropped_total").increment(1);
+                        tracing::warn!("webhook queue full; dropped the oldest event");
+                    }
+                    items.push_back((event.id.clone(), body.clone()));
+                    q.ready.notify_one();
+                }
+            }
+        }
+    });
+}
+
+async fn deliver(url: String, q: Arc<Queue>, http: reqwest::Client, secret: Arc<Vec<u8>>) {
+    loop {
+        let next = q.items.lock().await.front().cloned();
+        let Some((id, body)) = next else {
+            q.ready.notified().await;
+            continue;
+        };
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let sent = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .header(SIGNATURE_HEADER, sign(&secret, &body))
+                .header("X-Wakeeper-Event-Id", &id)
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => tracing::warn!(status = r.status().as_u16(), "webhook refused; retrying"),
+                Err(e) => tracing::warn!(error = %e.without_url(), "webhook unreachable; retrying"),
+            }
+            metrics::counter!("wakeeper_webhook_retries_total").increment(1);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+        metrics::counter!("wakeeper_webhook_delivered_total").increment(1);
+        let mut items = q.items.lock().await;
+        if items.front().is_some_and(|(i, _)| *i == id) {
+            items.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(to: SessionState, failures: u32) -> StateChange {
+        StateChange {
+            tenant_id: TenantId::parse("t").unwrap(),
+            from: SessionState::Connecting,
+            to,
+            reason: None,
+            consecutive_failures: failures,
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn signature_is_hmac_sha256_hex() {
+        // RFC 4231 test case 2.
+        let sig = sign(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(sig, "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    #[test]
+    fn alerts_fire_once_past_three_and_on_recovery() {
+        let mut t = AlertTracker::default();
+        let kinds = |evs: Vec<WebhookEvent>| evs.into_iter().map(|e| e.kind).collect::<Vec<_>>();
+        assert_eq!(kinds(t.events_for(&change(SessionState::Backoff, 3))), ["session.state_changed"]);
+        assert_eq!(kinds(t.events_for(&change(SessionState::Backoff, 4))), ["session.state_changed", "alert.failing"]);
+        assert_eq!(kinds(t.events_for(&change(SessionState::Backoff, 5))), ["session.state_changed"]);
+        assert_eq!(kinds(t.events_for(&change(SessionState::Open, 5))), ["session.state_changed", "alert.recovered"]);
+        assert_eq!(kinds(t.events_for(&change(SessionState::Open, 0))), ["session.state_changed"]);
+    }
+}
