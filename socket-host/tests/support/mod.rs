@@ -98,7 +98,7 @@ impl TestHost {
             .env("WAKEEPER_CONTROL_TOKEN", TOKEN)
             .env("WAKEEPER_HOST_ID", host_id)
             .env("WAKEEPER_WA_URL", wa_url)
-            .env("WAKEEPER_LOG", std::env::var("WAKEEPER_TEST_HOST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("WAKEEPER_LOG", std::env::var("WAKEEPER_TEST_HOST_LOG").unwrap_or_else(|_| "info,whatsapp_rust=warn,wacore=warn".into()))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in extra {
@@ -203,4 +203,63 @@ pub fn fresh_prefix(name: &str) -> String {
 
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
+}
+
+/// Runs the host the way the container image does: a copy of the binary executed under a non-root uid, with
+/// only the data dir (and the key file) owned by that uid. Root is needed to switch users (`setpriv`).
+pub fn spawn_unprivileged(dirs: &Dirs, wa_url: &str, host_id: &str, uid: u32, extra: &[(&str, String)]) -> TestHost {
+    use std::os::unix::fs::PermissionsExt;
+    let root = dirs.root.path();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let bin_dir = root.join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let bin = bin_dir.join("socket-host");
+    if !bin.exists() {
+        std::fs::copy(env!("CARGO_BIN_EXE_socket-host"), &bin).unwrap();
+    }
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(dirs.data()).unwrap();
+    let chown = |p: &Path| {
+        let status = Command::new("chown").arg("-R").arg(format!("{uid}:{uid}")).arg(p).status().unwrap();
+        assert!(status.success());
+    };
+    chown(&dirs.data());
+    chown(dirs.key_file().parent().unwrap());
+    let mut env: Vec<(&str, String)> = vec![("SETPRIV_BIN", bin.display().to_string())];
+    env.extend(extra.iter().cloned());
+    TestHost::spawn_with_prefix(dirs, wa_url, host_id, &env, &["setpriv", &format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups"], &bin)
+}
+
+impl TestHost {
+    fn spawn_with_prefix(
+        dirs: &Dirs,
+        wa_url: &str,
+        host_id: &str,
+        extra: &[(&str, String)],
+        prefix: &[&str],
+        bin: &Path,
+    ) -> Self {
+        let port = free_port();
+        let base = format!("http://127.0.0.1:{port}");
+        let log = dirs.root.path().join(format!("host-{host_id}-{port}.log"));
+        let mut cmd = Command::new(prefix[0]);
+        cmd.args(&prefix[1..]).arg(bin);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WAKEEPER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("WAKEEPER_DATA_DIR", dirs.data())
+            .env("WAKEEPER_KEY_FILE", dirs.key_file())
+            .env("WAKEEPER_CONTROL_TOKEN", TOKEN)
+            .env("WAKEEPER_HOST_ID", host_id)
+            .env("WAKEEPER_WA_URL", wa_url)
+            .env("WAKEEPER_LOG", "info,whatsapp_rust=warn,wacore=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("host binary starts");
+        let client = HostClient::new(&base, TOKEN, Duration::from_secs(10)).unwrap().with_attempts(1);
+        Self { child: Some(child), base, client, log }
+    }
 }

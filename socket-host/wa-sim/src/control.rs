@@ -31,7 +31,7 @@ CONTROL SURFACE (HTTP, JSON; --control-addr)
   POST   /v1/devices                          mint a paired device
                                               {\"tenant\":\"t1\", \"push_name\"?, \"device_id\"?, \"server_has_prekeys\"?}
                                               -> {jid, lid, noise_public, snapshot:{generation, records:[{kind,key,value_b64}]}}
-  POST   /v1/devices/register             register devices paired elsewhere (load tools, imports)
+  POST   /v1/devices/register                 register devices paired elsewhere (load tools, imports)
                                               {\"devices\":[{\"jid\":\"5511...:1@s.whatsapp.net\", \"noise_public\":\"<hex>\"}]}
   POST   /v1/devices/{jid}/revoke             next login of the device gets <failure reason=\"401\"/>
   POST   /v1/devices/{jid}/reinstate          undo revoke
