@@ -201,7 +201,8 @@ pub async fn run_restore(
         None => {
             let mut records = list_all_desired(tenants, limits.page_size).await?;
             // Most recently healthy first: the likeliest to come back at once, and the ones customers noticed.
-            records.sort_by(|a, b| b.last_healthy_at.cmp(&a.last_healthy_at).then_with(|| a.tenant_id.cmp(&b.tenant_id)));
+            records
+                .sort_by(|a, b| b.last_healthy_at.cmp(&a.last_healthy_at).then_with(|| a.tenant_id.cmp(&b.tenant_id)));
             records.into_iter().map(|r| r.tenant_id).collect()
         }
     };
@@ -299,10 +300,7 @@ mod tests {
                 tenant_ids: Some(vec![TenantId::parse("a").unwrap(), TenantId::parse("b-2").unwrap()])
             })
         );
-        assert_eq!(
-            classify_event(&json!({"tenant_ids": null})).unwrap(),
-            Invocation::Direct(FanoutRequest::default())
-        );
+        assert_eq!(classify_event(&json!({"tenant_ids": null})).unwrap(), Invocation::Direct(FanoutRequest::default()));
     }
 
     #[test]

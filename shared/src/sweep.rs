@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::domain::reconcile::{self, Action, HostView, Policy};
-use crate::domain::{SessionList, SessionState, SessionView, StatusUpdate, TenantId, TenantRecord, TenantStatus, UnixMillis};
+use crate::domain::{
+    SessionList, SessionState, SessionView, StatusUpdate, TenantId, TenantRecord, TenantStatus, UnixMillis,
+};
 use crate::emf::Emf;
 use crate::ports::{StoreError, TenantStore};
 

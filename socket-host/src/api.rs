@@ -1,6 +1,6 @@
 //! The HTTP surface: `/health`, the control API under `/v1`, `/metrics`, and the dashboard.
 //!
-//! Every route but `GET /health` needs `Authorization: Bearer <token>` (compared in constant time). Every
+//! Every route but `GET /health` and the data-less `GET /dashboard` page needs `Authorization: Bearer <token>` (compared in constant time). Every
 //! input is validated before anything is touched: tenant ids, JSON bodies (unknown fields refused), body size.
 //! Errors are JSON with a stable `error` code and no internal detail; the cause goes to the log.
 
@@ -244,7 +244,6 @@ async fn not_found() -> ApiError {
 pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/dashboard", get(dashboard))
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{tenant_id}", get(get_session).put(put_session).delete(delete_session))
         .route("/v1/sessions/{tenant_id}/reconnect", post(reconnect))
@@ -252,6 +251,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
+        // The page itself holds no data (its script calls /v1 with the bearer token), so a browser can load it.
+        .route("/dashboard", get(dashboard))
         .merge(protected)
         .fallback(not_found)
         .layer(middleware::from_fn(json_errors))

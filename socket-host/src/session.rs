@@ -655,7 +655,7 @@ impl Supervisor {
     async fn terminal(mut self, state: SessionState, reason: String) {
         tracing::warn!(tenant = %self.tenant, state = state.as_str(), reason = %reason, "session ended; needs a person");
         self.set_state(state, Some(reason.clone()));
-        self.mark(StatusUpdate::terminal(state.tenant_status(), reason));
+        self.mark_now(StatusUpdate::terminal(state.tenant_status(), reason)).await;
         self.let_go_of_lease(true).await;
     }
 
@@ -669,12 +669,21 @@ impl Supervisor {
             if let Err(e) = self.deps.engines.delete(&self.tenant).await {
                 tracing::error!(tenant = %self.tenant, error = %e, "deleting credentials after logout failed");
             }
-            self.mark(StatusUpdate::terminal(TenantStatus::LoggedOut, reason));
+            self.mark_now(StatusUpdate::terminal(TenantStatus::LoggedOut, reason)).await;
         } else {
             self.set_state(SessionState::Stopped, None);
         }
         self.let_go_of_lease(true).await;
         let _ = reply.send(());
+    }
+
+    /// Writes a status now; if the store is unavailable, keeps retrying in the background (never lost).
+    async fn mark_now(&self, update: StatusUpdate) {
+        match self.deps.tenants.write_status(&self.tenant, &update, now_millis()).await {
+            Err(e) if e.is_transient() => self.mark(update),
+            Err(e) => tracing::error!(tenant = %self.tenant, error = %e, "status write refused"),
+            Ok(_) => {}
+        }
     }
 
     /// Writes a status in the background, retrying until the store takes it (a mark is never lost).

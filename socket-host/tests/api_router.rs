@@ -109,7 +109,6 @@ async fn every_protected_route_refuses_missing_or_wrong_tokens() {
         (Method::POST, "/v1/sessions/a/reconnect"),
         (Method::POST, "/v1/restore"),
         (Method::GET, "/metrics"),
-        (Method::GET, "/dashboard"),
     ];
     for (m, uri) in routes {
         for token in [None, Some("wrong"), Some(""), Some("router-test-token-and-more")] {
@@ -238,6 +237,16 @@ async fn unknown_routes_and_methods_answer_json() {
         (StatusCode::METHOD_NOT_ALLOWED, error("method_not_allowed"))
     );
     assert_eq!(authed(&f, Method::DELETE, "/v1/restore").await.0, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn dashboard_page_carries_no_data() {
+    let f = fixture();
+    let res = router(f.state.clone()).oneshot(Request::get("/dashboard").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let html = String::from_utf8(axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap();
+    assert!(html.contains("/v1/sessions") && html.contains("Bearer"));
+    assert!(!html.contains(TOKEN));
 }
 
 #[tokio::test]

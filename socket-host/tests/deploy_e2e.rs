@@ -40,7 +40,8 @@ async fn sigterm_during_restore_releases_everything_and_the_next_host_takes_over
         }
     })
     .await;
-    let open_at_sigterm = old.client.sessions().await.unwrap().sessions.iter().filter(|s| s.state == SessionState::Open).count();
+    let open_at_sigterm =
+        old.client.sessions().await.unwrap().sessions.iter().filter(|s| s.state == SessionState::Open).count();
     assert!(open_at_sigterm < 200, "the restore was still under way ({open_at_sigterm} open)");
     let took = old.terminate(Duration::from_secs(12));
     assert!(took <= Duration::from_secs(10), "exit took {took:?}, over the 10 s deadline");
@@ -54,7 +55,10 @@ async fn sigterm_during_restore_releases_everything_and_the_next_host_takes_over
         for t in &tenants {
             let rec = store.get(t).await.unwrap().unwrap();
             if let Some(lease) = rec.lease {
-                assert!(lease.expires_at <= wakeeper_shared::domain::now_millis(), "{t}: lease still held after SIGTERM");
+                assert!(
+                    lease.expires_at <= wakeeper_shared::domain::now_millis(),
+                    "{t}: lease still held after SIGTERM"
+                );
             }
         }
     }

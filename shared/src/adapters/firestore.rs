@@ -27,10 +27,11 @@
 //! being built is recorded in `garbage` before its first record is written, so a crash leaves nothing
 //! that a later `delete` or `replace` does not clean up.
 //!
-//! Reads are consistent: the meta document is read with `BatchGetDocuments` in a new read-only transaction,
-//! and the record set is read by one `RunQuery` stream in that same transaction, so a commit landing while
-//! a large snapshot streams in cannot tear it. (`ListDocuments` pages are not used for reads: the emulator
-//! serves later pages at the current time, whatever the transaction or read time says.)
+//! Reads are consistent: `read` reads the meta document, lists the live set page by page, and reads the meta
+//! document again; since every commit that touches the live set rewrites the meta document, an unchanged
+//! `update_time` proves no commit landed in between (otherwise it reads again). A read-only transaction or
+//! a read time would be the obvious tool, but the emulator does not hold later pages (or a long query
+//! stream) to them, and this check costs one small read and works the same on both.
 //!
 //! This adapter talks to Firestore's gRPC API through the `firestore` crate's client (connection,
 //! authentication, `FIRESTORE_EMULATOR_HOST`), using the raw request types for exact control of
@@ -43,10 +44,8 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use firestore::gcloud_sdk::google::firestore::v1::{
-    self as pb, BatchGetDocumentsRequest, CommitRequest, Document, DocumentMask, GetDocumentRequest,
-    ListDocumentsRequest, Precondition, RollbackRequest, RunQueryRequest, StructuredQuery, TransactionOptions, Value,
-    Write, batch_get_documents_request, batch_get_documents_response, precondition, run_query_request,
-    structured_query, transaction_options, value::ValueType, write,
+    self as pb, CommitRequest, Document, DocumentMask, GetDocumentRequest, ListDocumentsRequest, Precondition, Value,
+    Write, precondition, value::ValueType, write,
 };
 use firestore::gcloud_sdk::prost_types::Timestamp;
 use firestore::gcloud_sdk::tonic::{Code, Status};
@@ -116,29 +115,6 @@ impl Meta {
                 Err(StoreError::Conflict(Conflict::StaleEpoch { presented: epoch, current: m.max_epoch }))
             }
             _ => Ok(()),
-        }
-    }
-}
-
-/// A read-only transaction: every read made with it sees one instant. Ended (rolled back) when dropped;
-/// read-only transactions hold no locks, so that happens in the background.
-struct ReadSnapshot {
-    db: FirestoreDb,
-    transaction: Vec<u8>,
-}
-
-impl Drop for ReadSnapshot {
-    fn drop(&mut self) {
-        let req = RollbackRequest {
-            database: self.db.get_database_path().clone(),
-            transaction: std::mem::take(&mut self.transaction),
-            ..Default::default()
-        };
-        let db = self.db.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), db.client().get().rollback(req)).await;
-            });
         }
     }
 }
@@ -230,48 +206,8 @@ impl FirestoreCredentialStore {
         }
     }
 
-    /// The meta document, read in a new read-only transaction whose id then lists the records, so every
-    /// page of the listing sees the same instant as the meta document.
-    async fn get_meta_in_snapshot(&self, tenant: &TenantId) -> Result<(Option<Meta>, ReadSnapshot), StoreError> {
-        let req = BatchGetDocumentsRequest {
-            database: self.database(),
-            documents: vec![self.meta_name(tenant)],
-            consistency_selector: Some(batch_get_documents_request::ConsistencySelector::NewTransaction(
-                TransactionOptions {
-                    mode: Some(transaction_options::Mode::ReadOnly(transaction_options::ReadOnly::default())),
-                },
-            )),
-            ..Default::default()
-        };
-        let (result, transaction) = self
-            .call("get meta", async {
-                let mut client = self.db.client().get();
-                let mut stream = client.batch_get_documents(req).await?.into_inner();
-                let (mut result, mut transaction) = (None, Vec::new());
-                while let Some(msg) = stream.message().await? {
-                    if !msg.transaction.is_empty() {
-                        transaction = msg.transaction;
-                    }
-                    if msg.result.is_some() {
-                        result = msg.result;
-                    }
-                }
-                Ok((result, transaction))
-            })
-            .await?
-            .map_err(|s| map_status("get meta", s))?;
-        if transaction.is_empty() {
-            return Err(StoreError::Unavailable("firestore get meta: no transaction started".into()));
-        }
-        let snapshot = ReadSnapshot { db: self.db.clone(), transaction };
-        match result {
-            Some(batch_get_documents_response::Result::Found(doc)) => Ok((Some(parse_meta(&doc)?), snapshot)),
-            Some(batch_get_documents_response::Result::Missing(_)) => Ok((None, snapshot)),
-            None => Err(StoreError::Unavailable("firestore get meta: empty response".into())),
-        }
-    }
-
-    /// Every document of a record set as it is now, page by page (housekeeping: not a consistent snapshot).
+    /// Every document of a record set as it is now, page by page. Not a snapshot by itself: callers check
+    /// the meta document did not move meanwhile (see `read`) or commit under a precondition on it.
     async fn list_set(&self, tenant: &TenantId, set: &str, names_only: bool) -> Result<Vec<Document>, StoreError> {
         let mut docs = Vec::new();
         let mut page_token = String::new();
@@ -297,42 +233,6 @@ impl FirestoreCredentialStore {
             }
             page_token = resp.next_page_token;
         }
-    }
-
-    /// Every document of a record set as one query stream inside `snapshot`'s transaction. A single stream,
-    /// not `ListDocuments` pages: the emulator serves later pages at the current time, whatever the
-    /// transaction says, which would tear a snapshot larger than one page.
-    async fn query_set(
-        &self,
-        tenant: &TenantId,
-        set: &str,
-        snapshot: &ReadSnapshot,
-    ) -> Result<Vec<Document>, StoreError> {
-        let req = RunQueryRequest {
-            parent: self.meta_name(tenant),
-            query_type: Some(run_query_request::QueryType::StructuredQuery(StructuredQuery {
-                from: vec![structured_query::CollectionSelector {
-                    collection_id: set_collection(set),
-                    all_descendants: false,
-                }],
-                ..Default::default()
-            })),
-            consistency_selector: Some(run_query_request::ConsistencySelector::Transaction(
-                snapshot.transaction.clone(),
-            )),
-            ..Default::default()
-        };
-        self.call("query records", async {
-            let mut client = self.db.client().get();
-            let mut stream = client.run_query(req).await?.into_inner();
-            let mut docs = Vec::new();
-            while let Some(msg) = stream.message().await? {
-                docs.extend(msg.document);
-            }
-            Ok(docs)
-        })
-        .await?
-        .map_err(|s| map_status("query records", s))
     }
 
     /// Applies `writes` atomically. A failed precondition is a lost race, not an error.
@@ -551,16 +451,26 @@ impl FirestoreCredentialStore {
 #[async_trait]
 impl CredentialStore for FirestoreCredentialStore {
     async fn read(&self, tenant: &TenantId) -> Result<CredentialSnapshot, StoreError> {
-        let (meta, snapshot) = self.get_meta_in_snapshot(tenant).await?;
-        let Some(meta) = meta else { return Err(StoreError::NotFound) };
-        let Some(set) = &meta.set else { return Err(StoreError::NotFound) };
-        let docs = self.query_set(tenant, set, &snapshot).await?;
-        let mut records = BTreeMap::new();
-        for doc in &docs {
-            let (key, value) = self.open_record(tenant, doc)?;
-            records.insert(key, value);
+        for attempt in 0..MAX_ATTEMPTS {
+            let Some(meta) = self.get_meta(tenant).await? else { return Err(StoreError::NotFound) };
+            let Some(set) = &meta.set else { return Err(StoreError::NotFound) };
+            let docs = self.list_set(tenant, set, false).await?;
+            // Every commit that changes the live set rewrites the meta document in the same commit, so an
+            // unchanged meta document means no commit landed while the pages were read.
+            let after = self.get_meta(tenant).await?;
+            if after.as_ref().map(|m| m.update_time) != Some(meta.update_time) {
+                debug!(tenant = %tenant, attempt, "snapshot changed while it was read; reading again");
+                backoff(attempt).await;
+                continue;
+            }
+            let mut records = BTreeMap::new();
+            for doc in &docs {
+                let (key, value) = self.open_record(tenant, doc)?;
+                records.insert(key, value);
+            }
+            return Ok(CredentialSnapshot { generation: meta.generation, records });
         }
-        Ok(CredentialSnapshot { generation: meta.generation, records })
+        Err(StoreError::Unavailable(format!("firestore snapshot kept changing during {MAX_ATTEMPTS} reads")))
     }
 
     async fn generation(&self, tenant: &TenantId) -> Result<Option<u64>, StoreError> {
@@ -613,7 +523,9 @@ impl CredentialStore for FirestoreCredentialStore {
             } else {
                 // 500 distinct records plus the meta document do not fit one commit: rebuild the set from
                 // the stored (still sealed) records with the changes applied, and switch to it at once.
-                let (meta, snapshot) = self.get_meta_in_snapshot(tenant).await?;
+                // The switch to the rebuilt set is conditional on this meta document, so records read
+                // here that change before the switch make it fail and the whole batch is retried.
+                let meta = self.get_meta(tenant).await?;
                 Meta::fence(meta.as_ref(), batch.epoch)?;
                 let live = meta.as_ref().filter(|m| m.set.is_some());
                 if let Some(m) = live
@@ -623,7 +535,7 @@ impl CredentialStore for FirestoreCredentialStore {
                 }
                 let mut records: BTreeMap<RecordKey, Vec<u8>> = BTreeMap::new();
                 if let Some(set) = live.and_then(|m| m.set.as_deref()) {
-                    for doc in self.query_set(tenant, set, &snapshot).await? {
+                    for doc in self.list_set(tenant, set, false).await? {
                         let (key, sealed) = raw_record(&doc)?;
                         records.insert(key, sealed.to_vec());
                     }

@@ -98,7 +98,11 @@ impl TestHost {
             .env("WAKEEPER_CONTROL_TOKEN", TOKEN)
             .env("WAKEEPER_HOST_ID", host_id)
             .env("WAKEEPER_WA_URL", wa_url)
-            .env("WAKEEPER_LOG", std::env::var("WAKEEPER_TEST_HOST_LOG").unwrap_or_else(|_| "info,whatsapp_rust=warn,wacore=warn".into()))
+            .env(
+                "WAKEEPER_LOG",
+                std::env::var("WAKEEPER_TEST_HOST_LOG")
+                    .unwrap_or_else(|_| "info,whatsapp_rust=warn,wacore=warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in extra {
@@ -227,7 +231,14 @@ pub fn spawn_unprivileged(dirs: &Dirs, wa_url: &str, host_id: &str, uid: u32, ex
     chown(dirs.key_file().parent().unwrap());
     let mut env: Vec<(&str, String)> = vec![("SETPRIV_BIN", bin.display().to_string())];
     env.extend(extra.iter().cloned());
-    TestHost::spawn_with_prefix(dirs, wa_url, host_id, &env, &["setpriv", &format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups"], &bin)
+    TestHost::spawn_with_prefix(
+        dirs,
+        wa_url,
+        host_id,
+        &env,
+        &["setpriv", &format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups"],
+        &bin,
+    )
 }
 
 impl TestHost {

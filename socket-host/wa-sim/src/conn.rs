@@ -71,6 +71,8 @@ async fn run(shared: &Arc<Shared>, tcp: TcpStream) -> Result<(), ConnError> {
         s.global.active_refusal(Instant::now()).filter(|r| r.point == RefusePoint::Upgrade)
     };
     let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0).max_message_size(Some(1 << 24));
+    // The callback's error type is tungstenite's; its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
     let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != WS_PATH {
             return Err(status(StatusCode::NOT_FOUND));

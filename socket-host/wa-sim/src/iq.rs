@@ -289,14 +289,7 @@ fn usync(shared: &Shared, id: &str, request: &NodeRef<'_>) -> Node {
         .iter()
         .map(|user| {
             let bare = user.to_non_ad();
-            let devices: Vec<&DeviceEntry> = s
-                .devices
-                .values()
-                .filter(|d| match bare.server {
-                    Server::Lid => d.lid.as_ref().is_some_and(|l| l.user == bare.user),
-                    _ => d.jid.user == bare.user,
-                })
-                .collect();
+            let devices: Vec<&DeviceEntry> = s.devices_of(&bare.user, bare.server == Server::Lid).collect();
             let children = protocols.iter().filter_map(|p| match p.as_str() {
                 "devices" => Some(device_list(&devices)),
                 "lid" => devices
@@ -325,14 +318,11 @@ fn device_list(devices: &[&DeviceEntry]) -> Node {
     let mut ids: Vec<(u16, Option<u32>)> = vec![(0, None)];
     let mut key_index_list = None;
     for d in devices {
-        match &d.account {
-            Some(a) => {
-                ids.push((d.jid.device, Some(a.key_index)));
-                key_index_list.get_or_insert((a.created_secs, a.key_index_list.clone()));
-            }
-            // Without the account key there is no key-index list, and the engine ignores companions that
-            // lack one; list only the phone.
-            None => {}
+        // Without the account key there is no key-index list, and the engine ignores companions that lack
+        // one; such devices are left out and only the phone is listed.
+        if let Some(a) = &d.account {
+            ids.push((d.jid.device, Some(a.key_index)));
+            key_index_list.get_or_insert((a.created_secs, a.key_index_list.clone()));
         }
     }
     let mut h = Sha256::new();

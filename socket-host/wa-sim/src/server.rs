@@ -149,7 +149,7 @@ impl Sim {
             t.abort();
         }
         self.handle.shared.closing.send_replace(true);
-        self.handle.shared.command(Command::Drop, |_| true);
+        self.handle.shared.command_all(Command::Drop);
     }
 }
 
@@ -233,7 +233,7 @@ impl SimHandle {
     /// Mints a paired device with options and returns it with its JIDs and key.
     pub fn mint_device_with(&self, tenant: &TenantId, opts: &MintOptions) -> Result<MintedDevice, SimError> {
         let mut s = self.shared.lock();
-        let (device, entry) = mint(Some(tenant), opts, |phone| s.phones.contains(phone))?;
+        let (device, entry) = mint(Some(tenant), opts, |phone| s.by_phone.contains_key(phone))?;
         let minted = MintedDevice {
             jid: entry.jid.to_string(),
             lid: entry.lid.as_ref().map(|l| l.to_string()).unwrap_or_default(),
@@ -361,8 +361,8 @@ impl SimHandle {
 
     fn act(&self, target: &Target, command: Command) -> usize {
         let n = match target {
-            Target::All => self.shared.command(command, |_| true),
-            Target::Device(jid) => self.shared.command(command, |j| j == jid),
+            Target::All => self.shared.command_all(command),
+            Target::Device(jid) => self.shared.command_device(jid, command),
         };
         tracing::debug!(?target, ?command, connections = n, "fault action");
         n

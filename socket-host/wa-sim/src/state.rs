@@ -69,13 +69,17 @@ pub(crate) struct LiveConn {
 pub(crate) struct State {
     /// By phone-number device JID.
     pub(crate) devices: HashMap<String, DeviceEntry>,
-    /// Phone numbers in use (user part), so minting never reuses one.
-    pub(crate) phones: std::collections::HashSet<String>,
+    /// Device JIDs by phone number (JID user), for usync and so minting never reuses a number.
+    pub(crate) by_phone: HashMap<String, Vec<String>>,
+    /// Device JIDs by LID user.
+    pub(crate) by_lid: HashMap<String, Vec<String>>,
     /// Tenant id to device JID.
     pub(crate) tenants: HashMap<String, String>,
     pub(crate) global: Settings,
     pub(crate) rec: Recorder,
     pub(crate) live: HashMap<u64, LiveConn>,
+    /// Live connection ids by device JID.
+    pub(crate) live_by_jid: HashMap<String, Vec<u64>>,
 }
 
 impl State {
@@ -89,11 +93,28 @@ impl State {
 
     pub(crate) fn insert_device(&mut self, entry: DeviceEntry) {
         let jid = entry.jid.to_string();
-        self.phones.insert(entry.jid.user.to_string());
+        if let Some(old) = self.devices.get(&jid) {
+            // Re-registration replaces the entry; drop the old index rows first.
+            let (phone, lid) = (old.jid.user.to_string(), old.lid.as_ref().map(|l| l.user.to_string()));
+            remove_from(&mut self.by_phone, &phone, &jid);
+            if let Some(l) = lid {
+                remove_from(&mut self.by_lid, &l, &jid);
+            }
+        }
+        self.by_phone.entry(entry.jid.user.to_string()).or_default().push(jid.clone());
+        if let Some(l) = &entry.lid {
+            self.by_lid.entry(l.user.to_string()).or_default().push(jid.clone());
+        }
         if let Some(t) = &entry.tenant {
             self.tenants.insert(t.clone(), jid.clone());
         }
         self.devices.insert(jid, entry);
+    }
+
+    /// The registered devices of a user, by phone number or LID.
+    pub(crate) fn devices_of(&self, user: &str, lid: bool) -> impl Iterator<Item = &DeviceEntry> {
+        let index = if lid { &self.by_lid } else { &self.by_phone };
+        index.get(user).into_iter().flatten().filter_map(|j| self.devices.get(j))
     }
 
     /// Settings in force for a device (its own over the global ones).
@@ -195,9 +216,15 @@ impl Shared {
         let policy = self.config.conflict;
         self.update(|s| {
             s.rec.logged_in(jid);
+            let ids = s.live_by_jid.entry(jid.to_owned()).or_default();
+            let older = std::mem::take(ids);
+            ids.push(conn);
+            ids.extend(older.iter().copied());
             if policy == ConflictPolicy::ReplaceOlder {
-                for (_, older) in s.live.iter().filter(|(_, c)| c.jid == jid) {
-                    let _ = older.commands.send(Command::Superseded);
+                for id in &older {
+                    if let Some(c) = s.live.get(id) {
+                        let _ = c.commands.send(Command::Superseded);
+                    }
                 }
             }
             s.live.insert(conn, LiveConn { jid: jid.to_owned(), commands });
@@ -208,13 +235,34 @@ impl Shared {
         self.update(|s| {
             if let Some(c) = s.live.remove(&conn) {
                 s.rec.logged_out(&c.jid);
+                remove_from(&mut s.live_by_jid, &c.jid, &conn);
             }
         });
     }
 
-    /// Sends a command to the live connections `filter` selects; returns how many got it.
-    pub(crate) fn command(&self, command: Command, filter: impl Fn(&str) -> bool) -> usize {
+    /// Sends a command to every live connection; returns how many got it.
+    pub(crate) fn command_all(&self, command: Command) -> usize {
         let s = self.lock();
-        s.live.values().filter(|c| filter(&c.jid)).filter(|c| c.commands.send(command).is_ok()).count()
+        s.live.values().filter(|c| c.commands.send(command).is_ok()).count()
+    }
+
+    /// Sends a command to one device's live connections; returns how many got it.
+    pub(crate) fn command_device(&self, jid: &str, command: Command) -> usize {
+        let s = self.lock();
+        let ids = s.live_by_jid.get(jid).map(Vec::as_slice).unwrap_or_default();
+        ids.iter().filter_map(|id| s.live.get(id)).filter(|c| c.commands.send(command).is_ok()).count()
+    }
+}
+
+fn remove_from<K, V>(index: &mut HashMap<String, Vec<V>>, key: &K, value: &V)
+where
+    K: AsRef<str> + ?Sized,
+    V: PartialEq,
+{
+    if let Some(list) = index.get_mut(key.as_ref()) {
+        list.retain(|v| v != value);
+        if list.is_empty() {
+            index.remove(key.as_ref());
+        }
     }
 }

@@ -66,7 +66,9 @@ async fn spawn_sim(bin: PathBuf) -> anyhow::Result<SimProcess> {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -143,7 +145,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let baseline = rss_kib(sim.pid);
     println!("wa-sim pid {} baseline RSS {:.1} MiB ({} devices registered)", sim.pid, baseline as f64 / 1024.0, max);
-    println!("{:>7}  {:>4}  {:>9}  {:>13}  {:>12}  {:>14}", "clients", "hs", "elapsed", "handshakes/s", "sim RSS", "per connection");
+    println!(
+        "{:>7}  {:>4}  {:>9}  {:>13}  {:>12}  {:>14}",
+        "clients", "hs", "elapsed", "handshakes/s", "sim RSS", "per connection"
+    );
 
     for &n in &args.counts {
         let xx = ServerTrust { root: Some(root), static_key: None };
