@@ -12,7 +12,7 @@ use wakeeper_shared::ports::CredentialStore;
 use wakeeper_shared::working_copy::WorkingCopy;
 use whatsapp_rust::store::traits::Backend;
 
-use crate::engine_store::EngineStore;
+use crate::engine_store::{EngineStore, EngineStoreError};
 use crate::replicator::ReplicatorHandle;
 use crate::session::{EngineProvider, OpenError};
 
@@ -58,7 +58,11 @@ impl EngineProvider for StoreEngines {
         let replica = self.replicator.attach(tenant.clone(), epoch);
         let opened = tokio::task::spawn_blocking(move || {
             let wc = WorkingCopy::open(&data_dir, t, cipher).map_err(|e| OpenError::Unavailable(e.to_string()))?;
-            EngineStore::open(wc, replica).map_err(|e| OpenError::Corrupt(e.to_string()))
+            EngineStore::open(wc, replica).map_err(|e| match e {
+                // A record that does not decode is bad credentials; a disk hiccup is not.
+                EngineStoreError::Malformed(_) => OpenError::Corrupt(e.to_string()),
+                other => OpenError::Unavailable(other.to_string()),
+            })
         })
         .await
         .map_err(|e| OpenError::Unavailable(e.to_string()))??;
@@ -67,12 +71,16 @@ impl EngineProvider for StoreEngines {
 
     async fn delete(&self, tenant: &TenantId) -> Result<(), OpenError> {
         self.store.delete(tenant).await.map_err(|e| OpenError::Unavailable(e.to_string()))?;
+        self.discard_local(tenant).await?;
+        self.replicator.forget(tenant);
+        Ok(())
+    }
+
+    async fn discard_local(&self, tenant: &TenantId) -> Result<(), OpenError> {
         let (data_dir, t, cipher) = (self.data_dir.clone(), tenant.clone(), self.cipher.clone());
         tokio::task::spawn_blocking(move || WorkingCopy::open(&data_dir, t, cipher).and_then(|mut wc| wc.delete()))
             .await
             .map_err(|e| OpenError::Unavailable(e.to_string()))?
-            .map_err(|e| OpenError::Unavailable(e.to_string()))?;
-        self.replicator.forget(tenant);
-        Ok(())
+            .map_err(|e| OpenError::Unavailable(e.to_string()))
     }
 }

@@ -47,6 +47,10 @@ pub trait EngineProvider: Send + Sync {
     async fn close(&self, _tenant: &TenantId) {}
     /// Deletes every stored credential of the tenant (logout): the remote store, then the local copy.
     async fn delete(&self, tenant: &TenantId) -> Result<(), OpenError>;
+    /// Deletes the local working copy only (the tenant moved to another host).
+    async fn discard_local(&self, _tenant: &TenantId) -> Result<(), OpenError> {
+        Ok(())
+    }
 }
 
 /// Settings of every session of a host.
@@ -391,8 +395,7 @@ impl Supervisor {
                     dropped_at.get_or_insert_with(Instant::now);
                 }
                 Ending::LeaseLost => {
-                    metrics::counter!("wakeeper_lease_losses_total").increment(1);
-                    self.let_go_of_lease(false).await;
+                    self.lose_lease().await;
                     self.note_error("lease lost to another host".into());
                     dropped_at.get_or_insert_with(Instant::now);
                 }
@@ -582,15 +585,13 @@ impl Supervisor {
         self.set_state(state, None);
         let deadline = tokio::time::sleep(delay);
         tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                _ = &mut deadline => return Wake::Go,
-                cmd = self.commands.recv() => match cmd {
-                    Some(Command::Reconnect) => { self.failures = 0; return Wake::Go; }
-                    Some(Command::LeaseLost) => { self.let_go_of_lease(false).await; return Wake::Go; }
-                    Some(Command::Stop { reply, logout }) => return Wake::Stop(reply, logout),
-                    None => return Wake::Stop(oneshot::channel().0, false),
-                }
+        tokio::select! {
+            _ = &mut deadline => Wake::Go,
+            cmd = self.commands.recv() => match cmd {
+                Some(Command::Reconnect) => { self.failures = 0; Wake::Go }
+                Some(Command::LeaseLost) => { self.lose_lease().await; Wake::Go }
+                Some(Command::Stop { reply, logout }) => Wake::Stop(reply, logout),
+                None => Wake::Stop(oneshot::channel().0, false),
             }
         }
     }
@@ -649,6 +650,17 @@ impl Supervisor {
         }
         if self.backend.take().is_some() {
             self.deps.engines.close(&self.tenant).await;
+        }
+    }
+
+    /// Another host owns the tenant now: let go without releasing (it is not ours), and discard the local
+    /// working copy, which is no longer the newest state. The next lease hydrates afresh from the store, so a
+    /// stale local copy can never be pushed over the other host's newer one.
+    async fn lose_lease(&mut self) {
+        metrics::counter!("wakeeper_lease_losses_total").increment(1);
+        self.let_go_of_lease(false).await;
+        if let Err(e) = self.deps.engines.discard_local(&self.tenant).await {
+            tracing::warn!(tenant = %self.tenant, error = %e, "could not discard the local working copy");
         }
     }
 

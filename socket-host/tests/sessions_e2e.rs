@@ -190,3 +190,28 @@ async fn missing_and_corrupt_credentials_are_marked_and_others_unaffected() {
     drop(host);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_socket_is_detected_and_replaced_without_any_sweep() {
+    let sim = wa_sim::Sim::start_local().await.unwrap();
+    let wa = sim.handle();
+    let dirs = Dirs::new();
+    let tenants = ids("half", 3);
+    seed_embedded(&dirs, &wa, &tenants).await;
+    // The in-host sweep is off: only the session's own keepalive can notice.
+    let host = TestHost::spawn(&dirs, &wa.url(), "host-a", &[("WAKEEPER_SWEEP_INTERVAL_S", "0".into())]);
+    host.ready().await;
+    host.all_open(3, Duration::from_secs(30)).await;
+    let jid = wa.device_jid(&tenants[0]).unwrap();
+    let logins = wa.device(&jid).unwrap().logins;
+    assert_eq!(wa.half_open(&Target::device(jid.clone())), 1);
+    // The engine pings an idle link every 15-30 s and gives up 20 s later: within ~50 s a new login appears.
+    let obs = wa.wait_for_device(&jid, Duration::from_secs(90), |d| d.logins > logins && d.current_connections == 1).await;
+    let obs = obs.expect("half-open socket replaced by a new connection");
+    assert_eq!(obs.max_concurrent_connections, 1, "the dead socket was given up before reconnecting");
+    host.wait_state(&tenants[0], SessionState::Open, Duration::from_secs(10)).await;
+    let view = host.client.session(&tenants[0]).await.unwrap().unwrap();
+    assert!(view.reconnects >= 1);
+    drop(host);
+    sim.shutdown().await;
+}
