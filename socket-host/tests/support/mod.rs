@@ -274,3 +274,62 @@ impl TestHost {
         Self { child: Some(child), base, client, log }
     }
 }
+
+/// The DynamoDB endpoint of the local server; like [`firestore_emulator`], missing means failure unless skipped.
+pub fn dynamodb_endpoint() -> Option<String> {
+    match std::env::var("WAKEEPER_TEST_DYNAMODB_ENDPOINT") {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ if std::env::var("WAKEEPER_SKIP_CLOUD_TESTS").as_deref() == Ok("1") => None,
+        _ => panic!("WAKEEPER_TEST_DYNAMODB_ENDPOINT is not set: start it with scripts/local-servers (or set WAKEEPER_SKIP_CLOUD_TESTS=1)"),
+    }
+}
+
+/// Cloud stores shared by several hosts: credentials in the Firestore emulator, tenants in DynamoDB Local.
+pub struct CloudStores {
+    pub creds: Arc<wakeeper_shared::adapters::firestore::FirestoreCredentialStore>,
+    pub tenants: Arc<wakeeper_shared::adapters::dynamodb::DynamoTenantStore>,
+    pub env: Vec<(&'static str, String)>,
+}
+
+impl CloudStores {
+    /// Fresh stores (a new collection prefix and table) for one test, or `None` when cloud tests are skipped.
+    pub async fn fresh(name: &str, cipher: Cipher) -> Option<Self> {
+        let emulator = firestore_emulator()?;
+        let endpoint = dynamodb_endpoint()?;
+        let prefix = fresh_prefix(name);
+        let table = format!("{prefix}tenants");
+        let creds = Arc::new(
+            wakeeper_shared::adapters::firestore::FirestoreCredentialStore::new("wakeeper-test", cipher, prefix.clone())
+                .await
+                .unwrap(),
+        );
+        let tenants = Arc::new(wakeeper_shared::adapters::dynamodb::DynamoTenantStore::new(
+            wakeeper_shared::adapters::dynamodb::dynamo_client_for_endpoint(&endpoint),
+            table.clone(),
+        ));
+        tenants.create_table_if_missing().await.unwrap();
+        let env = vec![
+            ("FIRESTORE_EMULATOR_HOST", emulator),
+            ("WAKEEPER_FIRESTORE_PROJECT", "wakeeper-test".to_string()),
+            ("WAKEEPER_FIRESTORE_PREFIX", prefix),
+            ("WAKEEPER_DYNAMODB_TABLE", table),
+            ("WAKEEPER_DYNAMODB_ENDPOINT", endpoint),
+        ];
+        Some(Self { creds, tenants, env })
+    }
+
+    /// Mints and stores `ids` as desired tenants.
+    pub async fn seed(&self, sim: &wa_sim::SimHandle, ids: &[TenantId]) {
+        for id in ids {
+            self.creds.replace(id, &sim.mint_device(id), 0).await.unwrap();
+            self.tenants.set_desired(id, true).await.unwrap();
+        }
+    }
+
+    /// The env of a host using these stores, plus `extra`.
+    pub fn host_env(&self, extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+        let mut env = self.env.clone();
+        env.extend(extra.iter().cloned());
+        env
+    }
+}

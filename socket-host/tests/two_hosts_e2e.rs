@@ -1,0 +1,68 @@
+//! Two hosts with different ids over the same stores (issue 5): each tenant is connected by exactly one host at
+//! any moment, and when one host dies its tenants move to the other once their leases expire.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use wakeeper_shared::domain::{SessionState, TenantId};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_owner_per_tenant_and_failover_after_lease_expiry() {
+    let sim = wa_sim::Sim::start_local().await.unwrap();
+    let wa = sim.handle();
+    let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
+    // Both hosts seal with the same data key (in the cloud it comes from KMS).
+    let key = {
+        let _ = dirs_a.cipher();
+        std::fs::read(dirs_a.key_file()).unwrap()
+    };
+    std::fs::create_dir_all(dirs_b.key_file().parent().unwrap()).unwrap();
+    std::fs::write(dirs_b.key_file(), key).unwrap();
+    let Some(stores) = CloudStores::fresh("twohosts", dirs_a.cipher()).await else { return };
+    let tenants: Vec<TenantId> = (0..100).map(|i| tid(&format!("shared-{i:03}"))).collect();
+    stores.seed(&wa, &tenants).await;
+
+    let ttl = [("WAKEEPER_LEASE_TTL_S", "6".to_string())];
+    let mut a = TestHost::spawn(&dirs_a, &wa.url(), "host-a", &stores.host_env(&ttl));
+    let b = TestHost::spawn(&dirs_b, &wa.url(), "host-b", &stores.host_env(&ttl));
+    a.ready().await;
+    b.ready().await;
+
+    // Together they hold every tenant open, each tenant on exactly one of them.
+    let (ca, cb) = (a.client.clone(), b.client.clone());
+    wait_until(Duration::from_secs(60), "100 tenants open across both hosts", || {
+        let (ca, cb) = (ca.clone(), cb.clone());
+        async move {
+            let open = |l: wakeeper_shared::domain::SessionList| {
+                l.sessions.into_iter().filter(|s| s.state == SessionState::Open).count()
+            };
+            let (la, lb) = (ca.sessions().await.ok()?, cb.sessions().await.ok()?);
+            (open(la) + open(lb) == 100).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(wa.summary().logged_in_connections, 100, "exactly one connection per tenant");
+    let on_a: Vec<TenantId> = a
+        .client
+        .sessions()
+        .await
+        .unwrap()
+        .sessions
+        .into_iter()
+        .filter(|s| s.state == SessionState::Open)
+        .map(|s| s.tenant_id)
+        .collect();
+    assert!(!on_a.is_empty(), "host A took some tenants");
+
+    // Host A dies without releasing anything; B takes A's tenants once their leases expire.
+    a.kill9();
+    b.all_open(100, Duration::from_secs(60)).await;
+    assert_eq!(wa.summary().logged_in_connections, 100);
+    let doubled: Vec<_> =
+        wa.observations().devices.into_values().filter(|d| d.max_concurrent_connections > 1).map(|d| d.jid).collect();
+    assert!(doubled.is_empty(), "devices connected twice at once: {doubled:?}");
+    drop(b);
+    sim.shutdown().await;
+}
