@@ -444,11 +444,10 @@ impl Supervisor {
         let bot = match built {
             Ok(b) => b,
             Err(e) => {
-                // The engine could not load the device from a store that passed the completeness check.
-                return Ending::Terminal {
-                    state: SessionState::CredentialsCorrupt,
-                    reason: format!("engine refused stored state: {e}"),
-                };
+                // The store passed the completeness check when it was opened, so this is most likely a passing
+                // I/O failure: never a reason to mark the tenant.
+                self.failures = self.failures.saturating_add(1);
+                return Ending::Retry { reason: format!("engine could not start: {e}"), rate_limited: false };
             }
         };
         let client = bot.client();
