@@ -222,11 +222,13 @@ mod client_impl {
 
 // ---- alerts ----------------------------------------------------------------------------------------------
 
-/// What an alert is about.
+/// What an alert is about. Serialized with the same `type` names and field names as the host's own webhook
+/// events (`socket-host/src/webhooks.rs`), so one receiver handles both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "type")]
 pub enum AlertEvent {
     /// A desired tenant has failed more sweeps in a row than the policy allows.
+    #[serde(rename = "alert.failing")]
     TenantFailing {
         /// The tenant.
         tenant_id: TenantId,
@@ -235,24 +237,28 @@ pub enum AlertEvent {
         /// The session's state on the host.
         state: Option<SessionState>,
         /// The host's last error for the session, in words (never a secret).
-        last_error: Option<String>,
+        reason: Option<String>,
     },
     /// A tenant that had alerted is healthy again.
+    #[serde(rename = "alert.recovered")]
     TenantRecovered {
         /// The tenant.
         tenant_id: TenantId,
     },
     /// The host (or one host of the fleet) did not answer; nothing was marked.
+    #[serde(rename = "alert.host_unreachable")]
     HostUnreachable {
         /// Why, in words.
-        error: String,
+        reason: String,
     },
 }
 
 /// An alert as delivered: the JSON body of a webhook, the message of an SNS notification.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlertMessage {
-    /// Always `wakeeper`, so a shared receiver can tell where it came from.
+    /// Unique id: the receiver's idempotency key (also sent as `X-Wakeeper-Event-Id`).
+    pub id: String,
+    /// Who raised it (`health-sweep`), so a receiver can tell it from the host's own events.
     pub source: String,
     /// When the sweep decided it.
     pub at_ms: UnixMillis,
@@ -262,9 +268,15 @@ pub struct AlertMessage {
 }
 
 impl AlertMessage {
-    /// An alert raised at `at_ms`.
+    /// An alert raised by the sweep at `at_ms`, with a fresh id.
     pub fn new(event: AlertEvent, at_ms: UnixMillis) -> Self {
-        Self { source: "wakeeper".into(), at_ms, event }
+        let mut raw = [0u8; 12];
+        // Without OS randomness the id only needs to differ between alerts of one run.
+        if getrandom::fill(&mut raw).is_err() {
+            raw[..8].copy_from_slice(&at_ms.to_be_bytes());
+        }
+        let id = raw.iter().map(|b| format!("{b:02x}")).collect();
+        Self { id, source: "health-sweep".into(), at_ms, event }
     }
 
     /// One line for a person (an SNS subject, an e-mail's first line); at most 100 characters.
@@ -404,9 +416,10 @@ pub struct SweepReport {
     pub undesired_running: usize,
     /// The host's boot id changed since the previous sweep.
     pub host_restarted: bool,
-    /// The host could not be reached: nothing was marked, and the run should fail.
+    /// The host's sessions could not be read (no answer, or a refusal such as a wrong token): nothing was
+    /// marked, one alert was raised, and the run should fail.
     pub host_unreachable: bool,
-    /// Why the host could not be reached.
+    /// Why the host's sessions could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_error: Option<String>,
     /// How long the sweep took.
@@ -492,7 +505,7 @@ pub async fn run_sweep(
             warn!(error = %e, "host unreachable; marking nothing");
             report.host_unreachable = true;
             report.host_error = Some(e.to_string());
-            let alert = AlertMessage::new(AlertEvent::HostUnreachable { error: e.to_string() }, now);
+            let alert = AlertMessage::new(AlertEvent::HostUnreachable { reason: e.to_string() }, now);
             match alerts.send(&alert).await {
                 Ok(()) => report.alerts += 1,
                 Err(e) => {
@@ -652,7 +665,7 @@ impl Ctx<'_> {
                         tenant_id: id.clone(),
                         consecutive_failures: failure_count.unwrap_or(consecutive),
                         state: session.map(|s| s.state),
-                        last_error: session.and_then(|s| s.last_error.clone()),
+                        reason: session.and_then(|s| s.last_error.clone()),
                     };
                     self.alert(event, &mut t).await;
                 }
@@ -738,13 +751,15 @@ mod tests {
                 tenant_id: TenantId::parse("t-1").unwrap(),
                 consecutive_failures: 4,
                 state: Some(SessionState::Backoff),
-                last_error: None,
+                reason: None,
             },
             5,
         );
         let v = serde_json::to_value(&msg).unwrap();
-        assert_eq!(v["source"], "wakeeper");
-        assert_eq!(v["kind"], "tenant_failing");
+        assert_eq!(v["source"], "health-sweep");
+        assert_eq!(v["type"], "alert.failing");
+        assert_eq!(v["id"].as_str().unwrap().len(), 24);
+        assert_ne!(AlertMessage::new(msg.event.clone(), 5).id, msg.id);
         assert_eq!(v["tenant_id"], "t-1");
         assert_eq!(v["consecutive_failures"], 4);
         assert_eq!(v["state"], "backoff");

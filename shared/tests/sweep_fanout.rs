@@ -250,7 +250,7 @@ async fn a_tenant_failing_four_sweeps_in_a_row_alerts_once_and_again_on_recovery
             tenant_id: id.clone(),
             consecutive_failures: 4,
             state: Some(SessionState::Backoff),
-            last_error: None
+            reason: None
         }]
     );
     let fifth = run_sweep(s.store.as_ref(), &host, &mut memory, &alerts, &policy, NOW).await.unwrap();

@@ -31,6 +31,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the host (the default).
     Serve,
+    /// Take over tenants from a Baileys host: auth state and tenant list, without a re-scan.
+    #[command(subcommand)]
+    Import(crate::import::ImportCommand),
 }
 
 /// Settings shared by every sub-command.

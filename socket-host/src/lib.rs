@@ -23,6 +23,7 @@ pub mod engine_store;
 pub mod engines;
 pub mod governor;
 pub mod host;
+pub mod import;
 pub mod replicator;
 pub mod restore;
 pub mod session;

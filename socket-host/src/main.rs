@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
             }
             app.serve(listener, shutdown_signal()).await
         }
+        Command::Import(cmd) => Ok(socket_host::import::run(&cli.config, &cmd, &mut std::io::stdout()).await?),
     }
 }
 

@@ -27,15 +27,13 @@
 //! being built is recorded in `garbage` before its first record is written, so a crash leaves nothing
 //! that a later `delete` or `replace` does not clean up.
 //!
-//! Reads are consistent: `read` reads the meta document, lists the live set page by page, and reads the meta
-//! document again; since every commit that touches the live set rewrites the meta document, an unchanged
-//! `update_time` proves no commit landed in between (otherwise it reads again). A read-only transaction or
-//! a read time would be the obvious tool, but the emulator does not hold later pages (or a long query
-//! stream) to them, and this check costs one small read and works the same on both.
+//! Reads are consistent: `read` reads the meta document and lists the live set page by page inside one
+//! read-write transaction that it then rolls back. The transaction's lock on the meta document keeps out
+//! every commit that would change the live set until the pages are read (see `begin_transaction`).
 //!
 //! This adapter talks to Firestore's gRPC API through the `firestore` crate's client (connection,
 //! authentication, `FIRESTORE_EMULATOR_HOST`), using the raw request types for exact control of
-//! preconditions, read times and the one-`Commit`-per-batch rule.
+//! preconditions, transactions and the one-`Commit`-per-batch rule.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -44,8 +42,9 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use firestore::gcloud_sdk::google::firestore::v1::{
-    self as pb, CommitRequest, Document, DocumentMask, GetDocumentRequest, ListDocumentsRequest, Precondition, Value,
-    Write, precondition, value::ValueType, write,
+    self as pb, BeginTransactionRequest, CommitRequest, Document, DocumentMask, GetDocumentRequest,
+    ListDocumentsRequest, Precondition, RollbackRequest, TransactionOptions, Value, Write, get_document_request,
+    precondition, transaction_options, value::ValueType, write,
 };
 use firestore::gcloud_sdk::prost_types::Timestamp;
 use firestore::gcloud_sdk::tonic::{Code, Status};
@@ -233,6 +232,57 @@ impl FirestoreCredentialStore {
             }
             page_token = resp.next_page_token;
         }
+    }
+
+    /// Starts a read-write transaction. `read` uses one for its locks, not its writes: the meta document it
+    /// reads stays locked until the transaction ends, and every commit that changes the live set writes the
+    /// meta document, so no such commit lands while the pages are read. (A read-only transaction or a read
+    /// time would do on Firestore itself, but the emulator serves later pages at the current time whatever
+    /// they say; the locks behave alike on both.) Reads are rare (hydration), so holding writers back for one
+    /// is cheap.
+    async fn begin_transaction(&self) -> Result<Vec<u8>, StoreError> {
+        let req = BeginTransactionRequest {
+            database: self.database(),
+            options: Some(TransactionOptions {
+                mode: Some(transaction_options::Mode::ReadWrite(transaction_options::ReadWrite::default())),
+            }),
+            ..Default::default()
+        };
+        let mut client = self.db.client().get();
+        Ok(self
+            .call("begin transaction", client.begin_transaction(req))
+            .await?
+            .map_err(|s| map_status("begin transaction", s))?
+            .into_inner()
+            .transaction)
+    }
+
+    /// Ends a transaction that wrote nothing. Best effort: an unfinished transaction expires on its own.
+    async fn rollback(&self, transaction: Vec<u8>) {
+        let req = RollbackRequest { database: self.database(), transaction, ..Default::default() };
+        let mut client = self.db.client().get();
+        if let Ok(Err(s)) = self.call("rollback", client.rollback(req)).await {
+            debug!(code = ?s.code(), "firestore rollback failed; the transaction will expire");
+        }
+    }
+
+    /// The generation and the live set's documents, read inside `transaction`; `None` when nothing is stored.
+    async fn read_in(&self, tenant: &TenantId, transaction: &[u8]) -> Result<Option<(u64, Vec<Document>)>, Attempt> {
+        let req = GetDocumentRequest {
+            name: self.meta_name(tenant),
+            consistency_selector: Some(get_document_request::ConsistencySelector::Transaction(transaction.to_vec())),
+            ..Default::default()
+        };
+        let mut client = self.db.client().get();
+        let meta = match self.call("get meta", client.get_document(req)).await? {
+            Ok(resp) => parse_meta(&resp.into_inner())?,
+            Err(s) if s.code() == Code::NotFound => return Ok(None),
+            Err(s) => return Err(transaction_status("get meta", s)),
+        };
+        let Some(set) = &meta.set else { return Ok(None) };
+        // Plain strong reads: while the transaction holds the meta document, no commit changes the set.
+        let docs = self.list_set(tenant, set, false).await?;
+        Ok(Some((meta.generation, docs)))
     }
 
     /// Applies `writes` atomically. A failed precondition is a lost race, not an error.
@@ -452,25 +502,27 @@ impl FirestoreCredentialStore {
 impl CredentialStore for FirestoreCredentialStore {
     async fn read(&self, tenant: &TenantId) -> Result<CredentialSnapshot, StoreError> {
         for attempt in 0..MAX_ATTEMPTS {
-            let Some(meta) = self.get_meta(tenant).await? else { return Err(StoreError::NotFound) };
-            let Some(set) = &meta.set else { return Err(StoreError::NotFound) };
-            let docs = self.list_set(tenant, set, false).await?;
-            // Every commit that changes the live set rewrites the meta document in the same commit, so an
-            // unchanged meta document means no commit landed while the pages were read.
-            let after = self.get_meta(tenant).await?;
-            if after.as_ref().map(|m| m.update_time) != Some(meta.update_time) {
-                debug!(tenant = %tenant, attempt, "snapshot changed while it was read; reading again");
-                backoff(attempt).await;
-                continue;
+            let transaction = self.begin_transaction().await?;
+            let result = self.read_in(tenant, &transaction).await;
+            self.rollback(transaction).await;
+            match result {
+                Ok(Some((generation, docs))) => {
+                    let mut records = BTreeMap::new();
+                    for doc in &docs {
+                        let (key, value) = self.open_record(tenant, doc)?;
+                        records.insert(key, value);
+                    }
+                    return Ok(CredentialSnapshot { generation, records });
+                }
+                Ok(None) => return Err(StoreError::NotFound),
+                Err(Attempt::Raced) => {
+                    debug!(tenant = %tenant, attempt, "snapshot read aborted by a writer; reading again");
+                    backoff(attempt).await;
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
             }
-            let mut records = BTreeMap::new();
-            for doc in &docs {
-                let (key, value) = self.open_record(tenant, doc)?;
-                records.insert(key, value);
-            }
-            return Ok(CredentialSnapshot { generation: meta.generation, records });
         }
-        Err(StoreError::Unavailable(format!("firestore snapshot kept changing during {MAX_ATTEMPTS} reads")))
+        Err(StoreError::Unavailable(format!("firestore snapshot read aborted {MAX_ATTEMPTS} times")))
     }
 
     async fn generation(&self, tenant: &TenantId) -> Result<Option<u64>, StoreError> {
@@ -776,6 +828,14 @@ fn raw_record(doc: &Document) -> Result<(RecordKey, &[u8]), StoreError> {
         return Err(bad("fields that do not match its id"));
     }
     Ok((key, sealed))
+}
+
+/// A status met inside a transaction: `ABORTED` means a writer won a lock conflict; try again.
+fn transaction_status(op: &str, s: Status) -> Attempt {
+    match s.code() {
+        Code::Aborted => Attempt::Raced,
+        _ => Attempt::Failed(map_status(op, s)),
+    }
 }
 
 /// Maps a gRPC status to a store error kind. Outages, overload and timeouts are transient; a request

@@ -280,7 +280,9 @@ pub fn dynamodb_endpoint() -> Option<String> {
     match std::env::var("WAKEEPER_TEST_DYNAMODB_ENDPOINT") {
         Ok(v) if !v.is_empty() => Some(v),
         _ if std::env::var("WAKEEPER_SKIP_CLOUD_TESTS").as_deref() == Ok("1") => None,
-        _ => panic!("WAKEEPER_TEST_DYNAMODB_ENDPOINT is not set: start it with scripts/local-servers (or set WAKEEPER_SKIP_CLOUD_TESTS=1)"),
+        _ => panic!(
+            "WAKEEPER_TEST_DYNAMODB_ENDPOINT is not set: start it with scripts/local-servers (or set WAKEEPER_SKIP_CLOUD_TESTS=1)"
+        ),
     }
 }
 
@@ -299,9 +301,13 @@ impl CloudStores {
         let prefix = fresh_prefix(name);
         let table = format!("{prefix}tenants");
         let creds = Arc::new(
-            wakeeper_shared::adapters::firestore::FirestoreCredentialStore::new("wakeeper-test", cipher, prefix.clone())
-                .await
-                .unwrap(),
+            wakeeper_shared::adapters::firestore::FirestoreCredentialStore::new(
+                "wakeeper-test",
+                cipher,
+                prefix.clone(),
+            )
+            .await
+            .unwrap(),
         );
         let tenants = Arc::new(wakeeper_shared::adapters::dynamodb::DynamoTenantStore::new(
             wakeeper_shared::adapters::dynamodb::dynamo_client_for_endpoint(&endpoint),

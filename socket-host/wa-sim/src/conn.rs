@@ -23,7 +23,7 @@ use crate::faults::{Command, PongMode, RefusePoint, StreamErrorKind};
 use crate::iq::{self, Outcome};
 use crate::keys::now_secs;
 use crate::noise::{ClientHello, Established, HandshakeFailure, IkOutcome, respond_ik, start_xx};
-use crate::state::{Admission, Shared};
+use crate::state::{Admission, KeyBundle, PendingPairing, Shared, SignedPreKey};
 use crate::wire::{Channel, Link, WireError};
 
 /// Why a connection ended early. Logged at debug; never carries key material.
@@ -105,11 +105,17 @@ async fn run(shared: &Arc<Shared>, tcp: TcpStream) -> Result<(), ConnError> {
     let payload = wa::ClientPayload::decode_from_slice(&est.payload).map_err(|_| ConnError::Payload)?;
     let mut channel = Channel::new(est.read, est.write);
     let Some(jid) = claimed_jid(&payload) else {
-        // A registration payload: a fresh client asking to pair. Pairing is not simulated; say so the way
-        // the server says "not logged in".
-        tracing::debug!("registration payload received; pairing is not simulated");
-        send(&mut link, &mut channel, &failure()).await?;
-        link.close().await;
+        // No phone number: a fresh client asking to pair (registration payload), or nonsense.
+        match payload.device_pairing_data.as_option().and_then(registration_keys) {
+            Some(keys) => {
+                let end = pairing(shared, link, channel, est.client_static, keys).await;
+                tracing::debug!(end = %end, "pairing connection closed");
+            }
+            None => {
+                send(&mut link, &mut channel, &failure()).await?;
+                link.close().await;
+            }
+        }
         return Ok(());
     };
     let jid_str = jid.to_string();
@@ -222,6 +228,141 @@ fn stream_error(kind: StreamErrorKind) -> Node {
 async fn send(link: &mut Link, channel: &mut Channel, node: &Node) -> Result<(), WireError> {
     let framed = channel.seal(node)?;
     link.send_raw(framed).await
+}
+
+/// The key bundle a registration payload announces.
+fn registration_keys(reg: &wa::client_payload::DevicePairingRegistrationData) -> Option<KeyBundle> {
+    let id3 = |b: &[u8]| (b.len() == 3).then(|| u32::from_be_bytes([0, b[0], b[1], b[2]]));
+    Some(KeyBundle {
+        registration_id: Some(u32::from_be_bytes(reg.e_regid.as_deref()?.try_into().ok()?)),
+        identity: Some(reg.e_ident.as_deref()?.try_into().ok()?),
+        signed_pre_key: Some(SignedPreKey {
+            id: id3(reg.e_skey_id.as_deref()?)?,
+            public: reg.e_skey_val.as_deref()?.try_into().ok()?,
+            signature: reg.e_skey_sig.clone().filter(|s| s.len() == 64)?,
+        }),
+        prekeys: Default::default(),
+        server_has_prekeys: false,
+    })
+}
+
+/// The pairing flow of a fresh client: hand out QR refs, wait for [`crate::SimHandle::pair`] to "scan" one,
+/// send `pair-success`, take the client's signed `pair-device-sign`, then ask for a restart (515) so the
+/// client logs in with its new identity.
+async fn pairing(shared: &Shared, mut link: Link, mut channel: Channel, noise_public: [u8; 32], keys: KeyBundle) -> End {
+    let conn = shared.conn_id();
+    let refs: Vec<String> = (0..6).map(|_| pairing_ref()).collect();
+    let (tx, mut offers) = mpsc::unbounded_channel();
+    shared.update(|s| {
+        s.rec.pairing_started();
+        s.pairings.insert(conn, PendingPairing { refs: refs.clone(), noise_public, keys, offer: tx });
+    });
+    let pair_device = NodeBuilder::new("iq")
+        .attr("from", iq::SERVER)
+        .attr("id", format!("pair-{conn}"))
+        .attr("type", "set")
+        .attr("xmlns", "md")
+        .children([NodeBuilder::new("pair-device")
+            .children(refs.iter().map(|r| NodeBuilder::new("ref").bytes(r.as_bytes().to_vec()).build()))
+            .build()])
+        .build();
+    let end = pairing_loop(shared, &mut link, &mut channel, &mut offers, pair_device).await;
+    shared.update(|s| s.pairings.remove(&conn));
+    if matches!(end, End::StreamError(_)) {
+        link.close().await;
+    }
+    end
+}
+
+async fn pairing_loop(
+    shared: &Shared,
+    link: &mut Link,
+    channel: &mut Channel,
+    offers: &mut mpsc::UnboundedReceiver<(String, Node)>,
+    pair_device: Node,
+) -> End {
+    if let Err(e) = send(link, channel, &pair_device).await {
+        return End::Error(e);
+    }
+    let mut paired: Option<String> = None;
+    loop {
+        tokio::select! {
+            offer = offers.recv() => {
+                let Some((jid, node)) = offer else { return End::Dropped };
+                if let Err(e) = send(link, channel, &node).await {
+                    return End::Error(e);
+                }
+                paired = Some(jid);
+            }
+            frame = link.next_frame() => {
+                let mut frame = match frame {
+                    Ok(f) => f,
+                    Err(WireError::Closed) => return End::ClientClosed,
+                    Err(e) => return End::Error(e),
+                };
+                if let Err(e) = channel.open(&mut frame) {
+                    return End::Error(e);
+                }
+                let step = crate::wire::with_node(&frame, |node| {
+                    if node.tag != "iq" {
+                        return PairStep::Ignore;
+                    }
+                    if node.get_attr("xmlns").is_some_and(|x| x.as_str() == "w:p") {
+                        let id = node.get_attr("id").map(|v| v.as_str().into_owned()).unwrap_or_default();
+                        return PairStep::Ping(id);
+                    }
+                    match node.get_optional_child("pair-device-sign").and_then(|c| c.get_optional_child("device-identity")) {
+                        Some(identity) => PairStep::Signed(identity.content_bytes().map(<[u8]>::to_vec)),
+                        None if node.get_attr("type").is_some_and(|t| t.as_str() == "error") => PairStep::Refused,
+                        None => PairStep::Ignore,
+                    }
+                });
+                match step {
+                    Err(e) => return End::Error(e),
+                    Ok(PairStep::Ignore) => {}
+                    Ok(PairStep::Ping(id)) => {
+                        if let Err(e) = send(link, channel, &iq::pong(&id)).await {
+                            return End::Error(e);
+                        }
+                    }
+                    Ok(PairStep::Refused) => {
+                        tracing::debug!("client refused pair-success");
+                        return End::ClientClosed;
+                    }
+                    Ok(PairStep::Signed(identity)) => {
+                        let Some(jid) = paired.clone() else { continue };
+                        shared.update(|s| {
+                            s.rec.pairing_completed();
+                            if let (Some(bytes), Some(account)) =
+                                (identity, s.devices.get_mut(&jid).and_then(|d| d.account.as_mut()))
+                            {
+                                account.device_identity = bytes;
+                            }
+                        });
+                        tracing::debug!(device = %jid, "pairing completed; asking the client to restart");
+                        let _ = send(link, channel, &stream_error(StreamErrorKind::RestartRequired)).await;
+                        return End::StreamError(StreamErrorKind::RestartRequired);
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum PairStep {
+    Ignore,
+    Ping(String),
+    Signed(Option<Vec<u8>>),
+    Refused,
+}
+
+/// A QR ref: opaque to the client, unique per handout.
+fn pairing_ref() -> String {
+    use base64::Engine as _;
+    use rand::Rng as _;
+    let mut bytes = [0u8; 18];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("2@{}", base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
 /// How a logged-in connection ended.

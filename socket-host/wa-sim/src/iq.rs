@@ -35,7 +35,7 @@ pub(crate) enum Outcome {
 pub(crate) fn handle(shared: &Shared, jid: &str, node: &NodeRef<'_>) -> Outcome {
     match &*node.tag {
         "iq" => iq(shared, jid, node),
-        "message" | "receipt" | "notification" | "call" => ack(node),
+        "message" | "receipt" | "call" => ack(node),
         _ => Outcome::Nothing,
     }
 }
@@ -87,6 +87,7 @@ fn iq(shared: &Shared, jid: &str, node: &NodeRef<'_>) -> Outcome {
         ("blocklist", "get", _) => result(&id).children([NodeBuilder::new("list").build()]).build(),
         ("privacy", "get", _) => privacy(&id),
         ("usync", _, "usync") => usync(shared, &id, first.expect("child exists")),
+        ("w:sync:app:state", "set", "sync") => app_state(&id, first.expect("child exists")),
         _ => {
             tracing::debug!(xmlns = %xmlns, kind = %kind, child = %child, "answering unhandled iq with an empty result");
             result(&id).build()
@@ -244,6 +245,18 @@ fn fetch_bundles(shared: &Shared, id: &str, key: &NodeRef<'_>) -> Node {
         .collect::<Vec<_>>();
     drop(s);
     result(id).children([NodeBuilder::new("list").children(users).build()]).build()
+}
+
+/// App-state sync for an account with no app state: every requested collection, empty, at the version the
+/// client asked from (a freshly paired client waits for these before it reports itself connected).
+fn app_state(id: &str, sync: &NodeRef<'_>) -> Node {
+    let collections = sync.get_children_by_tag("collection").map(|c| {
+        let mut n = NodeBuilder::new("collection").attr("name", attr(c, "name"));
+        let version = attr(c, "version");
+        n = n.attr("version", if version.is_empty() { "0".to_owned() } else { version });
+        n.build()
+    });
+    result(id).children([NodeBuilder::new("sync").children(collections.collect::<Vec<_>>()).build()]).build()
 }
 
 fn props(id: &str, request: Option<&NodeRef<'_>>) -> Node {

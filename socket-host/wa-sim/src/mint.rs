@@ -90,53 +90,14 @@ pub(crate) fn mint(
     opts: &MintOptions,
     taken: impl Fn(&str) -> bool,
 ) -> Result<(Device, DeviceEntry), MintError> {
-    let mut rng = rand::rng();
     let mut device = Device::new();
-    let device_id = opts.device_id.unwrap_or_else(|| rng.random_range(1..=99));
-    let phone = loop {
-        let candidate = format!("5511{:08}", rng.random_range(0..100_000_000u32));
-        if !taken(&candidate) {
-            break candidate;
-        }
-    };
-    let lid_user = format!("{}", rng.random_range(100_000_000_000_000u64..1_000_000_000_000_000));
-    let pn = Jid::pn_device(phone.as_str(), device_id);
-    let lid = Jid::lid_device(lid_user.as_str(), device_id);
+    let (pn, lid) = allocate_jids(opts.device_id, taken);
     let push_name = match &opts.push_name {
         Some(n) if !n.is_empty() => n.clone(),
-        _ => tenant.map_or_else(|| format!("wa-sim {phone}"), |t| t.as_str().to_owned()),
+        _ => tenant.map_or_else(|| format!("wa-sim {}", pn.user), |t| t.as_str().to_owned()),
     };
-
-    // The phone's half of pairing: the account key signs the companion's identity.
-    let primary = KeyPair::generate(&mut rng);
-    let key_index = rng.random_range(1..=50u32);
-    let raw_id: u32 = rng.random();
-    let created = now_secs();
-    let details = wa::ADVDeviceIdentity {
-        raw_id: Some(raw_id),
-        timestamp: Some(created),
-        key_index: Some(key_index),
-        account_type: Some(wa::ADVEncryptionType::E2EE),
-        device_type: Some(wa::ADVEncryptionType::E2EE),
-    }
-    .encode_to_vec();
     let identity_public = public_bytes(&device.identity_key);
-    let account_signature = sign(&primary, &[ADV_ACCOUNT_SIGNATURE, &details, &identity_public]);
-    let signed = wa::ADVSignedDeviceIdentity {
-        details: Some(details),
-        account_signature_key: Some(public_bytes(&primary).to_vec()),
-        account_signature: Some(account_signature),
-        device_signature: None,
-    }
-    .encode_to_vec();
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&device.adv_secret_key).expect("hmac takes any key length");
-    mac.update(&signed);
-    let container = wa::ADVSignedDeviceIdentityHMAC {
-        details: Some(signed),
-        hmac: Some(mac.finalize().into_bytes().to_vec()),
-        account_type: Some(wa::ADVEncryptionType::E2EE),
-    }
-    .encode_to_vec();
+    let phone = phone_half(&identity_public, &device.adv_secret_key);
 
     // The companion's half, by the engine's own code: verifies the HMAC and the account signature, adds
     // the device signature.
@@ -146,7 +107,7 @@ pub(crate) fn mint(
         adv_secret_key: device.adv_secret_key,
     };
     let (account_bytes, _) =
-        PairUtils::do_pair_crypto(&state, &container).map_err(|e| MintError::Pairing(e.to_string()))?;
+        PairUtils::do_pair_crypto(&state, &phone.container).map_err(|e| MintError::Pairing(e.to_string()))?;
     let account = wa::ADVSignedDeviceIdentity::decode_from_slice(&account_bytes)
         .map_err(|e| MintError::Pairing(e.to_string()))?;
 
@@ -156,7 +117,6 @@ pub(crate) fn mint(
     device.account = Some(Arc::new(account));
     device.server_has_prekeys = opts.server_has_prekeys;
 
-    let key_index_list = signed_key_index_list(&primary, raw_id, created, key_index);
     let entry = DeviceEntry {
         jid: pn,
         lid: Some(lid),
@@ -174,10 +134,75 @@ pub(crate) fn mint(
             prekeys: Default::default(),
             server_has_prekeys: opts.server_has_prekeys,
         },
-        account: Some(Account { key_index, key_index_list, created_secs: created, device_identity: account_bytes }),
+        account: Some(Account {
+            key_index: phone.key_index,
+            key_index_list: phone.key_index_list,
+            created_secs: phone.created,
+            device_identity: account_bytes,
+        }),
         settings: Default::default(),
     };
     Ok((device, entry))
+}
+
+/// A fresh phone number and LID for a companion device (random device number 1-99 unless given).
+pub(crate) fn allocate_jids(device_id: Option<u16>, taken: impl Fn(&str) -> bool) -> (Jid, Jid) {
+    let mut rng = rand::rng();
+    let device_id = device_id.unwrap_or_else(|| rng.random_range(1..=99));
+    let phone = loop {
+        let candidate = format!("5511{:08}", rng.random_range(0..100_000_000u32));
+        if !taken(&candidate) {
+            break candidate;
+        }
+    };
+    let lid_user = format!("{}", rng.random_range(100_000_000_000_000u64..1_000_000_000_000_000));
+    (Jid::pn_device(phone.as_str(), device_id), Jid::lid_device(lid_user.as_str(), device_id))
+}
+
+/// What the phone contributes to linking a companion: a new account key signs the companion's identity,
+/// wrapped in the HMAC container keyed by the companion's ADV secret (which the QR code carried).
+pub(crate) struct PhoneHalf {
+    pub(crate) key_index: u32,
+    pub(crate) created: u64,
+    /// `ADVSignedDeviceIdentityHMAC` bytes, as `<pair-success><device-identity>` carries them.
+    pub(crate) container: Vec<u8>,
+    /// The `ADVSignedDeviceIdentity` inside the container (no device signature yet).
+    pub(crate) signed_identity: Vec<u8>,
+    pub(crate) key_index_list: Vec<u8>,
+}
+
+pub(crate) fn phone_half(identity_public: &[u8; 32], adv_secret: &[u8; 32]) -> PhoneHalf {
+    let mut rng = rand::rng();
+    let primary = KeyPair::generate(&mut rng);
+    let key_index = rng.random_range(1..=50u32);
+    let raw_id: u32 = rng.random();
+    let created = now_secs();
+    let details = wa::ADVDeviceIdentity {
+        raw_id: Some(raw_id),
+        timestamp: Some(created),
+        key_index: Some(key_index),
+        account_type: Some(wa::ADVEncryptionType::E2EE),
+        device_type: Some(wa::ADVEncryptionType::E2EE),
+    }
+    .encode_to_vec();
+    let account_signature = sign(&primary, &[ADV_ACCOUNT_SIGNATURE, &details, identity_public]);
+    let signed_identity = wa::ADVSignedDeviceIdentity {
+        details: Some(details),
+        account_signature_key: Some(public_bytes(&primary).to_vec()),
+        account_signature: Some(account_signature),
+        device_signature: None,
+    }
+    .encode_to_vec();
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(adv_secret).expect("hmac takes any key length");
+    mac.update(&signed_identity);
+    let container = wa::ADVSignedDeviceIdentityHMAC {
+        details: Some(signed_identity.clone()),
+        hmac: Some(mac.finalize().into_bytes().to_vec()),
+        account_type: Some(wa::ADVEncryptionType::E2EE),
+    }
+    .encode_to_vec();
+    let key_index_list = signed_key_index_list(&primary, raw_id, created, key_index);
+    PhoneHalf { key_index, created, container, signed_identity, key_index_list }
 }
 
 /// The `ADVSignedKeyIndexList` a usync device query returns: which key indexes (linked devices) are valid.

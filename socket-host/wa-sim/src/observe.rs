@@ -63,6 +63,10 @@ pub struct Summary {
     pub peak_logged_in_connections: u64,
     /// Keepalive pings received.
     pub pings: u64,
+    /// Fresh clients that asked to pair (QR codes handed out).
+    pub pairings_started: u64,
+    /// Pairings the client confirmed (`pair-device-sign` received).
+    pub pairings_completed: u64,
 }
 
 /// What one device did.
@@ -174,6 +178,14 @@ impl Recorder {
 
     pub(crate) fn handshake_failed(&mut self) {
         self.summary.handshakes_failed += 1;
+    }
+
+    pub(crate) fn pairing_started(&mut self) {
+        self.summary.pairings_started += 1;
+    }
+
+    pub(crate) fn pairing_completed(&mut self) {
+        self.summary.pairings_completed += 1;
     }
 
     pub(crate) fn refused_at_upgrade(&mut self) {

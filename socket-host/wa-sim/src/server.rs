@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use wakeeper_shared::domain::{CredentialSnapshot, DeviceRecord, TenantId};
 use whatsapp_rust::wacore_binary::Jid;
+use whatsapp_rust::wacore_binary::builder::NodeBuilder;
 
 use crate::faults::{Command, PongMode, Refusal, Settings, SettingsView, StreamErrorKind, Target};
 use crate::keys::ServerIdentity;
@@ -84,6 +85,9 @@ pub enum SimError {
     /// Minting failed.
     #[error(transparent)]
     Mint(#[from] MintError),
+    /// A QR code is malformed or names no connection waiting to pair.
+    #[error("pairing: {0}")]
+    Pairing(&'static str),
     /// A wait ran out of time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
@@ -245,6 +249,65 @@ impl SimHandle {
         self.shared.update(|_| ());
         tracing::debug!(tenant = %tenant.as_str(), device = %minted.jid, "device minted");
         Ok(minted)
+    }
+
+    /// "Scans" a QR code shown by a fresh client, as the phone would: the client waiting with that ref
+    /// and noise key receives `pair-success` for a new device (phone number and LID allocated here, key
+    /// bundle from its registration payload), confirms, and is asked to restart (515); its next login
+    /// succeeds. Returns the new device JID; the device is registered for `tenant` at once.
+    pub fn pair(&self, qr_code: &str, tenant: &TenantId, opts: &MintOptions) -> Result<String, SimError> {
+        let qr = parse_qr(qr_code).ok_or(SimError::Pairing("malformed qr code"))?;
+        let mut s = self.shared.lock();
+        let (keys, offer) = s
+            .pairings
+            .values()
+            .find(|p| p.noise_public == qr.noise && p.refs.contains(&qr.reference))
+            .map(|p| (p.keys.clone(), p.offer.clone()))
+            .ok_or(SimError::Pairing("no client is waiting with that qr code"))?;
+        if keys.identity != Some(qr.identity) {
+            return Err(SimError::Pairing("qr identity differs from the registration payload"));
+        }
+        let (pn, lid) = crate::mint::allocate_jids(opts.device_id, |p| s.by_phone.contains_key(p));
+        let phone = crate::mint::phone_half(&qr.identity, &qr.adv_secret);
+        let push_name = opts.push_name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| tenant.as_str().to_owned());
+        let success = NodeBuilder::new("iq")
+            .attr("from", crate::iq::SERVER)
+            .attr("id", format!("pair-success-{}", pn.user))
+            .attr("type", "set")
+            .attr("xmlns", "md")
+            .children([NodeBuilder::new("pair-success")
+                .children([
+                    NodeBuilder::new("device-identity")
+                        .attr("key-index", phone.key_index.to_string())
+                        .bytes(phone.container.clone())
+                        .build(),
+                    NodeBuilder::new("platform").attr("name", "smba").build(),
+                    NodeBuilder::new("device").attr("jid", pn.clone()).attr("lid", lid.clone()).build(),
+                    NodeBuilder::new("biz").attr("name", push_name).build(),
+                ])
+                .build()])
+            .build();
+        let jid = pn.to_string();
+        s.insert_device(DeviceEntry {
+            jid: pn,
+            lid: Some(lid),
+            noise_public: qr.noise,
+            tenant: Some(tenant.as_str().to_owned()),
+            revoked: false,
+            keys,
+            account: Some(crate::state::Account {
+                key_index: phone.key_index,
+                key_index_list: phone.key_index_list,
+                created_secs: phone.created,
+                device_identity: phone.signed_identity,
+            }),
+            settings: Settings::default(),
+        });
+        drop(s);
+        self.shared.update(|_| ());
+        offer.send((jid.clone(), success)).map_err(|_| SimError::Pairing("the client went away"))?;
+        tracing::debug!(tenant = %tenant.as_str(), device = %jid, "qr code scanned");
+        Ok(jid)
     }
 
     /// Registers a device paired elsewhere (e.g. taken over from Baileys) by its noise key and JID. The
@@ -482,6 +545,25 @@ impl SimHandle {
     ) -> Result<DeviceObservation, SimError> {
         self.wait_for(limit, |h| h.device(jid).filter(|o| pred(o))).await
     }
+}
+
+struct Qr {
+    reference: String,
+    noise: [u8; 32],
+    identity: [u8; 32],
+    adv_secret: [u8; 32],
+}
+
+/// `ref,noise_b64,identity_b64,adv_b64[,client_type]`, optionally behind WhatsApp's deep-link prefix.
+fn parse_qr(code: &str) -> Option<Qr> {
+    use base64::Engine as _;
+    let body = code.rsplit('#').next()?;
+    let mut parts = body.split(',');
+    let reference = parts.next().filter(|r| !r.is_empty())?.to_owned();
+    let mut key = || -> Option<[u8; 32]> {
+        base64::engine::general_purpose::STANDARD.decode(parts.next()?).ok()?.try_into().ok()
+    };
+    Some(Qr { reference, noise: key()?, identity: key()?, adv_secret: key()? })
 }
 
 /// Parses a phone-number device JID (`user:dev@s.whatsapp.net`).

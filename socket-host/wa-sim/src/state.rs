@@ -30,7 +30,7 @@ pub(crate) struct DeviceEntry {
 }
 
 /// The Signal keys the server publishes for a device (what `encrypt` IQs upload and fetch).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct KeyBundle {
     pub(crate) registration_id: Option<u32>,
     pub(crate) identity: Option<[u8; 32]>,
@@ -59,6 +59,18 @@ pub(crate) struct Account {
     pub(crate) device_identity: Vec<u8>,
 }
 
+/// A connection waiting for its QR code to be scanned.
+pub(crate) struct PendingPairing {
+    /// The refs the server handed out; a QR code carries one of them.
+    pub(crate) refs: Vec<String>,
+    /// The client's noise static key (the QR code carries it too).
+    pub(crate) noise_public: [u8; 32],
+    /// The key bundle from the registration payload.
+    pub(crate) keys: KeyBundle,
+    /// Where `pair-success` goes: the new device JID and the stanza.
+    pub(crate) offer: mpsc::UnboundedSender<(String, whatsapp_rust::wacore_binary::Node)>,
+}
+
 /// A logged-in connection, reachable by fault actions.
 pub(crate) struct LiveConn {
     pub(crate) jid: String,
@@ -80,6 +92,8 @@ pub(crate) struct State {
     pub(crate) live: HashMap<u64, LiveConn>,
     /// Live connection ids by device JID.
     pub(crate) live_by_jid: HashMap<String, Vec<u64>>,
+    /// Connections in the pairing flow, by connection id.
+    pub(crate) pairings: HashMap<u64, PendingPairing>,
 }
 
 impl State {

@@ -72,6 +72,20 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time the simulator process has used (user + system), from `/proc/PID/stat`. The machine is shared
+/// with the load generator, so handshakes per simulator CPU-second is the figure that says what the
+/// simulator itself costs.
+fn cpu_time(pid: u32) -> Duration {
+    // Linux reports these in clock ticks; USER_HZ is 100 on every mainstream configuration.
+    const TICKS_PER_SEC: u64 = 100;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<u64> = rest.split_whitespace().skip(11).take(2).filter_map(|f| f.parse().ok()).collect();
+    let ticks: u64 = fields.iter().sum();
+    Duration::from_millis(ticks * 1000 / TICKS_PER_SEC)
+}
+
 async fn summary(control: &str) -> anyhow::Result<serde_json::Value> {
     Ok(control_request(control, "GET", "/v1/summary", None).await?.1)
 }
@@ -152,9 +166,10 @@ async fn main() -> anyhow::Result<()> {
 
     for &n in &args.counts {
         let xx = ServerTrust { root: Some(root), static_key: None };
+        let cpu = cpu_time(sim.pid);
         let (sessions, elapsed) = connect_all(&sim.ws_url, &creds[..n], xx, args.concurrency).await?;
         until(&sim.control, "all logged in", |s| s["logged_in_connections"] == n).await?;
-        report(n, "XX", elapsed, rss_kib(sim.pid), baseline);
+        report(n, "XX", elapsed, cpu_time(sim.pid).saturating_sub(cpu), rss_kib(sim.pid), baseline);
         let server_static = sessions.first().map(|s| s.server_static);
 
         // The server drops everyone at once; all reconnect with IK (the host's mass-reconnect case).
@@ -162,9 +177,10 @@ async fn main() -> anyhow::Result<()> {
         until(&sim.control, "all dropped", |s| s["logged_in_connections"] == 0).await?;
         drop(sessions);
         let ik = ServerTrust { root: None, static_key: server_static };
+        let cpu = cpu_time(sim.pid);
         let (sessions, elapsed) = connect_all(&sim.ws_url, &creds[..n], ik, args.concurrency).await?;
         until(&sim.control, "all logged in again", |s| s["logged_in_connections"] == n).await?;
-        report(n, "IK", elapsed, rss_kib(sim.pid), baseline);
+        report(n, "IK", elapsed, cpu_time(sim.pid).saturating_sub(cpu), rss_kib(sim.pid), baseline);
 
         control_request(&sim.control, "POST", "/v1/faults/drop", None).await?;
         until(&sim.control, "all dropped", |s| s["logged_in_connections"] == 0 && s["open_connections"] == 0).await?;
@@ -179,14 +195,16 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(n: usize, pattern: &str, elapsed: Duration, rss: u64, baseline: u64) {
+fn report(n: usize, pattern: &str, elapsed: Duration, sim_cpu: Duration, rss: u64, baseline: u64) {
     let per = rss.saturating_sub(baseline) as f64 / n as f64;
+    let per_cpu = if sim_cpu.is_zero() { f64::INFINITY } else { n as f64 / sim_cpu.as_secs_f64() };
     println!(
-        "{:>7}  {:>4}  {:>8.2}s  {:>13.0}  {:>8.1} MiB  {:>10.1} KiB",
+        "{:>7}  {:>4}  {:>8.2}s  {:>13.0}  {:>13.0}  {:>8.1} MiB  {:>10.1} KiB",
         n,
         pattern,
         elapsed.as_secs_f64(),
         n as f64 / elapsed.as_secs_f64(),
+        per_cpu,
         rss as f64 / 1024.0,
         per
     );

@@ -108,11 +108,20 @@ impl TestClient {
     /// Builds an engine client from a credential snapshot (as a host restoring a tenant would) and starts
     /// its run loop.
     pub async fn start(url: &str, snapshot: &CredentialSnapshot) -> Self {
-        init_logging();
         let record = snapshot.check_restorable().expect("snapshot is restorable");
         let device = wa_sim::device_from_record(&record).expect("record converts to an engine device");
         let backend = Arc::new(InMemoryBackend::new());
         backend.save(&device).await.expect("saving the device");
+        Self::start_with(url, backend).await
+    }
+
+    /// A client with an empty store: it has never been linked and asks to pair.
+    pub async fn start_fresh(url: &str) -> Self {
+        Self::start_with(url, Arc::new(InMemoryBackend::new())).await
+    }
+
+    async fn start_with(url: &str, backend: Arc<InMemoryBackend>) -> Self {
+        init_logging();
         let bot = Bot::builder()
             .with_backend_arc(backend)
             .with_transport_factory(WsFactory::new(url))

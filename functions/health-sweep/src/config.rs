@@ -1,0 +1,216 @@
+//! The health-sweep function's settings, read once at cold start from `WAKEEPER_*` variables (a lookup
+//! function, so tests pass a map). A missing or malformed setting fails the cold start, not an invocation.
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `WAKEEPER_HOST_URLS` | required | control-API base URLs, comma-separated, in shard order |
+//! | `WAKEEPER_CONTROL_TOKEN` | | the bearer token itself (local runs) |
+//! | `WAKEEPER_CONTROL_TOKEN_SECRET_ARN` | | or: a Secrets Manager secret whose string is the token (AWS) |
+//! | `WAKEEPER_DYNAMODB_TABLE` | required | the tenant table |
+//! | `WAKEEPER_DYNAMODB_ENDPOINT` | | DynamoDB endpoint override (DynamoDB Local; never in AWS) |
+//! | `WAKEEPER_HOST_TIMEOUT_S` | `10` | per-attempt timeout of a control-API call (3 attempts) |
+//! | `WAKEEPER_ALERT_WEBHOOK_URL` | | alerts are POSTed here, signed (`X-Wakeeper-Signature: sha256=<hex>`) |
+//! | `WAKEEPER_ALERT_WEBHOOK_SECRET` | | the signing secret (local runs); required with a webhook URL |
+//! | `WAKEEPER_ALERT_WEBHOOK_SECRET_ARN` | | or: a Secrets Manager secret holding it (AWS) |
+//! | `WAKEEPER_ALERT_TOPIC_ARN` | | alerts are also published to this SNS topic |
+//! | `WAKEEPER_SWEEP_STUCK_AFTER_S` | `300` | connecting/backoff this long: ask for a reconnect |
+//! | `WAKEEPER_SWEEP_ALERT_AFTER` | `3` | alert when a tenant fails more sweeps in a row than this |
+//! | `WAKEEPER_SWEEP_SILENT_AFTER_S` | `120` | open but nothing received this long: reconnect (0 = off) |
+//! | `WAKEEPER_SWEEP_CONCURRENCY` | `16` | host calls and writes in flight at once |
+//! | `WAKEEPER_LOG` | `info` | log filter |
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use wakeeper_shared::domain::reconcile::Policy;
+use wakeeper_shared::sweep::{SweepPolicy, parse_host_urls};
+
+/// A secret given either as its value or as where to fetch it. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// The value itself.
+    Value(String),
+    /// A Secrets Manager secret id (ARN) whose string is the value.
+    SecretArn(String),
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Secret::Value(_) => f.write_str("Secret::Value(<redacted>)"),
+            Secret::SecretArn(arn) => write!(f, "Secret::SecretArn({arn})"),
+        }
+    }
+}
+
+impl Secret {
+    /// The secret named by variable `value_var` or `arn_var` (not both); `None` when neither is set.
+    pub fn from_lookup(
+        get: &impl Fn(&str) -> Option<String>,
+        value_var: &str,
+        arn_var: &str,
+    ) -> anyhow::Result<Option<Self>> {
+        let value = get(value_var).filter(|v| !v.trim().is_empty());
+        let arn = get(arn_var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        match (value, arn) {
+            (Some(_), Some(_)) => bail!("set {value_var} or {arn_var}, not both"),
+            (Some(v), None) => Ok(Some(Secret::Value(v.trim().to_owned()))),
+            (None, Some(a)) if a.starts_with("arn:") => Ok(Some(Secret::SecretArn(a))),
+            (None, Some(_)) => bail!("{arn_var} must be a Secrets Manager ARN"),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// Where alerts go besides the log.
+#[derive(Debug, Clone, Default)]
+pub struct AlertConfig {
+    /// Webhook URL and its signing secret.
+    pub webhook: Option<(String, Secret)>,
+    /// SNS topic ARN.
+    pub topic_arn: Option<String>,
+}
+
+/// Everything the function needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Control-API base URLs in shard order.
+    pub host_urls: Vec<String>,
+    /// The control API's bearer token.
+    pub token: Secret,
+    /// The tenant table.
+    pub table: String,
+    /// DynamoDB endpoint override (local runs).
+    pub dynamodb_endpoint: Option<String>,
+    /// Per-attempt timeout of a control-API call.
+    pub host_timeout: Duration,
+    /// Where alerts go.
+    pub alerts: AlertConfig,
+    /// The sweep's knobs.
+    pub policy: SweepPolicy,
+}
+
+fn number<T: FromStr>(get: &impl Fn(&str) -> Option<String>, var: &str, default: T) -> anyhow::Result<T> {
+    match get(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) {
+        None => Ok(default),
+        Some(v) => v.parse().ok().with_context(|| format!("{var} must be a non-negative whole number")),
+    }
+}
+
+impl Config {
+    /// Reads every setting through `get` (`std::env::var` in the function).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        let urls = get("WAKEEPER_HOST_URLS").context("WAKEEPER_HOST_URLS is required")?;
+        let host_urls = parse_host_urls(&urls).map_err(|e| anyhow::anyhow!("WAKEEPER_HOST_URLS: {e}"))?;
+        let token = Secret::from_lookup(&get, "WAKEEPER_CONTROL_TOKEN", "WAKEEPER_CONTROL_TOKEN_SECRET_ARN")?
+            .context("WAKEEPER_CONTROL_TOKEN or WAKEEPER_CONTROL_TOKEN_SECRET_ARN is required")?;
+        let table = get("WAKEEPER_DYNAMODB_TABLE")
+            .filter(|t| !t.trim().is_empty())
+            .context("WAKEEPER_DYNAMODB_TABLE is required")?;
+        let dynamodb_endpoint = get("WAKEEPER_DYNAMODB_ENDPOINT").filter(|e| !e.trim().is_empty());
+        let host_timeout = Duration::from_secs(number(&get, "WAKEEPER_HOST_TIMEOUT_S", 10u64)?.max(1));
+
+        let webhook_url = get("WAKEEPER_ALERT_WEBHOOK_URL").map(|u| u.trim().to_owned()).filter(|u| !u.is_empty());
+        let webhook_secret =
+            Secret::from_lookup(&get, "WAKEEPER_ALERT_WEBHOOK_SECRET", "WAKEEPER_ALERT_WEBHOOK_SECRET_ARN")?;
+        let webhook = match (webhook_url, webhook_secret) {
+            (Some(url), Some(secret)) => {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    bail!("WAKEEPER_ALERT_WEBHOOK_URL must be an http(s) URL");
+                }
+                Some((url, secret))
+            }
+            // Unsigned alerts cannot be told from forged ones by the receiver.
+            (Some(_), None) => bail!("WAKEEPER_ALERT_WEBHOOK_URL needs WAKEEPER_ALERT_WEBHOOK_SECRET(_ARN)"),
+            (None, _) => None,
+        };
+        let topic_arn = get("WAKEEPER_ALERT_TOPIC_ARN").map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+        if topic_arn.as_deref().is_some_and(|t| !t.starts_with("arn:")) {
+            bail!("WAKEEPER_ALERT_TOPIC_ARN must be an SNS topic ARN");
+        }
+
+        let defaults = SweepPolicy::default();
+        let silent_s = number(&get, "WAKEEPER_SWEEP_SILENT_AFTER_S", defaults.silent_after.map_or(0, |d| d.as_secs()))?;
+        let policy = SweepPolicy {
+            reconcile: Policy {
+                stuck_after_ms: number(&get, "WAKEEPER_SWEEP_STUCK_AFTER_S", defaults.reconcile.stuck_after_ms / 1000)?
+                    .saturating_mul(1000),
+                alert_after_failures: number(
+                    &get,
+                    "WAKEEPER_SWEEP_ALERT_AFTER",
+                    defaults.reconcile.alert_after_failures,
+                )?,
+            },
+            silent_after: (silent_s > 0).then(|| Duration::from_secs(silent_s)),
+            concurrency: number(&get, "WAKEEPER_SWEEP_CONCURRENCY", defaults.concurrency)?.max(1),
+            ..defaults
+        };
+        Ok(Self {
+            host_urls,
+            token,
+            table,
+            dynamodb_endpoint,
+            host_timeout,
+            alerts: AlertConfig { webhook, topic_arn },
+            policy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
+
+    const BASE: &[(&str, &str)] = &[
+        ("WAKEEPER_HOST_URLS", "https://host.internal"),
+        ("WAKEEPER_CONTROL_TOKEN", "local-token"),
+        ("WAKEEPER_DYNAMODB_TABLE", "tenants"),
+    ];
+
+    #[test]
+    fn defaults_follow_the_shared_policy() {
+        let c = Config::from_lookup(lookup(BASE)).unwrap();
+        assert_eq!(c.policy, SweepPolicy::default());
+        assert!(c.alerts.webhook.is_none() && c.alerts.topic_arn.is_none());
+        assert!(!format!("{c:?}").contains("local-token"));
+    }
+
+    #[test]
+    fn knobs_and_alert_targets_are_read() {
+        let mut pairs = BASE.to_vec();
+        pairs.extend([
+            ("WAKEEPER_ALERT_WEBHOOK_URL", "https://alerts.example/hook"),
+            ("WAKEEPER_ALERT_WEBHOOK_SECRET_ARN", "arn:aws:secretsmanager:us-east-1:123456789012:secret:hook"),
+            ("WAKEEPER_ALERT_TOPIC_ARN", "arn:aws:sns:us-east-1:123456789012:wakeeper-alerts"),
+            ("WAKEEPER_SWEEP_STUCK_AFTER_S", "60"),
+            ("WAKEEPER_SWEEP_ALERT_AFTER", "5"),
+            ("WAKEEPER_SWEEP_SILENT_AFTER_S", "0"),
+        ]);
+        let c = Config::from_lookup(lookup(&pairs)).unwrap();
+        assert_eq!(c.policy.reconcile, Policy { stuck_after_ms: 60_000, alert_after_failures: 5 });
+        assert_eq!(c.policy.silent_after, None);
+        let (url, secret) = c.alerts.webhook.unwrap();
+        assert_eq!(url, "https://alerts.example/hook");
+        assert!(matches!(secret, Secret::SecretArn(_)));
+        assert!(c.alerts.topic_arn.is_some());
+    }
+
+    #[test]
+    fn a_webhook_without_a_secret_is_refused() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("WAKEEPER_ALERT_WEBHOOK_URL", "https://alerts.example/hook"));
+        assert!(Config::from_lookup(lookup(&pairs)).unwrap_err().to_string().contains("SECRET"));
+        let mut pairs = BASE.to_vec();
+        pairs.push(("WAKEEPER_ALERT_TOPIC_ARN", "wakeeper-alerts"));
+        assert!(Config::from_lookup(lookup(&pairs)).is_err());
+    }
+}

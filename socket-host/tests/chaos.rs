@@ -1,0 +1,586 @@
+//! The chaos suite (issue 8): break the host on purpose in bounded trials and count what was lost.
+//!
+//! Every scenario prints its counts; every count that must be zero is asserted zero at the end of the scenario
+//! (so a failure still shows the whole table). Short form (the default, part of `.ci/run`): a few trials and
+//! 5-second faults, under three minutes. Long form: `WAKEEPER_CHAOS_TRIALS=50` (scripts/chaos) runs that many
+//! SIGKILL trials, 20 two-host trials, 30-second store outages and 60-second refusals.
+//!
+//! Scenarios:
+//! 1. SIGKILL while the engine writes (fresh devices uploading their pre-keys), restart with the local disk wiped:
+//!    tenants not back to `open`, tenants that needed pairing, acknowledged records missing from the credential
+//!    store, corrupt records.
+//! 2. The Firestore emulator unreachable during a restore and during record churn: tenants wrongly marked,
+//!    time to full recovery, records left unreplicated after recovery.
+//! 3. The fake server answering 503 and 429 to every connect: tenants wrongly marked, the peak connect rate
+//!    the server saw against the governor's limit, time to full recovery.
+//! 4. Two hosts over one store, one killed and restarted again and again: moments a device had two connections.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use wa_sim::{MintOptions, Refusal, RefusePoint, Target};
+use wakeeper_shared::adapters::embedded::EmbeddedStore;
+use wakeeper_shared::adapters::firestore::FirestoreCredentialStore;
+use wakeeper_shared::domain::{RecordKind, SessionList, SessionState, TenantId};
+use wakeeper_shared::ports::{CredentialStore, StoreError, TenantStore};
+use wakeeper_shared::working_copy::WorkingCopy;
+
+// ---- settings and the count table ---------------------------------------------------------------------------------
+
+/// How hard to push: the short form by default, the long form when `WAKEEPER_CHAOS_TRIALS` is set.
+struct Settings {
+    kill_trials: usize,
+    two_host_trials: usize,
+    outage: Duration,
+    refusal: Duration,
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        match std::env::var("WAKEEPER_CHAOS_TRIALS").ok().and_then(|v| v.parse::<usize>().ok()) {
+            Some(n) if n > 0 => Self {
+                kill_trials: n,
+                two_host_trials: n.min(20),
+                outage: Duration::from_secs(30),
+                refusal: Duration::from_secs(60),
+            },
+            _ => Self {
+                kill_trials: 3,
+                two_host_trials: 3,
+                outage: Duration::from_secs(5),
+                refusal: Duration::from_secs(5),
+            },
+        }
+    }
+}
+
+/// Counts of one scenario: name, value, and whether it must be zero.
+#[derive(Default)]
+struct Counts {
+    rows: Vec<(String, String, bool, bool)>,
+}
+
+impl Counts {
+    /// A count that must be zero.
+    fn zero(&mut self, what: &str, n: u64) {
+        self.rows.push((what.into(), n.to_string(), true, n == 0));
+    }
+
+    /// A figure reported, not asserted.
+    fn info(&mut self, what: &str, value: impl std::fmt::Display) {
+        self.rows.push((what.into(), value.to_string(), false, true));
+    }
+
+    /// A bound that must hold.
+    fn bound(&mut self, what: &str, value: impl std::fmt::Display, holds: bool) {
+        self.rows.push((what.into(), value.to_string(), true, holds));
+    }
+
+    /// Prints the table, then fails if any asserted count is off.
+    fn finish(self, scenario: &str) {
+        println!("\n== chaos: {scenario}");
+        for (what, value, asserted, ok) in &self.rows {
+            let mark = match (asserted, ok) {
+                (false, _) => "    ",
+                (true, true) => "ok  ",
+                (true, false) => "FAIL",
+            };
+            println!("  {mark} {what:<72} {value}");
+        }
+        let failed: Vec<&str> = self.rows.iter().filter(|r| r.2 && !r.3).map(|r| r.0.as_str()).collect();
+        assert!(failed.is_empty(), "{scenario}: counts that must be zero are not: {failed:?}");
+    }
+}
+
+fn random_ms(max: u64) -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).unwrap();
+    u64::from_le_bytes(b) % max.max(1)
+}
+
+/// Sessions by state on one host (empty when it does not answer).
+async fn states(host: &TestHost) -> BTreeMap<TenantId, SessionState> {
+    host.client
+        .sessions()
+        .await
+        .map(|l: SessionList| l.sessions.into_iter().map(|s| (s.tenant_id, s.state)).collect())
+        .unwrap_or_default()
+}
+
+/// Polls until every tenant of `ids` is open on `host`; returns how many are not by the deadline.
+async fn wait_open(host: &TestHost, ids: &[TenantId], limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = states(host).await;
+        let missing = ids.iter().filter(|id| s.get(*id) != Some(&SessionState::Open)).count();
+        if missing == 0 || Instant::now() > deadline {
+            return missing;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn terminal_in(s: &BTreeMap<TenantId, SessionState>) -> BTreeSet<TenantId> {
+    s.iter().filter(|(_, st)| st.is_terminal()).map(|(id, _)| id.clone()).collect()
+}
+
+/// Devices the simulator saw logged in twice at once.
+fn doubled(wa: &wa_sim::SimHandle) -> u64 {
+    wa.observations().devices.values().filter(|d| d.max_concurrent_connections > 1).count() as u64
+}
+
+/// Waits until the stored generation of every tenant has not moved for a while (the replicator is idle).
+async fn store_settled(creds: &dyn CredentialStore, ids: &[TenantId], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut last = Vec::new();
+    let mut stable_since = Instant::now();
+    while Instant::now() < deadline {
+        let mut now = Vec::with_capacity(ids.len());
+        for id in ids {
+            now.push(creds.generation(id).await.ok().flatten());
+        }
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        } else if stable_since.elapsed() >= Duration::from_millis(1500) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+// ---- a switchable path to the Firestore emulator -------------------------------------------------------------------
+
+/// A TCP forwarder in front of the Firestore emulator that can be cut: while down it closes every live
+/// connection and every new one at once, as a stopped server would (the emulator itself keeps its data, and
+/// other tests sharing it are unaffected).
+struct StoreProxy {
+    addr: String,
+    up: Arc<AtomicBool>,
+    connects_while_down: Arc<AtomicU64>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl StoreProxy {
+    async fn start(target: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let up = Arc::new(AtomicBool::new(true));
+        let connects_while_down = Arc::new(AtomicU64::new(0));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let (up2, count) = (up.clone(), connects_while_down.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                if !up2.load(Ordering::SeqCst) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let _ = inbound.shutdown().await;
+                    continue;
+                }
+                let target = target.clone();
+                let mut cuts = cuts.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else { return };
+                    cuts.borrow_and_update();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up, connects_while_down, cut }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+// ---- 1. SIGKILL while the engine writes ----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_engine_writes_loses_nothing_acknowledged() {
+    let settings = Settings::from_env();
+    let limit = Duration::from_secs(60 + 40 * settings.kill_trials as u64);
+    tokio::time::timeout(limit, sigkill_trials(&settings)).await.expect("chaos scenario timed out");
+}
+
+async fn sigkill_trials(settings: &Settings) {
+    let sim = wa_sim::Sim::start_local().await.unwrap();
+    let wa = sim.handle();
+    let dirs = Dirs::new();
+    let Some(stores) = CloudStores::fresh("chaoskill", dirs.cipher()).await else { return };
+    let per_trial = 4;
+    let mut c = Counts::default();
+    let (mut not_open, mut pairing, mut missing, mut corrupt, mut server_prekeys_lost) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut acknowledged, mut killed_mid_upload) = (0u64, 0u64);
+    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &stores.host_env(&[]));
+    host.ready().await;
+    for trial in 0..settings.kill_trials {
+        // Fresh devices whose server holds no pre-keys: each uploads ~800 on its first connect, and the engine
+        // writes every one through the host's store before it is sent.
+        let ids: Vec<TenantId> = (0..per_trial).map(|i| tid(&format!("kill-{trial:02}-{i}"))).collect();
+        let mut jids = Vec::new();
+        for id in &ids {
+            let m = wa.mint_device_with(id, &MintOptions { server_has_prekeys: false, ..Default::default() }).unwrap();
+            stores.creds.replace(id, &m.snapshot, 0).await.unwrap();
+            stores.tenants.set_desired(id, true).await.unwrap();
+            jids.push(m.jid);
+        }
+        let before = wa.summary();
+        for id in &ids {
+            host.client.ensure(id).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(random_ms(2500))).await;
+        host.kill9();
+        // Nothing writes any more: what the store holds now is everything it acknowledged.
+        let mut s1 = Vec::new();
+        for id in &ids {
+            let snap = stores.creds.read(id).await.unwrap();
+            acknowledged += snap.records.len() as u64;
+            if snap.count(RecordKind::PreKey) == 0 {
+                killed_mid_upload += 1;
+            }
+            s1.push(snap);
+        }
+        // A fresh container: nothing local survives (the data key lives outside the data dir).
+        dirs.wipe_data();
+        host = TestHost::spawn(&dirs, &wa.url(), "host-a", &stores.host_env(&[]));
+        host.ready().await;
+        not_open += wait_open(&host, &ids, Duration::from_secs(60)).await as u64;
+        store_settled(stores.creds.as_ref(), &ids, Duration::from_secs(20)).await;
+        for (i, id) in ids.iter().enumerate() {
+            match stores.creds.read(id).await {
+                Ok(s2) => {
+                    missing += s1[i].records.keys().filter(|k| !s2.records.contains_key(*k)).count() as u64;
+                    if s2.check_restorable().is_err() {
+                        corrupt += 1;
+                    }
+                    // Pre-keys the server hands out that the store cannot decrypt for: the window between the
+                    // engine's local write and the replicator's commit, lost with the disk.
+                    let stored: HashSet<String> =
+                        s2.records.keys().filter(|k| k.kind == RecordKind::PreKey).map(|k| k.key.clone()).collect();
+                    server_prekeys_lost +=
+                        wa.prekey_ids(&jids[i]).unwrap().iter().filter(|p| !stored.contains(&p.to_string())).count()
+                            as u64;
+                }
+                Err(StoreError::Corrupt(_)) => corrupt += 1,
+                Err(e) => panic!("reading {id}: {e}"),
+            }
+            let obs = wa.device(&jids[i]).unwrap();
+            if obs.presented_noise_keys.len() > 1 {
+                pairing += 1;
+            }
+        }
+        let after = wa.summary();
+        pairing += (after.rejected_logins - before.rejected_logins) + (after.pairings_started - before.pairings_started);
+        // Retire this trial's tenants so the next restart restores only the next set.
+        for id in &ids {
+            stores.tenants.set_desired(id, false).await.unwrap();
+            let _ = host.client.stop(id).await;
+        }
+    }
+    drop(host);
+    c.info("trials (SIGKILL at a random moment 0-2.5 s after 4 fresh devices connect)", settings.kill_trials);
+    c.info("records the store had acknowledged at the kills", acknowledged);
+    c.info("tenants killed before any pre-key reached the store", killed_mid_upload);
+    c.zero("tenants not back to open after the restart (disk wiped)", not_open);
+    c.zero("tenants that needed pairing (401, new QR, or another noise key)", pairing);
+    c.zero("acknowledged records missing from the credential store", missing);
+    c.zero("corrupt records (store unreadable or snapshot not restorable)", corrupt);
+    c.zero("devices connected twice at once", doubled(&wa));
+    c.info("pre-keys the server holds that the store lacks (uploaded, not yet replicated at the kill)", server_prekeys_lost);
+    sim.shutdown().await;
+    c.finish("SIGKILL during engine writes, restart with the working copy deleted");
+}
+
+// ---- 2. the credential store unreachable ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firestore_outage_during_restore_and_churn_marks_nobody() {
+    let settings = Settings::from_env();
+    let limit = Duration::from_secs(240) + settings.outage * 2;
+    tokio::time::timeout(limit, firestore_outage(&settings)).await.expect("chaos scenario timed out");
+}
+
+async fn firestore_outage(settings: &Settings) {
+    let Some(emulator) = firestore_emulator() else { return };
+    let sim = wa_sim::Sim::start_local().await.unwrap();
+    let wa = sim.handle();
+    let dirs = Dirs::new();
+    let prefix = fresh_prefix("chaosfs");
+    let creds = FirestoreCredentialStore::new("wakeeper-test", dirs.cipher(), prefix.clone()).await.unwrap();
+    let ids: Vec<TenantId> = (0..20).map(|i| tid(&format!("outage-{i:02}"))).collect();
+    let mut jids = Vec::new();
+    {
+        std::fs::create_dir_all(dirs.data()).unwrap();
+        let tenants = EmbeddedStore::open(dirs.data().join("store.redb"), dirs.cipher()).unwrap();
+        for id in &ids {
+            let m = wa.mint_device_with(id, &MintOptions::default()).unwrap();
+            creds.replace(id, &m.snapshot, 0).await.unwrap();
+            tenants.set_desired(id, true).await.unwrap();
+            jids.push(m.jid);
+        }
+    }
+    let proxy = StoreProxy::start(emulator).await;
+    let env = [
+        ("FIRESTORE_EMULATOR_HOST", proxy.addr.clone()),
+        ("WAKEEPER_FIRESTORE_PROJECT", "wakeeper-test".to_string()),
+        ("WAKEEPER_FIRESTORE_PREFIX", prefix.clone()),
+    ];
+    let mut c = Counts::default();
+    let mut wrongly_marked: BTreeSet<TenantId> = BTreeSet::new();
+
+    // (a0) A host started while the store is unreachable: does it come up at all?
+    proxy.set_up(false);
+    let mut probe = TestHost::spawn(&dirs, &wa.url(), "host-a", &env);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut answered = false;
+    while Instant::now() < deadline && !answered {
+        answered = probe.client.health().await.is_ok();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    probe.kill9();
+    c.info("(start) host answers /health within 10 s when started while the store is unreachable", answered);
+    proxy.connects_while_down.store(0, Ordering::Relaxed);
+
+    // (a) During the restore: the store goes away as soon as the host answers, with the restore under way.
+    proxy.set_up(true);
+    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &env);
+    host.ready().await;
+    proxy.set_up(false);
+    let down_at = Instant::now();
+    while down_at.elapsed() < settings.outage {
+        wrongly_marked.extend(terminal_in(&states(&host).await));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let open_during = states(&host).await.values().filter(|s| **s == SessionState::Open).count();
+    let connects = proxy.connects_while_down.swap(0, Ordering::Relaxed);
+    proxy.set_up(true);
+    let up_at = Instant::now();
+    let not_open = wait_open(&host, &ids, Duration::from_secs(120)).await;
+    let recovery = up_at.elapsed();
+    c.info(&format!("(restore) store cut for {:?} once /health answered; sessions open at the end of it", settings.outage), open_during);
+    c.info(
+        "(restore) store connection attempts while unreachable, per tenant per second",
+        format!("{:.1}", connects as f64 / ids.len() as f64 / settings.outage.as_secs_f64()),
+    );
+    c.zero("(restore) tenants not open after the store came back", not_open as u64);
+    c.info("(restore) time from the store's return to every tenant open", format!("{:.2} s", recovery.as_secs_f64()));
+
+    // (b) During churn: the server forgets every device's pre-keys and drops it, so each reconnects and writes a
+    // fresh batch, and the store goes away while those writes replicate.
+    for jid in &jids {
+        wa.forget_prekeys(jid).unwrap();
+    }
+    wa.drop_connections(&Target::All);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set_up(false);
+    let down_at = Instant::now();
+    let mut open_samples = Vec::new();
+    while down_at.elapsed() < settings.outage {
+        let s = states(&host).await;
+        wrongly_marked.extend(terminal_in(&s));
+        open_samples.push(s.values().filter(|st| **st == SessionState::Open).count());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    proxy.set_up(true);
+    let up_at = Instant::now();
+    let not_open = wait_open(&host, &ids, Duration::from_secs(60)).await;
+    c.info(
+        "(churn) fewest sessions open during the outage (connects need no store)",
+        open_samples.iter().skip(8).min().copied().unwrap_or(0),
+    );
+    c.zero("(churn) tenants not open after the store came back", not_open as u64);
+    // Graceful stop: the replicator flushes what the outage held back.
+    host.terminate(Duration::from_secs(60));
+    let flush_took = up_at.elapsed();
+    let mut unreplicated = 0u64;
+    let mut local_records = 0u64;
+    for id in &ids {
+        let local = WorkingCopy::open(dirs.data(), id.clone(), dirs.cipher()).unwrap().load().unwrap().unwrap_or_default();
+        let remote = creds.read(id).await.unwrap();
+        local_records += local.records.len() as u64;
+        unreplicated += local.records.iter().filter(|(k, v)| remote.records.get(*k) != Some(*v)).count() as u64;
+    }
+    c.info("(churn) records in the local working copies after the churn", local_records);
+    c.zero("(churn) local records not in the store after recovery and a graceful stop", unreplicated);
+    c.info("(churn) time from the store's return to a flushed, stopped host", format!("{:.2} s", flush_took.as_secs_f64()));
+
+    let tenants = EmbeddedStore::open(dirs.data().join("store.redb"), dirs.cipher()).unwrap();
+    for id in &ids {
+        let rec = tenants.get(id).await.unwrap().unwrap();
+        if !rec.whatsapp_connected || rec.status.is_some_and(|s| s.is_terminal()) {
+            wrongly_marked.insert(id.clone());
+        }
+    }
+    c.zero("tenants wrongly marked (a terminal state seen, or marked in the tenant table)", wrongly_marked.len() as u64);
+    c.zero("devices connected twice at once", doubled(&wa));
+    sim.shutdown().await;
+    c.finish("Firestore unreachable during restore and during churn");
+}
+
+// ---- 3. the server refusing connects -------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connects_are_paced_and_mark_nobody() {
+    let settings = Settings::from_env();
+    let limit = Duration::from_secs(360) + settings.refusal * 3;
+    tokio::time::timeout(limit, refusals(&settings)).await.expect("chaos scenario timed out");
+}
+
+async fn refusals(settings: &Settings) {
+    let sim = wa_sim::Sim::start_local().await.unwrap();
+    let wa = sim.handle();
+    let dirs = Dirs::new();
+    let ids: Vec<TenantId> = (0..30).map(|i| tid(&format!("refused-{i:02}"))).collect();
+    seed_embedded(&dirs, &wa, &ids).await;
+    let (rate, burst) = (20u32, 5u32);
+    let mut host = TestHost::spawn(
+        &dirs,
+        &wa.url(),
+        "host-a",
+        &[("WAKEEPER_CONNECT_RATE", rate.to_string()), ("WAKEEPER_CONNECT_BURST", burst.to_string())],
+    );
+    host.ready().await;
+    assert_eq!(wait_open(&host, &ids, Duration::from_secs(60)).await, 0, "set-up: every tenant open");
+    let mut c = Counts::default();
+    let mut wrongly_marked: BTreeSet<TenantId> = BTreeSet::new();
+    let mut peak_overall = 0u32;
+    for (code, point) in [(503u16, RefusePoint::Upgrade), (429, RefusePoint::Stream), (429, RefusePoint::Upgrade)] {
+        let label = format!("{code} at the {}", if point == RefusePoint::Upgrade { "upgrade" } else { "stream" });
+        let seconds_before = wa.attempts_per_second().len();
+        let attempts_before = wa.summary().connect_attempts;
+        wa.refuse_connects(&Target::All, Refusal { code, point, duration: settings.refusal }).unwrap();
+        assert_eq!(wa.drop_connections(&Target::All), ids.len(), "every tenant was connected");
+        let started = Instant::now();
+        while started.elapsed() < settings.refusal {
+            wrongly_marked.extend(terminal_in(&states(&host).await));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let attempts = wa.summary().connect_attempts - attempts_before;
+        let ended = Instant::now();
+        let not_open = wait_open(&host, &ids, Duration::from_secs(150)).await;
+        let recovery = ended.elapsed();
+        let series = wa.attempts_per_second();
+        let peak = series[seconds_before.saturating_sub(1)..].iter().copied().max().unwrap_or(0);
+        peak_overall = peak_overall.max(peak);
+        wrongly_marked.extend(terminal_in(&states(&host).await));
+        c.info(
+            &format!("({label}) connect attempts per tenant during the {:?} refusal", settings.refusal),
+            format!("{:.1}", attempts as f64 / ids.len() as f64),
+        );
+        c.bound(&format!("({label}) peak connects/s seen by the server (limit {rate}/s + burst {burst})"), peak, peak <= rate + burst);
+        c.zero(&format!("({label}) tenants not open after the refusal ended"), not_open as u64);
+        c.info(&format!("({label}) time from the end of the refusal to every tenant open"), format!("{:.2} s", recovery.as_secs_f64()));
+    }
+    host.terminate(Duration::from_secs(30));
+    let tenants = EmbeddedStore::open(dirs.data().join("store.redb"), dirs.cipher()).unwrap();
+    for id in &ids {
+        let rec = tenants.get(id).await.unwrap().unwrap();
+        if !rec.whatsapp_connected || rec.status.is_some_and(|s| s.is_terminal()) {
+            wrongly_marked.insert(id.clone());
+        }
+    }
+    c.zero("tenants wrongly marked (a terminal state seen, or marked in the tenant table)", wrongly_marked.len() as u64);
+    c.zero("devices connected twice at once", doubled(&wa));
+    c.info("peak connects/s over the whole scenario", peak_overall);
+    sim.shutdown().await;
+    c.finish("the server refusing every connect with 503 and 429");
+}
+
+// ---- 4. two hosts, one killed again and again ----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_never_connect_a_device_twice_across_kills() {
+    let settings = Settings::from_env();
+    let limit = Duration::from_secs(120 + 45 * settings.two_host_trials as u64);
+    tokio::time::timeout(limit, two_hosts(&settings)).await.expect("chaos scenario timed out");
+}
+
+async fn two_hosts(settings: &Settings) {
+    let sim = wa_sim::Sim::start_local().await.unwrap();
+    let wa = sim.handle();
+    let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
+    let key = {
+        let _ = dirs_a.cipher();
+        std::fs::read(dirs_a.key_file()).unwrap()
+    };
+    std::fs::create_dir_all(dirs_b.key_file().parent().unwrap()).unwrap();
+    std::fs::write(dirs_b.key_file(), key).unwrap();
+    let Some(stores) = CloudStores::fresh("chaostwo", dirs_a.cipher()).await else { return };
+    let ids: Vec<TenantId> = (0..30).map(|i| tid(&format!("pair-{i:02}"))).collect();
+    stores.seed(&wa, &ids).await;
+    let ttl_s = 6u64;
+    let env = stores.host_env(&[("WAKEEPER_LEASE_TTL_S", ttl_s.to_string())]);
+    let mut a = TestHost::spawn(&dirs_a, &wa.url(), "host-a", &env);
+    let b = TestHost::spawn(&dirs_b, &wa.url(), "host-b", &env);
+    a.ready().await;
+    b.ready().await;
+
+    let mut c = Counts::default();
+    let (mut not_back, mut api_double, mut replaced, mut kills_before_expiry) = (0u64, 0u64, 0u64, 0u64);
+    let mut settle_times = Vec::new();
+    // Every tenant open on exactly one host; counts tenants open on both at one poll.
+    async fn converge(a: &TestHost, b: &TestHost, ids: &[TenantId], limit: Duration) -> (usize, u64, u64) {
+        let deadline = Instant::now() + limit;
+        let (mut double, mut replaced) = (0u64, 0u64);
+        loop {
+            let (sa, sb) = (states(a).await, states(b).await);
+            let open = |s: &BTreeMap<TenantId, SessionState>, id: &TenantId| s.get(id) == Some(&SessionState::Open);
+            double += ids.iter().filter(|id| open(&sa, id) && open(&sb, id)).count() as u64;
+            replaced += sa.values().chain(sb.values()).filter(|s| **s == SessionState::Replaced).count() as u64;
+            let missing = ids.iter().filter(|id| !open(&sa, id) && !open(&sb, id)).count();
+            if missing == 0 || Instant::now() > deadline {
+                return (missing, double, replaced);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (missing, double, rep) = converge(&a, &b, &ids, Duration::from_secs(60)).await;
+    assert_eq!(missing, 0, "set-up: every tenant open on one of the hosts");
+    api_double += double;
+    replaced += rep;
+    for _ in 0..settings.two_host_trials {
+        tokio::time::sleep(Duration::from_millis(random_ms(2000))).await;
+        a.kill9();
+        // Sometimes back before its leases expire (it takes them back), sometimes after (B has taken them).
+        let down = random_ms(2 * ttl_s * 1000);
+        if down < ttl_s * 1000 {
+            kills_before_expiry += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(down)).await;
+        a = TestHost::spawn(&dirs_a, &wa.url(), "host-a", &env);
+        a.ready().await;
+        let started = Instant::now();
+        let (missing, double, rep) = converge(&a, &b, &ids, Duration::from_secs(30)).await;
+        settle_times.push(started.elapsed().as_secs_f64());
+        not_back += missing as u64;
+        api_double += double;
+        replaced += rep;
+    }
+    let max_settle = settle_times.iter().copied().fold(0.0, f64::max);
+    c.info("trials (host A SIGKILLed, restarted 0-12 s later; lease ttl 6 s)", settings.two_host_trials);
+    c.info("of which A came back before its leases expired", kills_before_expiry);
+    c.zero("moments a device had two connections (the server's per-device maximum above 1)", doubled(&wa));
+    c.zero("tenants open on both hosts at one poll of their APIs", api_double);
+    c.zero("sessions ended as replaced (440)", replaced);
+    c.zero("tenants not open on either host 30 s after A came back", not_back);
+    c.info("longest time from A's restart to every tenant open on exactly one host", format!("{max_settle:.2} s"));
+    drop(a);
+    drop(b);
+    sim.shutdown().await;
+    c.finish(&format!("two hosts over one store, one killed and restarted {} times", settings.two_host_trials));
+}

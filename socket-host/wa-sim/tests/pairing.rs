@@ -1,0 +1,46 @@
+//! The link flow: a client that was never paired shows QR codes, the "phone" scans one through the
+//! simulator, and the client ends up logged in with credentials the simulator knows.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{TestClient, tenant};
+use wa_sim::{MintOptions, Sim};
+use wakeeper_shared::domain::CredentialSnapshot;
+use whatsapp_rust::prelude::Event;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scanning_a_qr_code_links_a_fresh_client() {
+    let sim = Sim::start_local().await.unwrap();
+    let mut client = TestClient::start_fresh(&sim.url()).await;
+
+    let ev = client.wait_event(Duration::from_secs(20), "PairingQrCode", |e| matches!(e, Event::PairingQrCode(_))).await;
+    let Event::PairingQrCode(qr) = &*ev else { unreachable!() };
+    assert!(sim.pair("2@nope,AAAA,BBBB,CCCC", &tenant("linked-1"), &MintOptions::default()).is_err());
+    let jid = sim.pair(&qr.code, &tenant("linked-1"), &MintOptions::default()).unwrap();
+
+    let ev = client.wait_event(Duration::from_secs(10), "PairSuccess", |e| matches!(e, Event::PairSuccess(_))).await;
+    let Event::PairSuccess(success) = &*ev else { unreachable!() };
+    assert_eq!(success.id.to_string(), jid);
+    // After the 515 the client logs in with its new identity. A freshly paired engine waits up to 10 s for
+    // the phone to share app-state keys before it syncs and reports Connected.
+    client.connected(Duration::from_secs(60)).await;
+    let s = sim.summary();
+    assert_eq!((s.pairings_started, s.pairings_completed), (1, 1));
+    let obs = sim.device(&jid).unwrap();
+    assert_eq!((obs.logins, obs.tenant.as_deref()), (1, Some("linked-1")));
+    assert_eq!(sim.device_jid(&tenant("linked-1")).as_deref(), Some(jid.as_str()));
+
+    // What the engine stored is a complete snapshot that logs in again elsewhere (a host restart).
+    let device = client.client.persistence_manager().get_device_snapshot();
+    let mut snapshot = CredentialSnapshot::default();
+    snapshot.set_device(&wa_sim::device_to_record(&device).unwrap());
+    snapshot.check_restorable().expect("a paired device is restorable");
+    client.stop().await;
+    let mut restored = TestClient::start(&sim.url(), &snapshot).await;
+    restored.connected(Duration::from_secs(60)).await;
+    let obs = sim.device(&jid).unwrap();
+    assert_eq!((obs.logins, obs.max_concurrent_connections), (2, 1));
+    restored.stop().await;
+}
