@@ -76,6 +76,11 @@ impl EngineProvider for StoreEngines {
         Ok(())
     }
 
+    async fn import_marker(&self, tenant: &TenantId) -> Option<Vec<u8>> {
+        let (data_dir, t, cipher) = (self.data_dir.clone(), tenant.clone(), self.cipher.clone());
+        tokio::task::spawn_blocking(move || crate::import::read_marker(&data_dir, &t, &cipher)).await.ok().flatten()
+    }
+
     async fn discard_local(&self, tenant: &TenantId) -> Result<(), OpenError> {
         let (data_dir, t, cipher) = (self.data_dir.clone(), tenant.clone(), self.cipher.clone());
         tokio::task::spawn_blocking(move || WorkingCopy::open(&data_dir, t, cipher).and_then(|mut wc| wc.delete()))

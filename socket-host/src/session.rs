@@ -47,6 +47,10 @@ pub trait EngineProvider: Send + Sync {
     async fn close(&self, _tenant: &TenantId) {}
     /// Deletes every stored credential of the tenant (logout): the remote store, then the local copy.
     async fn delete(&self, tenant: &TenantId) -> Result<(), OpenError>;
+    /// The import marker of a tenant taken over from another system (e.g. Baileys), if its state carries one.
+    async fn import_marker(&self, _tenant: &TenantId) -> Option<Vec<u8>> {
+        None
+    }
     /// Deletes the local working copy only (the tenant moved to another host).
     async fn discard_local(&self, _tenant: &TenantId) -> Result<(), OpenError> {
         Ok(())
@@ -664,6 +668,14 @@ impl Supervisor {
     }
 
     async fn terminal(mut self, state: SessionState, reason: String) {
+        // A 440 right after a takeover almost always means the old host still runs the number: say so.
+        let reason = match state {
+            SessionState::Replaced => {
+                let marker = self.deps.engines.import_marker(&self.tenant).await;
+                crate::import::replaced_reason(marker.as_deref()).unwrap_or(reason)
+            }
+            _ => reason,
+        };
         tracing::warn!(tenant = %self.tenant, state = state.as_str(), reason = %reason, "session ended; needs a person");
         self.set_state(state, Some(reason.clone()));
         self.mark_now(StatusUpdate::terminal(state.tenant_status(), reason)).await;

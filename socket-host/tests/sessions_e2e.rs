@@ -215,3 +215,40 @@ async fn half_open_socket_is_detected_and_replaced_without_any_sweep() {
     drop(host);
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_440_after_a_takeover_names_the_old_host() {
+    let sim = wa_sim::Sim::start_local().await.unwrap();
+    let wa = sim.handle();
+    let dirs = Dirs::new();
+    let (imported, native) = (tid("taken-over"), tid("native"));
+    seed_embedded(&dirs, &wa, &[native.clone()]).await;
+    {
+        let store = EmbeddedStore::open(dirs.data().join("store.redb"), dirs.cipher()).unwrap();
+        let mut snap = wa.mint_device(&imported);
+        let marker = socket_host::import::ImportMarker {
+            source: "baileys".into(),
+            origin: "test".into(),
+            imported_at: wakeeper_shared::domain::now_millis(),
+        };
+        snap.records.insert(socket_host::import::marker_key(), serde_json::to_vec(&marker).unwrap());
+        store.replace(&imported, &snap, 0).await.unwrap();
+        store.set_desired(&imported, true).await.unwrap();
+    }
+    let host = TestHost::spawn(&dirs, &wa.url(), "host-a", &[]);
+    host.ready().await;
+    host.all_open(2, Duration::from_secs(30)).await;
+    for t in [&imported, &native] {
+        assert_eq!(wa.stream_error(&Target::device(wa.device_jid(t).unwrap()), StreamErrorKind::Replaced), 1);
+        host.wait_state(t, SessionState::Replaced, Duration::from_secs(20)).await;
+    }
+    let reason = |t: &TenantId| {
+        let c = host.client.clone();
+        let t = t.clone();
+        async move { c.session(&t).await.unwrap().unwrap().last_error.unwrap_or_default() }
+    };
+    assert!(reason(&imported).await.contains("Baileys"), "the imported tenant's 440 names the old Baileys host");
+    assert!(!reason(&native).await.contains("Baileys"), "a native tenant's 440 does not");
+    drop(host);
+    sim.shutdown().await;
+}

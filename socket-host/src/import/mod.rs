@@ -172,6 +172,14 @@ pub fn replaced_reason(marker: Option<&[u8]>) -> Option<String> {
     ))
 }
 
+/// The takeover marker in the tenant's local working copy under `data_dir`, if any. Blocking (reads and decrypts
+/// the copy; run it in `spawn_blocking`). Safe next to an open engine store: it only reads, and a torn journal
+/// tail is skipped. For a supervisor that has no engine call to read `other` records with.
+pub fn read_marker(data_dir: &std::path::Path, tenant: &TenantId, cipher: &Cipher) -> Option<Vec<u8>> {
+    let wc = WorkingCopy::open(data_dir, tenant.clone(), cipher.clone()).ok()?;
+    wc.load().ok().flatten()?.records.remove(&marker_key())
+}
+
 /// Runs an import sub-command, writing its report to `out`.
 pub async fn run(config: &Config, cmd: &ImportCommand, out: &mut dyn Write) -> Result<(), ImportError> {
     match cmd {
@@ -375,5 +383,21 @@ mod tests {
         assert!(replaced_reason(Some(b"garbage")).unwrap().contains("Baileys"));
         assert_eq!(marker_removal().value, None);
         assert_eq!(marker_removal().key, marker_key());
+    }
+
+    #[test]
+    fn the_marker_is_read_from_the_working_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tenant, cipher) = (TenantId::parse("t1").unwrap(), Cipher::new(&[3; 32]));
+        assert_eq!(read_marker(dir.path(), &tenant, &cipher), None, "no working copy");
+        let mut snapshot = wakeeper_shared::domain::CredentialSnapshot { generation: 4, ..Default::default() };
+        snapshot.records.insert(RecordKey::new(RecordKind::Session, "a@c.us.0"), vec![1]);
+        let mut wc = WorkingCopy::open(dir.path(), tenant.clone(), cipher.clone()).unwrap();
+        wc.write_base(&snapshot).unwrap();
+        assert_eq!(read_marker(dir.path(), &tenant, &cipher), None, "no marker");
+        wc.append(&[RecordChange { key: marker_key(), value: Some(b"{}".to_vec()) }]).unwrap();
+        assert_eq!(read_marker(dir.path(), &tenant, &cipher), Some(b"{}".to_vec()));
+        wc.append(&[marker_removal()]).unwrap();
+        assert_eq!(read_marker(dir.path(), &tenant, &cipher), None, "removed");
     }
 }
