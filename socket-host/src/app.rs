@@ -137,6 +137,7 @@ impl App {
         }));
         let mut session_config = SessionConfig::new(config.wa_url.clone(), host_id(&config)?);
         session_config.lease_ttl = Duration::from_secs(config.lease_ttl_s.max(3));
+        session_config.silent_after = Duration::from_secs(config.silent_after_s.max(5));
         let host = Host::new(tenants, engines, governor, session_config);
 
         if let Some(mut fenced) = replicator.take_fenced_events() {

@@ -122,6 +122,11 @@ pub struct Config {
     #[arg(long, env = "WAKEEPER_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
+    /// Seconds of silence after which an open link is treated as half-open and replaced (keep above 30: the
+    /// engine pings an idle link every 15-30 s).
+    #[arg(long, env = "WAKEEPER_SILENT_AFTER_S", default_value_t = 45)]
+    pub silent_after_s: u64,
+
     /// Seconds between in-host health sweeps (0 = off; the cloud runs the sweep as a function instead).
     #[arg(long, env = "WAKEEPER_SWEEP_INTERVAL_S", default_value_t = 120)]
     pub sweep_interval_s: u64,

@@ -72,6 +72,9 @@ pub struct SessionConfig {
     pub handshake_timeout: Duration,
     /// WhatsApp Web version announced (skips the version look-up over HTTPS).
     pub app_version: (u32, u32, u32),
+    /// An open link that has received nothing for this long is dead (half-open): the engine pings an idle
+    /// link at least every 30 s, so a healthy one never stays silent this long. Replaced at once.
+    pub silent_after: Duration,
 }
 
 impl SessionConfig {
@@ -84,6 +87,7 @@ impl SessionConfig {
             backoff: BackoffPolicy::default(),
             handshake_timeout: Duration::from_secs(20),
             app_version: (2, 3000, 1_023_000_000),
+            silent_after: Duration::from_secs(45),
         }
     }
 }
@@ -466,9 +470,20 @@ impl Supervisor {
         let mut last_reason: Option<String> = None;
         let mut stream_error: Option<String> = None;
         let mut rate_limited = false;
+        let mut watchdog = tokio::time::interval(Duration::from_secs(1).min(deps.config.silent_after / 4));
         loop {
             tokio::select! {
                 _ = &mut run => break,
+                _ = watchdog.tick(), if connected_at.is_some() => {
+                    let silent_ms = now_millis().saturating_sub(self.probe.last_frame_ms());
+                    if silent_ms >= deps.config.silent_after.as_millis() as i64 {
+                        tracing::warn!(tenant = %self.tenant, silent_ms, "link silent: treating it as half-open");
+                        metrics::counter!("wakeeper_half_open_detected_total").increment(1);
+                        client.disconnect().await;
+                        (&mut run).await;
+                        return Ending::Retry { reason: format!("no frame for {} s (half-open link)", silent_ms / 1000), rate_limited: false };
+                    }
+                }
                 Some(signal) = signals.recv() => match signal {
                     Signal::Connected => {
                         permit = None;

@@ -199,13 +199,19 @@ async fn half_open_socket_is_detected_and_replaced_without_any_sweep() {
     let tenants = ids("half", 3);
     seed_embedded(&dirs, &wa, &tenants).await;
     // The in-host sweep is off: only the session's own keepalive can notice.
-    let host = TestHost::spawn(&dirs, &wa.url(), "host-a", &[("WAKEEPER_SWEEP_INTERVAL_S", "0".into())]);
+    let host = TestHost::spawn(
+        &dirs,
+        &wa.url(),
+        "host-a",
+        &[("WAKEEPER_SWEEP_INTERVAL_S", "0".into()), ("WAKEEPER_SILENT_AFTER_S", "35".into())],
+    );
     host.ready().await;
     host.all_open(3, Duration::from_secs(30)).await;
     let jid = wa.device_jid(&tenants[0]).unwrap();
     let logins = wa.device(&jid).unwrap().logins;
     assert_eq!(wa.half_open(&Target::device(jid.clone())), 1);
-    // The engine pings an idle link every 15-30 s and gives up 20 s later: within ~50 s a new login appears.
+    // The engine pings an idle link every 15-30 s; a link silent for 35 s is replaced by the supervisor (the
+    // engine's own dead-socket check may take up to ~2 minutes).
     let obs = wa.wait_for_device(&jid, Duration::from_secs(90), |d| d.logins > logins && d.current_connections == 1).await;
     let obs = obs.expect("half-open socket replaced by a new connection");
     assert_eq!(obs.max_concurrent_connections, 1, "the dead socket was given up before reconnecting");

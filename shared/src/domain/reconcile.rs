@@ -139,7 +139,7 @@ pub fn reconcile(
                     plan.actions.push(Action::Alert(id.clone(), Alert::Failing { consecutive }));
                 }
                 let stuck_for = now.saturating_sub(session.since_ms);
-                if stuck_for >= policy.stuck_after_ms as i64 {
+                if stuck_for >= i64::try_from(policy.stuck_after_ms).unwrap_or(i64::MAX) {
                     plan.actions.push(Action::Reconnect(id.clone()));
                 }
             }

@@ -196,9 +196,14 @@ impl DeviceRecord {
         serde_json::from_slice(bytes)
     }
 
-    /// The phone-number JID the engine stored (`rest.pn`), when it is a string.
+    /// The phone number (user part) of the device's JID, whether the engine stored `rest.pn` as a JID string
+    /// (`user[:device]@server`) or as its JID object (`{"user": ..., ...}`).
     pub fn pn(&self) -> Option<&str> {
-        self.rest.get("pn").and_then(|v| v.as_str())
+        match self.rest.get("pn")? {
+            serde_json::Value::String(s) => s.split(['@', ':']).next().filter(|u| !u.is_empty()),
+            serde_json::Value::Object(o) => o.get("user").and_then(|u| u.as_str()).filter(|u| !u.is_empty()),
+            _ => None,
+        }
     }
 }
 
@@ -328,7 +333,10 @@ mod tests {
         let mut s = CredentialSnapshot::default();
         s.set_device(&sample_device());
         let d = s.check_restorable().unwrap();
-        assert_eq!(d.pn(), Some("5511999990000:7@s.whatsapp.net"));
+        assert_eq!(d.pn(), Some("5511999990000"));
+        let mut object_form = d.clone();
+        object_form.rest.insert("pn".into(), serde_json::json!({"user": "5511999990001", "server": "s.whatsapp.net"}));
+        assert_eq!(object_form.pn(), Some("5511999990001"));
     }
 
     #[test]
