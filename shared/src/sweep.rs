@@ -566,7 +566,6 @@ pub async fn run_sweep(
             }
         }
     }
-    drop(push);
 
     let ctx = Ctx { tenants, host, alerts, sessions: &sessions, now };
     let tallies: Vec<Tally> = futures_util::stream::iter(groups)

@@ -46,6 +46,18 @@ impl State {
     }
 }
 
+/// When the invocation must end. Lambda sends the deadline as Unix milliseconds; `cargo lambda watch` sends
+/// the timeout itself (e.g. `600000`), which is read as counting from now rather than as a date in 1970.
+fn deadline_of(deadline_ms: u64, now: SystemTime) -> SystemTime {
+    // 2001-09-09: no real deadline is earlier, no timeout is longer.
+    const EPOCH_MS_FLOOR: u64 = 1_000_000_000_000;
+    if deadline_ms >= EPOCH_MS_FLOOR {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(deadline_ms)
+    } else {
+        now + Duration::from_millis(deadline_ms)
+    }
+}
+
 /// Prints one EMF line on stdout, where CloudWatch Logs picks the metrics up.
 fn emit(emf: &Emf) {
     println!("{}", emf.to_line(now_millis()));
@@ -68,8 +80,13 @@ pub async fn handle(state: &State, event: LambdaEvent<Value>) -> Result<Value, E
             request
         }
     };
-    let deadline = context.deadline();
+    let deadline = deadline_of(context.deadline, SystemTime::now());
     let time_left = move || deadline.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    info!(
+        time_left_ms = time_left().as_millis() as u64,
+        reserve_ms = state.limits.reserve.as_millis() as u64,
+        "restore starting"
+    );
     match run_restore(state.tenants.as_ref(), &state.hosts, &request, &state.limits, time_left).await {
         Ok(report) => {
             emit(&report.emf(FUNCTION));
@@ -98,6 +115,15 @@ pub fn init_tracing() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_are_dates_in_lambda_and_durations_in_the_emulator() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_000);
+        let real = deadline_of(1_800_000_900_000, now);
+        assert_eq!(real.duration_since(now).unwrap(), Duration::from_secs(900));
+        let emulated = deadline_of(600_000, now);
+        assert_eq!(emulated.duration_since(now).unwrap(), Duration::from_secs(600));
+    }
 
     #[test]
     fn the_recorded_events_are_understood() {

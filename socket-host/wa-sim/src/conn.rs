@@ -249,7 +249,13 @@ fn registration_keys(reg: &wa::client_payload::DevicePairingRegistrationData) ->
 /// The pairing flow of a fresh client: hand out QR refs, wait for [`crate::SimHandle::pair`] to "scan" one,
 /// send `pair-success`, take the client's signed `pair-device-sign`, then ask for a restart (515) so the
 /// client logs in with its new identity.
-async fn pairing(shared: &Shared, mut link: Link, mut channel: Channel, noise_public: [u8; 32], keys: KeyBundle) -> End {
+async fn pairing(
+    shared: &Shared,
+    mut link: Link,
+    mut channel: Channel,
+    noise_public: [u8; 32],
+    keys: KeyBundle,
+) -> End {
     let conn = shared.conn_id();
     let refs: Vec<String> = (0..6).map(|_| pairing_ref()).collect();
     let (tx, mut offers) = mpsc::unbounded_channel();

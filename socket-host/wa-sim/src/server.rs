@@ -236,17 +236,27 @@ impl SimHandle {
 
     /// Mints a paired device with options and returns it with its JIDs and key.
     pub fn mint_device_with(&self, tenant: &TenantId, opts: &MintOptions) -> Result<MintedDevice, SimError> {
-        let mut s = self.shared.lock();
-        let (device, entry) = mint(Some(tenant), opts, |phone| s.by_phone.contains_key(phone))?;
-        let minted = MintedDevice {
-            jid: entry.jid.to_string(),
-            lid: entry.lid.as_ref().map(|l| l.to_string()).unwrap_or_default(),
-            noise_public: entry.noise_public,
-            snapshot: snapshot_of(&device)?,
+        // Key generation and signing run outside the lock, so minting never stalls connections; a number
+        // taken in between (one in 10^8) is caught at insert and minted again.
+        let minted = loop {
+            let (device, entry) = mint(Some(tenant), opts, |phone| self.shared.lock().by_phone.contains_key(phone))?;
+            let minted = MintedDevice {
+                jid: entry.jid.to_string(),
+                lid: entry.lid.as_ref().map(|l| l.to_string()).unwrap_or_default(),
+                noise_public: entry.noise_public,
+                snapshot: snapshot_of(&device)?,
+            };
+            let inserted = self.shared.update(|s| {
+                if s.by_phone.contains_key(entry.jid.user.as_str()) {
+                    return false;
+                }
+                s.insert_device(entry);
+                true
+            });
+            if inserted {
+                break minted;
+            }
         };
-        s.insert_device(entry);
-        drop(s);
-        self.shared.update(|_| ());
         tracing::debug!(tenant = %tenant.as_str(), device = %minted.jid, "device minted");
         Ok(minted)
     }

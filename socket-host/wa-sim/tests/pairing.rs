@@ -15,7 +15,8 @@ async fn scanning_a_qr_code_links_a_fresh_client() {
     let sim = Sim::start_local().await.unwrap();
     let mut client = TestClient::start_fresh(&sim.url()).await;
 
-    let ev = client.wait_event(Duration::from_secs(20), "PairingQrCode", |e| matches!(e, Event::PairingQrCode(_))).await;
+    let ev =
+        client.wait_event(Duration::from_secs(20), "PairingQrCode", |e| matches!(e, Event::PairingQrCode(_))).await;
     let Event::PairingQrCode(qr) = &*ev else { unreachable!() };
     assert!(sim.pair("2@nope,AAAA,BBBB,CCCC", &tenant("linked-1"), &MintOptions::default()).is_err());
     let jid = sim.pair(&qr.code, &tenant("linked-1"), &MintOptions::default()).unwrap();
