@@ -39,12 +39,16 @@ pub struct AppState {
     pub token: String,
     /// Renders `/metrics` (none in tests that do not install a recorder).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Runs the health sweep on request (`POST /v1/sweep`) and on the timer.
+    pub sweeper: Arc<crate::sweeper::Sweeper>,
 }
 
 impl AppState {
     /// State for `host` with a new boot id.
     pub fn new(host: Arc<Host>, token: String) -> Self {
-        Self { boot_id: new_boot_id(), started: Instant::now(), host, token, metrics: None }
+        let boot_id = new_boot_id();
+        let sweeper = Arc::new(crate::sweeper::Sweeper::new(host.clone(), boot_id.clone()));
+        Self { boot_id, started: Instant::now(), host, token, metrics: None, sweeper }
     }
 }
 
@@ -205,6 +209,16 @@ async fn restore(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Resp
     Ok((StatusCode::ACCEPTED, Json(response)).into_response())
 }
 
+async fn sweep(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    match state.sweeper.sweep().await {
+        Ok(report) => Ok(Json(report).into_response()),
+        Err(e) => {
+            tracing::warn!(error = %e, "sweep on request failed");
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE))
+        }
+    }
+}
+
 async fn dashboard() -> Html<&'static str> {
     Html(include_str!("dashboard.html"))
 }
@@ -248,6 +262,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{tenant_id}", get(get_session).put(put_session).delete(delete_session))
         .route("/v1/sessions/{tenant_id}/reconnect", post(reconnect))
         .route("/v1/restore", post(restore))
+        .route("/v1/sweep", post(sweep))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))

@@ -55,8 +55,9 @@ fn random_hex(bytes: usize) -> String {
     raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The control token: from the variable, the file, or generated once into the data dir.
-fn control_token(config: &Config) -> anyhow::Result<String> {
+/// The control token: from the variable, the file, or generated once into the data dir (the CLI reads the
+/// same one to talk to a running host).
+pub fn control_token(config: &Config) -> anyhow::Result<String> {
     if let Some(t) = config.control_token.as_ref().filter(|t| !t.is_empty()) {
         return Ok(t.clone());
     }
@@ -175,6 +176,9 @@ impl App {
                     tracing::error!(error = %e, "restore on start could not read the tenant store");
                 }
             });
+        }
+        if self.config.sweep_interval_s > 0 {
+            self.state.sweeper.clone().start(Duration::from_secs(self.config.sweep_interval_s));
         }
         crate::run(listener, self.state.clone(), shutdown).await?;
         let deadline = Duration::from_secs(self.config.shutdown_deadline_s);

@@ -34,6 +34,13 @@ pub enum Command {
     /// Take over tenants from a Baileys host: auth state and tenant list, without a re-scan.
     #[command(subcommand)]
     Import(crate::import::ImportCommand),
+    /// Ask the running host (at `--listen`) to restore every desired tenant, or the given ones.
+    Restore {
+        /// Tenants to restore (default: every desired tenant).
+        tenant_ids: Vec<String>,
+    },
+    /// Ask the running host (at `--listen`) to run one health sweep now and print its report.
+    Sweep,
 }
 
 /// Settings shared by every sub-command.

@@ -10,6 +10,7 @@
 //! - [`session`]: the per-tenant supervisor: lease, engine store, one client per connect attempt, backoff.
 //! - [`restore`]: restore every desired tenant, most recently healthy first.
 //! - [`engines`]: opens a tenant's engine store (hydrate, then the engine's backend over the working copy).
+//! - [`sweeper`]: the health sweep run inside the host on a timer (one-machine use).
 //! - [`governor`]: the host-wide pacing of connect attempts.
 //! - [`webhooks`]: signed state-change and alert events to the configured URLs.
 //! - [`transport`]: the engine's WebSocket transport and HTTP client.
@@ -27,6 +28,7 @@ pub mod import;
 pub mod replicator;
 pub mod restore;
 pub mod session;
+pub mod sweeper;
 pub mod transport;
 pub mod webhooks;
 

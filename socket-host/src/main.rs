@@ -19,8 +19,28 @@ async fn main() -> anyhow::Result<()> {
             }
             app.serve(listener, shutdown_signal()).await
         }
+        Command::Restore { tenant_ids } => {
+            let body = if tenant_ids.is_empty() {
+                serde_json::json!({})
+            } else {
+                serde_json::json!({ "tenant_ids": tenant_ids })
+            };
+            call_host(&cli.config, "/v1/restore", body).await
+        }
+        Command::Sweep => call_host(&cli.config, "/v1/sweep", serde_json::json!({})).await,
         Command::Import(cmd) => Ok(socket_host::import::run(&cli.config, &cmd, &mut std::io::stdout()).await?),
     }
+}
+
+/// Posts to the running host's control API and prints its JSON answer.
+async fn call_host(config: &socket_host::config::Config, path: &str, body: serde_json::Value) -> anyhow::Result<()> {
+    let token = socket_host::app::control_token(config)?;
+    let url = format!("http://{}{path}", config.listen);
+    let res = reqwest::Client::new().post(&url).bearer_auth(token).json(&body).send().await?;
+    let status = res.status();
+    println!("{}", res.text().await?);
+    anyhow::ensure!(status.is_success(), "host answered {status}");
+    Ok(())
 }
 
 fn init_tracing(format: LogFormat) {

@@ -257,3 +257,18 @@ async fn metrics_render_as_text() {
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
 }
+
+#[tokio::test]
+async fn sweep_on_request_starts_missing_tenants_and_marks_definitive_failures() {
+    let f = fixture();
+    f.store.set_desired(&TenantId::parse("wanted-1").unwrap(), true).await.unwrap();
+    f.store.set_desired(&TenantId::parse("missing-2").unwrap(), true).await.unwrap();
+    assert_eq!(call(&f, Method::POST, "/v1/sweep", None, Body::empty()).await.0, StatusCode::UNAUTHORIZED);
+    let (status, report) = authed(&f, Method::POST, "/v1/sweep").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(report["missing_started"], 1, "{report}");
+    assert_eq!(report["marked"], 1, "{report}");
+    assert!(f.state.host.get(&TenantId::parse("wanted-1").unwrap()).is_some());
+    let rec = f.store.get(&TenantId::parse("missing-2").unwrap()).await.unwrap().unwrap();
+    assert_eq!(rec.status, Some(TenantStatus::CredentialsMissing));
+}

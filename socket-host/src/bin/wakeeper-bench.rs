@@ -238,7 +238,12 @@ impl SimProcess {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<serde_json::Value> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
         let mut req = self.http.request(method.clone(), format!("{}{path}", self.control));
         if let Some(b) = body {
             req = req.json(&b);
@@ -253,7 +258,8 @@ impl SimProcess {
     /// Mints a paired device for `tenant`; returns its JID and credential snapshot.
     async fn mint(&self, tenant: &TenantId) -> anyhow::Result<(String, CredentialSnapshot)> {
         let v = self.call(reqwest::Method::POST, "/v1/devices", Some(json!({ "tenant": tenant.as_str() }))).await?;
-        let mut snap = CredentialSnapshot { generation: v["snapshot"]["generation"].as_u64().unwrap_or(0), ..Default::default() };
+        let mut snap =
+            CredentialSnapshot { generation: v["snapshot"]["generation"].as_u64().unwrap_or(0), ..Default::default() };
         for r in v["snapshot"]["records"].as_array().context("records")? {
             let kind = RecordKind::parse(r["kind"].as_str().context("kind")?).context("record kind")?;
             let value = base64::engine::general_purpose::STANDARD.decode(r["value_b64"].as_str().context("value")?)?;
@@ -487,20 +493,36 @@ async fn bench_restore(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
     for unlimited in [true, false] {
         let label = if unlimited { "governor unlimited" } else { "governor defaults (200/s, burst 50, 64 in flight)" };
         let run_name = if unlimited { "restore-embedded-unlimited" } else { "restore-embedded-defaults" };
-        let (r, host, root) = timed_restore(ctx, &ctx.embedded_template, run_name, &governor_env(unlimited), unlimited).await?;
+        let (r, host, root) =
+            timed_restore(ctx, &ctx.embedded_template, run_name, &governor_env(unlimited), unlimited).await?;
         let met = if unlimited { Some(r.seconds <= 2.0) } else { None };
         t.row(
             &format!("Restore {n} from embedded store, {label}"),
-            format!("{:.2} s ({:.0} tenants/s; /health after {:.2} s; peak {}/s connects)", r.seconds, n as f64 / r.seconds, r.health_s, r.peak_attempts),
+            format!(
+                "{:.2} s ({:.0} tenants/s; /health after {:.2} s; peak {}/s connects)",
+                r.seconds,
+                n as f64 / r.seconds,
+                r.health_s,
+                r.peak_attempts
+            ),
             if unlimited { "<= 2 s" } else { "" },
             met,
         );
-        t.raw(run_name, json!({ "seconds": r.seconds, "health_s": r.health_s, "peak_attempts_per_s": r.peak_attempts }));
+        t.raw(
+            run_name,
+            json!({ "seconds": r.seconds, "health_s": r.health_s, "peak_attempts_per_s": r.peak_attempts }),
+        );
         if let Some(mut host) = host {
             // The same disk after SIGKILL: working copies are there, leases are this host's own.
             host.kill9();
             let data = root.join("data");
-            let again = HostProcess::spawn(&ctx.host_bin, &data, &ctx.sim.ws_url, &governor_env(true), root.join("host-2.log"))?;
+            let again = HostProcess::spawn(
+                &ctx.host_bin,
+                &data,
+                &ctx.sim.ws_url,
+                &governor_env(true),
+                root.join("host-2.log"),
+            )?;
             again.ready().await?;
             let list = again.all_open(n, Duration::from_secs(180)).await?;
             let last = list.sessions.iter().filter_map(|s| s.connected_since_ms).max().unwrap_or(now_millis());
@@ -517,7 +539,12 @@ async fn bench_restore(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
         }
     }
     let Some(emulator) = &ctx.firestore else {
-        t.row(&format!("Restore {n} from Firestore emulator"), "not measured (FIRESTORE_EMULATOR_HOST unset)".into(), "<= 15 s", None);
+        t.row(
+            &format!("Restore {n} from Firestore emulator"),
+            "not measured (FIRESTORE_EMULATOR_HOST unset)".into(),
+            "<= 15 s",
+            None,
+        );
         return Ok(());
     };
     println!("== restore of {n} tenants from the Firestore emulator");
@@ -526,14 +553,15 @@ async fn bench_restore(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
     let cipher = seed_embedded(&template, &ctx.fleet, false).await?;
     let creds = Arc::new(FirestoreCredentialStore::new(FIRESTORE_PROJECT, cipher, prefix.clone()).await?);
     let started = Instant::now();
-    let seeded: Vec<Result<(), StoreError>> = futures_util::stream::iter(ctx.fleet.ids.iter().zip(&ctx.fleet.snapshots))
-        .map(|(id, snap)| {
-            let creds = creds.clone();
-            async move { creds.replace(id, snap, 0).await }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
+    let seeded: Vec<Result<(), StoreError>> =
+        futures_util::stream::iter(ctx.fleet.ids.iter().zip(&ctx.fleet.snapshots))
+            .map(|(id, snap)| {
+                let creds = creds.clone();
+                async move { creds.replace(id, snap, 0).await }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
     for s in seeded {
         s?;
     }
@@ -552,7 +580,10 @@ async fn bench_restore(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
             "<= 15 s",
             Some(r.seconds <= 15.0),
         );
-        t.raw(run_name, json!({ "seconds": r.seconds, "health_s": r.health_s, "peak_attempts_per_s": r.peak_attempts }));
+        t.raw(
+            run_name,
+            json!({ "seconds": r.seconds, "health_s": r.health_s, "peak_attempts_per_s": r.peak_attempts }),
+        );
     }
     Ok(())
 }
@@ -578,7 +609,11 @@ async fn bench_rss_and_recovery(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> 
     let per = (rss_open.saturating_sub(rss_empty)) as f64 / n as f64;
     t.row(
         &format!("RSS per open idle session at {n}"),
-        format!("{per:.1} KiB (host {:.1} MiB with 0, {:.1} MiB with {n} open)", rss_empty as f64 / 1024.0, rss_open as f64 / 1024.0),
+        format!(
+            "{per:.1} KiB (host {:.1} MiB with 0, {:.1} MiB with {n} open)",
+            rss_empty as f64 / 1024.0,
+            rss_open as f64 / 1024.0
+        ),
         "<= 100 KiB",
         Some(per <= 100.0),
     );
@@ -650,7 +685,12 @@ async fn bench_rss_and_recovery(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> 
     let (p50, p99) = (percentile(&all, 50.0), percentile(&all, 99.0));
     t.row(
         &format!("Dropped socket -> open, all {n} at once, governor defaults"),
-        format!("p50 {:.2} s, p99 {:.2} s, last {:.2} s; peak {peak} connects/s (limit 200/s + 50 burst)", p50, p99, all[all.len() - 1]),
+        format!(
+            "p50 {:.2} s, p99 {:.2} s, last {:.2} s; peak {peak} connects/s (limit 200/s + 50 burst)",
+            p50,
+            p99,
+            all[all.len() - 1]
+        ),
         "p50 <= 1.5 s, p99 <= 10 s",
         Some(p50 <= 1.5 && p99 <= 10.0),
     );
@@ -681,7 +721,11 @@ async fn bench_rss_and_recovery(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> 
     let per = open.saturating_sub(empty) as f64 / n as f64;
     t.row(
         &format!("RSS per open idle session at {n}, MALLOC_ARENA_MAX=2"),
-        format!("{per:.1} KiB (host {:.1} MiB with 0, {:.1} MiB with {n} open)", empty as f64 / 1024.0, open as f64 / 1024.0),
+        format!(
+            "{per:.1} KiB (host {:.1} MiB with 0, {:.1} MiB with {n} open)",
+            empty as f64 / 1024.0,
+            open as f64 / 1024.0
+        ),
         "",
         None,
     );
@@ -738,10 +782,22 @@ impl TenantStore for MemTenants {
     async fn reset_failures(&self, _t: &TenantId, _now: UnixMillis) -> Result<bool, StoreError> {
         Ok(false)
     }
-    async fn acquire_lease(&self, _t: &TenantId, owner: &str, ttl_ms: u64, now: UnixMillis) -> Result<Lease, StoreError> {
+    async fn acquire_lease(
+        &self,
+        _t: &TenantId,
+        owner: &str,
+        ttl_ms: u64,
+        now: UnixMillis,
+    ) -> Result<Lease, StoreError> {
         Ok(Lease { owner: owner.into(), epoch: 1, expires_at: now + ttl_ms as i64 })
     }
-    async fn renew_lease(&self, _t: &TenantId, lease: &Lease, ttl_ms: u64, now: UnixMillis) -> Result<Lease, StoreError> {
+    async fn renew_lease(
+        &self,
+        _t: &TenantId,
+        lease: &Lease,
+        ttl_ms: u64,
+        now: UnixMillis,
+    ) -> Result<Lease, StoreError> {
         Ok(Lease { expires_at: now + ttl_ms as i64, ..lease.clone() })
     }
     async fn release_lease(&self, _t: &TenantId, _lease: &Lease) -> Result<(), StoreError> {
@@ -841,7 +897,10 @@ async fn bench_list(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
         let plan = reconcile::reconcile(&records, HostView::Reachable(&decoded), Some("bench"), now, Policy::default());
         times.push(started.elapsed().as_secs_f64() * 1000.0);
         writes = plan.count(|a| {
-            matches!(a, Action::WriteStatus(..) | Action::RecordFailure(_) | Action::ResetFailures(_) | Action::Ensure(_))
+            matches!(
+                a,
+                Action::WriteStatus(..) | Action::RecordFailure(_) | Action::ResetFailures(_) | Action::Ensure(_)
+            )
         });
         ensure!(plan.healthy == m, "healthy {} of {m}", plan.healthy);
     }
@@ -881,7 +940,10 @@ async fn bench_replication(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
     let store = Arc::new(FirestoreCredentialStore::new(FIRESTORE_PROJECT, cipher.clone(), prefix).await?);
     let commits: Arc<Mutex<Vec<CommitInfo>>> = Arc::default();
     let seen = commits.clone();
-    let config = ReplicatorConfig { on_commit: Some(Arc::new(move |c: &CommitInfo| seen.lock().expect("lock").push(c.clone()))), ..Default::default() };
+    let config = ReplicatorConfig {
+        on_commit: Some(Arc::new(move |c: &CommitInfo| seen.lock().expect("lock").push(c.clone()))),
+        ..Default::default()
+    };
     let window = config.window;
     let replicator = Replicator::start(store.clone(), config);
     let handle = replicator.handle();
@@ -971,9 +1033,14 @@ async fn bench_replication(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
     );
     let late = late.load(std::sync::atomic::Ordering::Relaxed);
     if late > 0 {
-        t.note(format!("replication churn: {late} engine writes started late (the machine could not keep the schedule)"));
+        t.note(format!(
+            "replication churn: {late} engine writes started late (the machine could not keep the schedule)"
+        ));
     }
-    t.raw("replication", json!({ "p50_s": p50, "p99_s": p99, "commits": steady.len(), "violations": violations, "writes": writes }));
+    t.raw(
+        "replication",
+        json!({ "p50_s": p50, "p99_s": p99, "commits": steady.len(), "violations": violations, "writes": writes }),
+    );
     Ok(())
 }
 
@@ -981,14 +1048,20 @@ async fn bench_replication(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
 
 fn bench_lambda(ctx: &Ctx, t: &mut Table) {
     let dir = ctx.args.lambda_dir.clone().unwrap_or_else(|| {
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target")).join("lambda")
+        std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("target"))
+            .join("lambda")
     });
     for f in ["restore", "health-sweep"] {
         let zip = dir.join(f).join("bootstrap.zip");
         let raw = dir.join(f).join("bootstrap");
         let size = |p: &Path| std::fs::metadata(p).ok().map(|m| m.len() as f64 / 1_048_576.0);
         let (text, met) = match (size(&zip), size(&raw)) {
-            (Some(z), r) => (format!("{z:.2} MB zipped{}", r.map(|r| format!(", {r:.2} MB unzipped")).unwrap_or_default()), Some(z <= 8.0)),
+            (Some(z), r) => (
+                format!("{z:.2} MB zipped{}", r.map(|r| format!(", {r:.2} MB unzipped")).unwrap_or_default()),
+                Some(z <= 8.0),
+            ),
             (None, Some(r)) => match zipped_size(&raw) {
                 Some(z) => (format!("{z:.2} MB zipped (deflate, by the bench), {r:.2} MB unzipped"), Some(z <= 8.0)),
                 None => (format!("{r:.2} MB unzipped"), None),
@@ -1016,7 +1089,8 @@ async fn bench_baileys(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
     let n = ctx.args.baileys;
     println!("== Baileys 7.0.0-rc14: {n} sockets in one Node process against the same wa-sim");
     let dir = ctx.scratch.join("baileys");
-    let script = ctx.args.baileys_script.canonicalize().with_context(|| format!("{}", ctx.args.baileys_script.display()))?;
+    let script =
+        ctx.args.baileys_script.canonicalize().with_context(|| format!("{}", ctx.args.baileys_script.display()))?;
     let run = |phase: &str, extra: &[&str]| -> anyhow::Result<serde_json::Value> {
         let mut cmd = Command::new("node");
         if phase == "restore" {
@@ -1080,7 +1154,13 @@ async fn bench_baileys(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
 
 fn machine() -> String {
     let sh = |c: &str| {
-        Command::new("sh").arg("-c").arg(c).output().ok().and_then(|o| String::from_utf8(o.stdout).ok()).unwrap_or_default()
+        Command::new("sh")
+            .arg("-c")
+            .arg(c)
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .unwrap_or_default()
     };
     let cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").trim().to_owned();
     let nproc = sh("nproc").trim().to_owned();
@@ -1104,7 +1184,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let host_bin = bin_dir.join("socket-host");
     let sim_bin = bin_dir.join("wa-sim");
-    ensure!(host_bin.exists() && sim_bin.exists(), "socket-host and wa-sim must be built beside this binary ({})", bin_dir.display());
+    ensure!(
+        host_bin.exists() && sim_bin.exists(),
+        "socket-host and wa-sim must be built beside this binary ({})",
+        bin_dir.display()
+    );
     let machine = machine();
     println!("wakeeper-bench: {machine}");
     let scratch = std::env::temp_dir().join(format!("wakeeper-bench-{}", random_hex(4)));
@@ -1120,7 +1204,8 @@ async fn main() -> anyhow::Result<()> {
     let embedded_template = scratch.join("template-embedded");
     seed_embedded(&embedded_template, &fleet, true).await?;
     let firestore = std::env::var("FIRESTORE_EMULATOR_HOST").ok().filter(|v| !v.is_empty());
-    let ctx = Ctx { args: args.clone(), n, sim, host_bin, scratch: scratch.clone(), fleet, embedded_template, firestore };
+    let ctx =
+        Ctx { args: args.clone(), n, sim, host_bin, scratch: scratch.clone(), fleet, embedded_template, firestore };
     let mut t = Table::default();
 
     let sections: [(&str, bool); 7] = [
@@ -1168,7 +1253,10 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(p) = &args.json {
         let rows = serde_json::to_value(&t.rows)?;
-        std::fs::write(p, serde_json::to_vec_pretty(&json!({ "machine": machine, "rows": rows, "raw": t.raw, "notes": t.notes }))?)?;
+        std::fs::write(
+            p,
+            serde_json::to_vec_pretty(&json!({ "machine": machine, "rows": rows, "raw": t.raw, "notes": t.notes }))?,
+        )?;
     }
     drop(ctx);
     if args.keep {
