@@ -212,7 +212,8 @@ async fn half_open_socket_is_detected_and_replaced_without_any_sweep() {
     assert_eq!(wa.half_open(&Target::device(jid.clone())), 1);
     // The engine pings an idle link every 15-30 s; a link silent for 35 s is replaced by the supervisor (the
     // engine's own dead-socket check may take up to ~2 minutes).
-    let obs = wa.wait_for_device(&jid, Duration::from_secs(90), |d| d.logins > logins && d.current_connections == 1).await;
+    let obs =
+        wa.wait_for_device(&jid, Duration::from_secs(90), |d| d.logins > logins && d.current_connections == 1).await;
     let obs = obs.expect("half-open socket replaced by a new connection");
     assert_eq!(obs.max_concurrent_connections, 1, "the dead socket was given up before reconnecting");
     host.wait_state(&tenants[0], SessionState::Open, Duration::from_secs(10)).await;
