@@ -87,11 +87,20 @@ fn session_view() -> impl Strategy<Value = SessionView> {
 
 /// Any JSON value, nested a few levels.
 fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    json_value_with(true)
+}
+
+/// JSON values; without floats when `floats` is false (serde_json does not promise exact float round trips, and
+/// the engine's device state holds none).
+fn json_value_with(floats: bool) -> impl Strategy<Value = serde_json::Value> {
+    let float = any::<f64>()
+        .prop_filter("finite", |f| f.is_finite())
+        .prop_map(move |f| if floats { serde_json::json!(f) } else { serde_json::json!(f as i64) });
     let leaf = prop_oneof![
         Just(serde_json::Value::Null),
         any::<bool>().prop_map(serde_json::Value::Bool),
         any::<i64>().prop_map(|n| serde_json::json!(n)),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| serde_json::json!(f)),
+        float,
         tenant_like().prop_map(serde_json::Value::String),
     ];
     leaf.prop_recursive(3, 24, 6, |inner| {
@@ -304,7 +313,7 @@ fn device_record() -> impl Strategy<Value = DeviceRecord> {
         proptest::collection::vec(any::<u8>(), 0..40),
         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..100)),
         "\\PC{0,20}",
-        proptest::collection::btree_map("[a-z_]{1,12}", json_value(), 0..4),
+        proptest::collection::btree_map("[a-z_]{1,12}", json_value_with(false), 0..4),
     )
         .prop_map(|(registration_id, noise_key, identity_key, signed_pre_key, signed_pre_key_id, sig, adv, account, push_name, rest)| {
             let known = ["registration_id", "noise_key", "identity_key", "signed_pre_key", "signed_pre_key_id", "signed_pre_key_signature", "adv_secret_key", "account", "push_name"];
@@ -431,7 +440,8 @@ proptest! {
             next.generation = generation;
             states.push(next);
         }
-        prop_assert_eq!(wc.load().unwrap().as_ref(), states.last());
+        let loaded = wc.load().unwrap();
+        prop_assert_eq!(loaded.as_ref(), states.last());
         drop(wc);
 
         let file = tenant_dir(dir.path(), &tenant).join(if journal { "journal.wkc" } else { "base.wkc" });

@@ -157,6 +157,22 @@ async fn store_settled(creds: &dyn CredentialStore, ids: &[TenantId], limit: Dur
     }
 }
 
+/// Prints (at most `max`) lines of the host logs that mention any of `needles`: the evidence behind a failed
+/// count, for whoever reads the test output.
+fn show_log_lines(logs: &[std::path::PathBuf], needles: &[String], max: usize) {
+    let mut shown = 0;
+    for log in logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        for line in text.lines().filter(|l| needles.iter().any(|n| l.contains(n.as_str()))) {
+            if shown == max {
+                return;
+            }
+            println!("    {}: {}", log.file_name().and_then(|f| f.to_str()).unwrap_or("?"), line);
+            shown += 1;
+        }
+    }
+}
+
 // ---- a switchable path to the Firestore emulator -------------------------------------------------------------------
 
 /// A TCP forwarder in front of the Firestore emulator that can be cut: while down it closes every live
@@ -285,7 +301,8 @@ async fn sigkill_trials(settings: &Settings) {
             }
         }
         let after = wa.summary();
-        pairing += (after.rejected_logins - before.rejected_logins) + (after.pairings_started - before.pairings_started);
+        pairing +=
+            (after.rejected_logins - before.rejected_logins) + (after.pairings_started - before.pairings_started);
         // Retire this trial's tenants so the next restart restores only the next set.
         for id in &ids {
             stores.tenants.set_desired(id, false).await.unwrap();
@@ -301,7 +318,10 @@ async fn sigkill_trials(settings: &Settings) {
     c.zero("acknowledged records missing from the credential store", missing);
     c.zero("corrupt records (store unreadable or snapshot not restorable)", corrupt);
     c.zero("devices connected twice at once", doubled(&wa));
-    c.info("pre-keys the server holds that the store lacks (uploaded, not yet replicated at the kill)", server_prekeys_lost);
+    c.info(
+        "pre-keys the server holds that the store lacks (uploaded, not yet replicated at the kill)",
+        server_prekeys_lost,
+    );
     sim.shutdown().await;
     c.finish("SIGKILL during engine writes, restart with the working copy deleted");
 }
@@ -343,9 +363,11 @@ async fn firestore_outage(settings: &Settings) {
     let mut c = Counts::default();
     let mut wrongly_marked: BTreeSet<TenantId> = BTreeSet::new();
 
-    // (a0) A host started while the store is unreachable: does it come up at all?
-    proxy.set_up(false);
-    let mut probe = TestHost::spawn(&dirs, &wa.url(), "host-a", &env);
+    // (a0) A host started while the store is down (nothing listens: connections are refused): does it come up?
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let mut probe_env = env.clone();
+    probe_env[0].1 = closed;
+    let mut probe = TestHost::spawn(&dirs, &wa.url(), "host-a", &probe_env);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut answered = false;
     while Instant::now() < deadline && !answered {
@@ -353,11 +375,14 @@ async fn firestore_outage(settings: &Settings) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     probe.kill9();
-    c.info("(start) host answers /health within 10 s when started while the store is unreachable", answered);
-    proxy.connects_while_down.store(0, Ordering::Relaxed);
+    c.info("(start) host answers /health within 10 s when started while the store refuses connections", answered);
+    if !answered {
+        let tail = probe.log_tail();
+        println!("    start-up while the store is down: {}", tail.lines().last().unwrap_or("(no log)"));
+    }
 
-    // (a) During the restore: the store goes away as soon as the host answers, with the restore under way.
-    proxy.set_up(true);
+    // (a) During the restore: the store goes away (connections reset) as soon as the host answers, with the
+    // restore under way.
     let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &env);
     host.ready().await;
     proxy.set_up(false);
@@ -372,7 +397,10 @@ async fn firestore_outage(settings: &Settings) {
     let up_at = Instant::now();
     let not_open = wait_open(&host, &ids, Duration::from_secs(120)).await;
     let recovery = up_at.elapsed();
-    c.info(&format!("(restore) store cut for {:?} once /health answered; sessions open at the end of it", settings.outage), open_during);
+    c.info(
+        &format!("(restore) store cut for {:?} once /health answered; sessions open at the end of it", settings.outage),
+        open_during,
+    );
     c.info(
         "(restore) store connection attempts while unreachable, per tenant per second",
         format!("{:.1}", connects as f64 / ids.len() as f64 / settings.outage.as_secs_f64()),
@@ -409,15 +437,33 @@ async fn firestore_outage(settings: &Settings) {
     let flush_took = up_at.elapsed();
     let mut unreplicated = 0u64;
     let mut local_records = 0u64;
+    let mut behind = Vec::new();
     for id in &ids {
-        let local = WorkingCopy::open(dirs.data(), id.clone(), dirs.cipher()).unwrap().load().unwrap().unwrap_or_default();
+        let local =
+            WorkingCopy::open(dirs.data(), id.clone(), dirs.cipher()).unwrap().load().unwrap().unwrap_or_default();
         let remote = creds.read(id).await.unwrap();
         local_records += local.records.len() as u64;
-        unreplicated += local.records.iter().filter(|(k, v)| remote.records.get(*k) != Some(*v)).count() as u64;
+        let missing = local.records.iter().filter(|(k, v)| remote.records.get(*k) != Some(*v)).count() as u64;
+        if missing > 0 {
+            println!(
+                "    {id}: {missing} local records not in the store (local generation {}, store {})",
+                local.generation, remote.generation
+            );
+            behind.push(id.to_string());
+        }
+        unreplicated += missing;
+    }
+    if !behind.is_empty() {
+        behind.push("replicat".into());
+        behind.push("flush".into());
+        show_log_lines(&[host.log.clone()], &behind, 40);
     }
     c.info("(churn) records in the local working copies after the churn", local_records);
     c.zero("(churn) local records not in the store after recovery and a graceful stop", unreplicated);
-    c.info("(churn) time from the store's return to a flushed, stopped host", format!("{:.2} s", flush_took.as_secs_f64()));
+    c.info(
+        "(churn) time from the store's return to a flushed, stopped host",
+        format!("{:.2} s", flush_took.as_secs_f64()),
+    );
 
     let tenants = EmbeddedStore::open(dirs.data().join("store.redb"), dirs.cipher()).unwrap();
     for id in &ids {
@@ -426,7 +472,10 @@ async fn firestore_outage(settings: &Settings) {
             wrongly_marked.insert(id.clone());
         }
     }
-    c.zero("tenants wrongly marked (a terminal state seen, or marked in the tenant table)", wrongly_marked.len() as u64);
+    c.zero(
+        "tenants wrongly marked (a terminal state seen, or marked in the tenant table)",
+        wrongly_marked.len() as u64,
+    );
     c.zero("devices connected twice at once", doubled(&wa));
     sim.shutdown().await;
     c.finish("Firestore unreachable during restore and during churn");
@@ -459,7 +508,20 @@ async fn refusals(settings: &Settings) {
     let mut c = Counts::default();
     let mut wrongly_marked: BTreeSet<TenantId> = BTreeSet::new();
     let mut peak_overall = 0u32;
-    for (code, point) in [(503u16, RefusePoint::Upgrade), (429, RefusePoint::Stream), (429, RefusePoint::Upgrade)] {
+    let host_env = [("WAKEEPER_CONNECT_RATE", rate.to_string()), ("WAKEEPER_CONNECT_BURST", burst.to_string())];
+    for (phase, (code, point)) in
+        [(503u16, RefusePoint::Upgrade), (429, RefusePoint::Stream), (429, RefusePoint::Upgrade)]
+            .into_iter()
+            .enumerate()
+    {
+        if phase > 0 {
+            // A fresh host per fault: failures from the previous fault would otherwise still count (a session
+            // resets its failure count only after a minute open), and lengthen this one's backoff.
+            host.terminate(Duration::from_secs(30));
+            host = TestHost::spawn(&dirs, &wa.url(), "host-a", &host_env);
+            host.ready().await;
+            assert_eq!(wait_open(&host, &ids, Duration::from_secs(60)).await, 0, "every tenant open again");
+        }
         let label = format!("{code} at the {}", if point == RefusePoint::Upgrade { "upgrade" } else { "stream" });
         let seconds_before = wa.attempts_per_second().len();
         let attempts_before = wa.summary().connect_attempts;
@@ -482,9 +544,16 @@ async fn refusals(settings: &Settings) {
             &format!("({label}) connect attempts per tenant during the {:?} refusal", settings.refusal),
             format!("{:.1}", attempts as f64 / ids.len() as f64),
         );
-        c.bound(&format!("({label}) peak connects/s seen by the server (limit {rate}/s + burst {burst})"), peak, peak <= rate + burst);
+        c.bound(
+            &format!("({label}) peak connects/s seen by the server (limit {rate}/s + burst {burst})"),
+            peak,
+            peak <= rate + burst,
+        );
         c.zero(&format!("({label}) tenants not open after the refusal ended"), not_open as u64);
-        c.info(&format!("({label}) time from the end of the refusal to every tenant open"), format!("{:.2} s", recovery.as_secs_f64()));
+        c.info(
+            &format!("({label}) time from the end of the refusal to every tenant open"),
+            format!("{:.2} s", recovery.as_secs_f64()),
+        );
     }
     host.terminate(Duration::from_secs(30));
     let tenants = EmbeddedStore::open(dirs.data().join("store.redb"), dirs.cipher()).unwrap();
@@ -494,7 +563,10 @@ async fn refusals(settings: &Settings) {
             wrongly_marked.insert(id.clone());
         }
     }
-    c.zero("tenants wrongly marked (a terminal state seen, or marked in the tenant table)", wrongly_marked.len() as u64);
+    c.zero(
+        "tenants wrongly marked (a terminal state seen, or marked in the tenant table)",
+        wrongly_marked.len() as u64,
+    );
     c.zero("devices connected twice at once", doubled(&wa));
     c.info("peak connects/s over the whole scenario", peak_overall);
     sim.shutdown().await;
@@ -531,28 +603,37 @@ async fn two_hosts(settings: &Settings) {
     b.ready().await;
 
     let mut c = Counts::default();
-    let (mut not_back, mut api_double, mut replaced, mut kills_before_expiry) = (0u64, 0u64, 0u64, 0u64);
+    let (mut not_back, mut api_double, mut kills_before_expiry) = (0u64, 0u64, 0u64);
+    let mut replaced: BTreeSet<TenantId> = BTreeSet::new();
+    let mut logs = vec![a.log.clone(), b.log.clone()];
     let mut settle_times = Vec::new();
     // Every tenant open on exactly one host; counts tenants open on both at one poll.
-    async fn converge(a: &TestHost, b: &TestHost, ids: &[TenantId], limit: Duration) -> (usize, u64, u64) {
+    async fn converge(
+        a: &TestHost,
+        b: &TestHost,
+        ids: &[TenantId],
+        limit: Duration,
+        replaced: &mut BTreeSet<TenantId>,
+    ) -> (usize, u64) {
         let deadline = Instant::now() + limit;
-        let (mut double, mut replaced) = (0u64, 0u64);
+        let mut double = 0u64;
         loop {
             let (sa, sb) = (states(a).await, states(b).await);
             let open = |s: &BTreeMap<TenantId, SessionState>, id: &TenantId| s.get(id) == Some(&SessionState::Open);
             double += ids.iter().filter(|id| open(&sa, id) && open(&sb, id)).count() as u64;
-            replaced += sa.values().chain(sb.values()).filter(|s| **s == SessionState::Replaced).count() as u64;
+            replaced.extend(
+                sa.iter().chain(sb.iter()).filter(|(_, s)| **s == SessionState::Replaced).map(|(id, _)| id.clone()),
+            );
             let missing = ids.iter().filter(|id| !open(&sa, id) && !open(&sb, id)).count();
             if missing == 0 || Instant::now() > deadline {
-                return (missing, double, replaced);
+                return (missing, double);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let (missing, double, rep) = converge(&a, &b, &ids, Duration::from_secs(60)).await;
+    let (missing, double) = converge(&a, &b, &ids, Duration::from_secs(60), &mut replaced).await;
     assert_eq!(missing, 0, "set-up: every tenant open on one of the hosts");
     api_double += double;
-    replaced += rep;
     for _ in 0..settings.two_host_trials {
         tokio::time::sleep(Duration::from_millis(random_ms(2000))).await;
         a.kill9();
@@ -563,22 +644,54 @@ async fn two_hosts(settings: &Settings) {
         }
         tokio::time::sleep(Duration::from_millis(down)).await;
         a = TestHost::spawn(&dirs_a, &wa.url(), "host-a", &env);
+        logs.push(a.log.clone());
         a.ready().await;
         let started = Instant::now();
-        let (missing, double, rep) = converge(&a, &b, &ids, Duration::from_secs(30)).await;
+        let (missing, double) = converge(&a, &b, &ids, Duration::from_secs(30), &mut replaced).await;
         settle_times.push(started.elapsed().as_secs_f64());
         not_back += missing as u64;
         api_double += double;
-        replaced += rep;
     }
     let max_settle = settle_times.iter().copied().fold(0.0, f64::max);
     c.info("trials (host A SIGKILLed, restarted 0-12 s later; lease ttl 6 s)", settings.two_host_trials);
     c.info("of which A came back before its leases expired", kills_before_expiry);
-    c.zero("moments a device had two connections (the server's per-device maximum above 1)", doubled(&wa));
+    let doubled_devices: Vec<String> = wa
+        .observations()
+        .devices
+        .into_values()
+        .filter(|d| d.max_concurrent_connections > 1)
+        .filter_map(|d| d.tenant)
+        .collect();
+    c.zero(
+        "moments a device had two connections (the server's per-device maximum above 1)",
+        doubled_devices.len() as u64,
+    );
     c.zero("tenants open on both hosts at one poll of their APIs", api_double);
-    c.zero("sessions ended as replaced (440)", replaced);
+    c.zero("tenants whose session ended as replaced (440)", replaced.len() as u64);
     c.zero("tenants not open on either host 30 s after A came back", not_back);
     c.info("longest time from A's restart to every tenant open on exactly one host", format!("{max_settle:.2} s"));
+    if let Some(first) = doubled_devices.first().cloned().or_else(|| replaced.first().map(|t| t.to_string())) {
+        // The whole story of one affected tenant, from every host log, in time order.
+        println!("  evidence for {first} (first of {} doubled, {} replaced):", doubled_devices.len(), replaced.len());
+        let mut lines: Vec<(String, String)> = Vec::new();
+        for log in &logs {
+            let name = log.file_name().and_then(|f| f.to_str()).unwrap_or("?").to_string();
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let needle = format!("tenant={first} ");
+            lines.extend(text.lines().filter(|l| l.contains(&needle)).map(|l| (l.to_string(), name.clone())));
+        }
+        lines.sort();
+        for (line, name) in lines.iter().take(80) {
+            println!("    {name}: {line}");
+        }
+        if let Some(jid) = wa.device_jid(&tid(&first)) {
+            let d = wa.device(&jid).unwrap();
+            println!(
+                "    sim: attempts at {:?} ms, logins {}, replaced_by_newer {}",
+                d.attempt_times_ms, d.logins, d.replaced_by_newer
+            );
+        }
+    }
     drop(a);
     drop(b);
     sim.shutdown().await;
