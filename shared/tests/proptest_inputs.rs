@@ -28,7 +28,9 @@ fn config(default: u32, cost: u32) -> ProptestConfig {
 }
 
 fn is_valid_tenant(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_TENANT_ID_LEN && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    !s.is_empty()
+        && s.len() <= MAX_TENANT_ID_LEN
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn tenant_id() -> impl Strategy<Value = TenantId> {
@@ -39,7 +41,11 @@ fn tenant_id() -> impl Strategy<Value = TenantId> {
 fn tenant_like() -> impl Strategy<Value = String> {
     prop_oneof![
         "[A-Za-z0-9_-]{0,70}",
-        ("[A-Za-z0-9_-]{0,30}", select(vec![".", "..", "/", "\\", "%2e", "%2F", "\0", " ", "\n", "\u{0430}", "\u{FF11}", "é", "\u{200b}"]), "[A-Za-z0-9_-]{0,30}")
+        (
+            "[A-Za-z0-9_-]{0,30}",
+            select(vec![".", "..", "/", "\\", "%2e", "%2F", "\0", " ", "\n", "\u{0430}", "\u{FF11}", "é", "\u{200b}"]),
+            "[A-Za-z0-9_-]{0,30}"
+        )
             .prop_map(|(a, b, c)| format!("{a}{b}{c}")),
         any::<String>(),
         "\\PC{0,80}",
@@ -70,8 +76,8 @@ fn session_view() -> impl Strategy<Value = SessionView> {
         proptest::option::of(any::<u64>()),
         proptest::option::of(any::<String>()),
     )
-        .prop_map(|(tenant_id, state, since_ms, connected_since_ms, last_frame_ago_ms, reconnects, consecutive_failures, backoff_ms, last_error)| {
-            SessionView {
+        .prop_map(
+            |(
                 tenant_id,
                 state,
                 since_ms,
@@ -81,8 +87,20 @@ fn session_view() -> impl Strategy<Value = SessionView> {
                 consecutive_failures,
                 backoff_ms,
                 last_error,
-            }
-        })
+            )| {
+                SessionView {
+                    tenant_id,
+                    state,
+                    since_ms,
+                    connected_since_ms,
+                    last_frame_ago_ms,
+                    reconnects,
+                    consecutive_failures,
+                    backoff_ms,
+                    last_error,
+                }
+            },
+        )
 }
 
 /// Any JSON value, nested a few levels.
@@ -106,8 +124,12 @@ fn json_value_with(floats: bool) -> impl Strategy<Value = serde_json::Value> {
     leaf.prop_recursive(3, 24, 6, |inner| {
         prop_oneof![
             proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
-            proptest::collection::btree_map(select(vec!["tenant_ids", "tenantIds", "extra", "tenant_id", ""]).prop_map(String::from), inner, 0..4)
-                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            proptest::collection::btree_map(
+                select(vec!["tenant_ids", "tenantIds", "extra", "tenant_id", ""]).prop_map(String::from),
+                inner,
+                0..4
+            )
+            .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -315,21 +337,44 @@ fn device_record() -> impl Strategy<Value = DeviceRecord> {
         "\\PC{0,20}",
         proptest::collection::btree_map("[a-z_]{1,12}", json_value_with(false), 0..4),
     )
-        .prop_map(|(registration_id, noise_key, identity_key, signed_pre_key, signed_pre_key_id, sig, adv, account, push_name, rest)| {
-            let known = ["registration_id", "noise_key", "identity_key", "signed_pre_key", "signed_pre_key_id", "signed_pre_key_signature", "adv_secret_key", "account", "push_name"];
-            DeviceRecord {
+        .prop_map(
+            |(
                 registration_id,
                 noise_key,
                 identity_key,
                 signed_pre_key,
                 signed_pre_key_id,
-                signed_pre_key_signature: sig,
-                adv_secret_key: adv,
+                sig,
+                adv,
                 account,
                 push_name,
-                rest: rest.into_iter().filter(|(k, _)| !known.contains(&k.as_str())).collect(),
-            }
-        })
+                rest,
+            )| {
+                let known = [
+                    "registration_id",
+                    "noise_key",
+                    "identity_key",
+                    "signed_pre_key",
+                    "signed_pre_key_id",
+                    "signed_pre_key_signature",
+                    "adv_secret_key",
+                    "account",
+                    "push_name",
+                ];
+                DeviceRecord {
+                    registration_id,
+                    noise_key,
+                    identity_key,
+                    signed_pre_key,
+                    signed_pre_key_id,
+                    signed_pre_key_signature: sig,
+                    adv_secret_key: adv,
+                    account,
+                    push_name,
+                    rest: rest.into_iter().filter(|(k, _)| !known.contains(&k.as_str())).collect(),
+                }
+            },
+        )
 }
 
 proptest! {
@@ -366,10 +411,12 @@ proptest! {
 // ---- working copies and export files --------------------------------------------------------------------------------
 
 fn changes() -> impl Strategy<Value = Vec<RecordChange>> {
-    let key = (select(vec![RecordKind::Session, RecordKind::PreKey, RecordKind::Identity, RecordKind::SenderKey]), 0u8..6)
-        .prop_map(|(kind, k)| RecordKey::new(kind, format!("k{k}")));
+    let key =
+        (select(vec![RecordKind::Session, RecordKind::PreKey, RecordKind::Identity, RecordKind::SenderKey]), 0u8..6)
+            .prop_map(|(kind, k)| RecordKey::new(kind, format!("k{k}")));
     proptest::collection::vec(
-        (key, proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64))).prop_map(|(key, value)| RecordChange { key, value }),
+        (key, proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)))
+            .prop_map(|(key, value)| RecordChange { key, value }),
         1..5,
     )
 }

@@ -116,7 +116,12 @@ impl Host {
         let deps = &self.deps;
         let lease = match deps
             .tenants
-            .acquire_lease(tenant, &deps.config.host_id, deps.config.lease_ttl.as_millis() as u64, now_millis())
+            .acquire_lease(
+                tenant,
+                &deps.config.host_id,
+                deps.config.lease_ttl.as_millis() as u64,
+                session::lease_clock(deps.config.lease_ttl),
+            )
             .await
         {
             Ok(l) => Some(l),

@@ -359,6 +359,10 @@ enum Wake {
 
 impl Supervisor {
     async fn run(mut self) {
+        // A lease taken by the caller (ensure) is kept alive from here on, like one taken below.
+        if let Some(lease) = self.lease.clone() {
+            self.install_lease(lease);
+        }
         let mut dropped_at: Option<Instant> = None;
         loop {
             // 1. The lease: no lease, no connect.
@@ -625,7 +629,7 @@ impl Supervisor {
         match self
             .deps
             .tenants
-            .acquire_lease(&self.tenant, &self.deps.config.host_id, ttl.as_millis() as u64, now_millis())
+            .acquire_lease(&self.tenant, &self.deps.config.host_id, ttl.as_millis() as u64, lease_clock(ttl))
             .await
         {
             Ok(lease) => {
@@ -634,7 +638,7 @@ impl Supervisor {
             }
             Err(StoreError::Conflict(Conflict::LeaseHeld { holder })) => {
                 self.note_error("lease held by another host".into());
-                let left = holder.expires_at.saturating_sub(now_millis()).max(0) as u64;
+                let left = holder.expires_at.saturating_sub(lease_clock(ttl)).max(0) as u64;
                 Err(Duration::from_millis(left + 50 + (rand_unit() * 200.0) as u64))
             }
             Err(e) => {
@@ -797,7 +801,10 @@ impl Supervisor {
     }
 }
 
-/// Renews a lease every third of its ttl; tells the session when it is lost or about to lapse unrenewed.
+/// Renews a lease every third of its ttl. The client must be down before the lease can lapse: if a renewal has
+/// not succeeded by `expires_at - ttl/5` (store slow or down, task starved), the session is told the lease is
+/// lost and stops its client. Another host takes the lease only `ttl/5` after expiry (see `acquire_lease`), so
+/// the two never overlap.
 async fn keep_lease(
     tenants: Arc<dyn TenantStore>,
     tenant: TenantId,
@@ -806,27 +813,46 @@ async fn keep_lease(
     tx: mpsc::UnboundedSender<Command>,
 ) {
     let period = ttl / 3;
+    let margin_ms = (ttl / 5).as_millis() as i64;
     loop {
         tokio::time::sleep(period).await;
-        match tenants.renew_lease(&tenant, &lease, ttl.as_millis() as u64, now_millis()).await {
-            Ok(renewed) => {
-                lease = renewed;
+        let left_ms = lease.expires_at - margin_ms - now_millis();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(left_ms.max(0) as u64);
+        let renewed = tokio::time::timeout_at(
+            deadline,
+            tenants.renew_lease(&tenant, &lease, ttl.as_millis() as u64, now_millis()),
+        )
+        .await;
+        match renewed {
+            Ok(Ok(r)) => {
+                lease = r;
                 metrics::counter!("wakeeper_lease_renewals_total").increment(1);
             }
-            Err(StoreError::Conflict(_)) => {
+            Ok(Err(StoreError::Conflict(_))) => {
                 let _ = tx.send(Command::LeaseLost);
                 return;
             }
-            Err(e) => {
-                // Could not renew: if the lease would lapse before the next try, stop the client first.
-                tracing::warn!(tenant = %tenant, error = %e, "lease renewal failed");
-                if lease.expires_at - now_millis() <= period.as_millis() as i64 {
-                    let _ = tx.send(Command::LeaseLost);
-                    return;
-                }
+            Ok(Err(e)) if lease.expires_at - margin_ms - now_millis() > period.as_millis() as i64 => {
+                tracing::warn!(tenant = %tenant, error = %e, "lease renewal failed; retrying before it lapses");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(tenant = %tenant, error = %e, "lease renewal failed too close to expiry; stopping the client");
+                let _ = tx.send(Command::LeaseLost);
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(tenant = %tenant, "lease renewal did not finish before the safety margin; stopping the client");
+                let _ = tx.send(Command::LeaseLost);
+                return;
             }
         }
     }
+}
+
+/// The `now` a host presents when taking a lease: a lease of another owner counts as live until `ttl/5` past its
+/// expiry, so its holder (which lets go `ttl/5` before expiry) is surely down first.
+pub(crate) fn lease_clock(ttl: Duration) -> i64 {
+    now_millis() - (ttl / 5).as_millis() as i64
 }
 
 fn rand_unit() -> f64 {
