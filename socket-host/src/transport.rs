@@ -10,12 +10,16 @@ use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::http::{HttpClient, HttpRequest, HttpResponse};
 use whatsapp_rust::transport::{DisconnectReason, Transport, TransportEvent, TransportFactory};
 use whatsapp_rust::{async_channel, async_trait};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Initial WebSocket read buffer per socket.
+const READ_BUFFER: usize = 8 * 1024;
 
 /// How many inbound frames may wait for the engine before the reader stops pulling from the socket.
 const INBOUND_QUEUE: usize = 32;
@@ -85,7 +89,10 @@ impl TransportFactory for WsTransportFactory {
     async fn create_transport(&self) -> anyhow::Result<(Arc<dyn Transport>, async_channel::Receiver<TransportEvent>)> {
         let mut request = self.url.as_ref().into_client_request()?;
         request.headers_mut().insert("Origin", HeaderValue::from_static("https://web.whatsapp.com"));
-        let ws = match tokio_tungstenite::connect_async(request).await {
+        // tungstenite's default 128 KiB read buffer is kept resident (zero-filled) per socket: half of an idle
+        // session's memory. 8 KiB holds every ordinary frame and grows for a larger one (docs/benchmarks.md).
+        let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER).write_buffer_size(0);
+        let ws = match tokio_tungstenite::connect_async_with_config(request, Some(config), false).await {
             Ok((ws, _)) => ws,
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 let status = response.status().as_u16();
