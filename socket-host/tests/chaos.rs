@@ -33,6 +33,112 @@ use wakeeper_shared::domain::{RecordKind, SessionList, SessionState, TenantId};
 use wakeeper_shared::ports::{CredentialStore, StoreError, TenantStore};
 use wakeeper_shared::working_copy::WorkingCopy;
 
+// ---- the host under test ----------------------------------------------------------------------------------------
+
+/// The host binary under test: `WAKEEPER_CHAOS_HOST_BIN` (scripts/chaos copies the freshly built binary there, so
+/// a build elsewhere in a shared target directory cannot swap it mid-run), else the one cargo built for this test.
+fn host_bin() -> std::path::PathBuf {
+    std::env::var_os("WAKEEPER_CHAOS_HOST_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_socket-host").into())
+}
+
+/// A host process, like the support module's `TestHost`, but from [`host_bin`], and checked to be a `test-peer`
+/// build (any other build cannot log in to the fake server, and every count would be wrong for that reason).
+struct ChaosHost {
+    child: Option<std::process::Child>,
+    client: wakeeper_shared::host_api::HostClient,
+    log: std::path::PathBuf,
+}
+
+impl ChaosHost {
+    fn spawn(dirs: &Dirs, wa_url: &str, host_id: &str, extra: &[(&str, String)]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = dirs.root.path().join(format!("host-{host_id}-{port}.log"));
+        let mut cmd = std::process::Command::new(host_bin());
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WAKEEPER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("WAKEEPER_DATA_DIR", dirs.data())
+            .env("WAKEEPER_KEY_FILE", dirs.key_file())
+            .env("WAKEEPER_CONTROL_TOKEN", TOKEN)
+            .env("WAKEEPER_HOST_ID", host_id)
+            .env("WAKEEPER_WA_URL", wa_url)
+            .env(
+                "WAKEEPER_LOG",
+                std::env::var("WAKEEPER_TEST_HOST_LOG")
+                    .unwrap_or_else(|_| "info,whatsapp_rust=warn,wacore=warn".into()),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("host binary starts");
+        let client = wakeeper_shared::host_api::HostClient::new(
+            &format!("http://127.0.0.1:{port}"),
+            TOKEN,
+            Duration::from_secs(10),
+        )
+        .unwrap()
+        .with_attempts(1);
+        Self { child: Some(child), client, log }
+    }
+
+    /// Waits until `/health` answers, and checks the binary is a test-peer build.
+    async fn ready(&self) {
+        let client = self.client.clone();
+        wait_until(Duration::from_secs(30), "host /health", || {
+            let c = client.clone();
+            async move { c.health().await.ok() }
+        })
+        .await;
+        assert!(
+            std::fs::read_to_string(&self.log).unwrap_or_default().contains("TEST BUILD"),
+            "{} is not a test-peer build (was it rebuilt without the feature meanwhile?); use scripts/chaos, which \
+             runs a private copy",
+            host_bin().display()
+        );
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit up to `limit`.
+    fn terminate(&mut self, limit: Duration) {
+        let mut c = self.child.take().expect("host running");
+        let started = std::time::Instant::now();
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                assert!(status.success(), "host exited with {status}; log: {}", self.log_tail());
+                return;
+            }
+            if started.elapsed() > limit {
+                let _ = c.kill();
+                panic!("host did not exit within {limit:?} of SIGTERM; log: {}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for ChaosHost {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
 // ---- settings and the count table ---------------------------------------------------------------------------------
 
 /// How hard to push: the short form by default, the long form when `WAKEEPER_CHAOS_TRIALS` is set.
@@ -107,7 +213,7 @@ fn random_ms(max: u64) -> u64 {
 }
 
 /// Sessions by state on one host (empty when it does not answer).
-async fn states(host: &TestHost) -> BTreeMap<TenantId, SessionState> {
+async fn states(host: &ChaosHost) -> BTreeMap<TenantId, SessionState> {
     host.client
         .sessions()
         .await
@@ -116,7 +222,7 @@ async fn states(host: &TestHost) -> BTreeMap<TenantId, SessionState> {
 }
 
 /// Polls until every tenant of `ids` is open on `host`; returns how many are not by the deadline.
-async fn wait_open(host: &TestHost, ids: &[TenantId], limit: Duration) -> usize {
+async fn wait_open(host: &ChaosHost, ids: &[TenantId], limit: Duration) -> usize {
     let deadline = Instant::now() + limit;
     loop {
         let s = states(host).await;
@@ -242,7 +348,7 @@ async fn sigkill_trials(settings: &Settings) {
     let mut c = Counts::default();
     let (mut not_open, mut pairing, mut missing, mut corrupt, mut server_prekeys_lost) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut acknowledged, mut killed_mid_upload) = (0u64, 0u64);
-    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &stores.host_env(&[]));
+    let mut host = ChaosHost::spawn(&dirs, &wa.url(), "host-a", &stores.host_env(&[]));
     host.ready().await;
     for trial in 0..settings.kill_trials {
         // Fresh devices whose server holds no pre-keys: each uploads ~800 on its first connect, and the engine
@@ -257,7 +363,9 @@ async fn sigkill_trials(settings: &Settings) {
         }
         let before = wa.summary();
         for id in &ids {
-            host.client.ensure(id).await.unwrap();
+            if let Err(e) = host.client.ensure(id).await {
+                panic!("trial {trial}: ensure {id} failed: {e}; host log:\n{}", host.log_tail());
+            }
         }
         tokio::time::sleep(Duration::from_millis(random_ms(2500))).await;
         host.kill9();
@@ -273,7 +381,7 @@ async fn sigkill_trials(settings: &Settings) {
         }
         // A fresh container: nothing local survives (the data key lives outside the data dir).
         dirs.wipe_data();
-        host = TestHost::spawn(&dirs, &wa.url(), "host-a", &stores.host_env(&[]));
+        host = ChaosHost::spawn(&dirs, &wa.url(), "host-a", &stores.host_env(&[]));
         host.ready().await;
         not_open += wait_open(&host, &ids, Duration::from_secs(60)).await as u64;
         store_settled(stores.creds.as_ref(), &ids, Duration::from_secs(20)).await;
@@ -367,7 +475,7 @@ async fn firestore_outage(settings: &Settings) {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let mut probe_env = env.clone();
     probe_env[0].1 = closed;
-    let mut probe = TestHost::spawn(&dirs, &wa.url(), "host-a", &probe_env);
+    let mut probe = ChaosHost::spawn(&dirs, &wa.url(), "host-a", &probe_env);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut answered = false;
     while Instant::now() < deadline && !answered {
@@ -383,7 +491,7 @@ async fn firestore_outage(settings: &Settings) {
 
     // (a) During the restore: the store goes away (connections reset) as soon as the host answers, with the
     // restore under way.
-    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &env);
+    let mut host = ChaosHost::spawn(&dirs, &wa.url(), "host-a", &env);
     host.ready().await;
     proxy.set_up(false);
     let down_at = Instant::now();
@@ -497,7 +605,7 @@ async fn refusals(settings: &Settings) {
     let ids: Vec<TenantId> = (0..30).map(|i| tid(&format!("refused-{i:02}"))).collect();
     seed_embedded(&dirs, &wa, &ids).await;
     let (rate, burst) = (20u32, 5u32);
-    let mut host = TestHost::spawn(
+    let mut host = ChaosHost::spawn(
         &dirs,
         &wa.url(),
         "host-a",
@@ -518,7 +626,7 @@ async fn refusals(settings: &Settings) {
             // A fresh host per fault: failures from the previous fault would otherwise still count (a session
             // resets its failure count only after a minute open), and lengthen this one's backoff.
             host.terminate(Duration::from_secs(30));
-            host = TestHost::spawn(&dirs, &wa.url(), "host-a", &host_env);
+            host = ChaosHost::spawn(&dirs, &wa.url(), "host-a", &host_env);
             host.ready().await;
             assert_eq!(wait_open(&host, &ids, Duration::from_secs(60)).await, 0, "every tenant open again");
         }
@@ -597,8 +705,8 @@ async fn two_hosts(settings: &Settings) {
     stores.seed(&wa, &ids).await;
     let ttl_s = 6u64;
     let env = stores.host_env(&[("WAKEEPER_LEASE_TTL_S", ttl_s.to_string())]);
-    let mut a = TestHost::spawn(&dirs_a, &wa.url(), "host-a", &env);
-    let b = TestHost::spawn(&dirs_b, &wa.url(), "host-b", &env);
+    let mut a = ChaosHost::spawn(&dirs_a, &wa.url(), "host-a", &env);
+    let b = ChaosHost::spawn(&dirs_b, &wa.url(), "host-b", &env);
     a.ready().await;
     b.ready().await;
 
@@ -609,8 +717,8 @@ async fn two_hosts(settings: &Settings) {
     let mut settle_times = Vec::new();
     // Every tenant open on exactly one host; counts tenants open on both at one poll.
     async fn converge(
-        a: &TestHost,
-        b: &TestHost,
+        a: &ChaosHost,
+        b: &ChaosHost,
         ids: &[TenantId],
         limit: Duration,
         replaced: &mut BTreeSet<TenantId>,
@@ -643,7 +751,7 @@ async fn two_hosts(settings: &Settings) {
             kills_before_expiry += 1;
         }
         tokio::time::sleep(Duration::from_millis(down)).await;
-        a = TestHost::spawn(&dirs_a, &wa.url(), "host-a", &env);
+        a = ChaosHost::spawn(&dirs_a, &wa.url(), "host-a", &env);
         logs.push(a.log.clone());
         a.ready().await;
         let started = Instant::now();

@@ -1059,12 +1059,12 @@ fn bench_lambda(ctx: &Ctx, t: &mut Table) {
         let size = |p: &Path| std::fs::metadata(p).ok().map(|m| m.len() as f64 / 1_048_576.0);
         let (text, met) = match (size(&zip), size(&raw)) {
             (Some(z), r) => (
-                format!("{z:.2} MB zipped{}", r.map(|r| format!(", {r:.2} MB unzipped")).unwrap_or_default()),
+                format!("{z:.2} MiB zipped{}", r.map(|r| format!(", {r:.2} MiB unzipped")).unwrap_or_default()),
                 Some(z <= 8.0),
             ),
             (None, Some(r)) => match zipped_size(&raw) {
-                Some(z) => (format!("{z:.2} MB zipped (deflate, by the bench), {r:.2} MB unzipped"), Some(z <= 8.0)),
-                None => (format!("{r:.2} MB unzipped"), None),
+                Some(z) => (format!("{z:.2} MiB zipped (deflate, by the bench), {r:.2} MiB unzipped"), Some(z <= 8.0)),
+                None => (format!("{r:.2} MiB unzipped"), None),
             },
             (None, None) => (format!("not built ({})", dir.join(f).display()), None),
         };
@@ -1207,6 +1207,7 @@ async fn main() -> anyhow::Result<()> {
     let ctx =
         Ctx { args: args.clone(), n, sim, host_bin, scratch: scratch.clone(), fleet, embedded_template, firestore };
     let mut t = Table::default();
+    let mut failed: Vec<&str> = Vec::new();
 
     let sections: [(&str, bool); 7] = [
         ("restore", !skip("restore")),
@@ -1243,6 +1244,7 @@ async fn main() -> anyhow::Result<()> {
         };
         if let Err(e) = outcome {
             t.note(format!("section `{name}` failed: {e:#}"));
+            failed.push(name);
         }
     }
 
@@ -1259,10 +1261,11 @@ async fn main() -> anyhow::Result<()> {
         )?;
     }
     drop(ctx);
-    if args.keep {
-        println!("kept {}", scratch.display());
+    if args.keep || !failed.is_empty() {
+        println!("kept {} (logs of every process)", scratch.display());
     } else {
         let _ = std::fs::remove_dir_all(&scratch);
     }
+    ensure!(failed.is_empty(), "sections failed: {failed:?} (see the notes under the table)");
     Ok(())
 }
