@@ -155,15 +155,27 @@ impl Host {
                 Err(OpenError::Unavailable(_)) => {}
             }
         }
-        // Two racing ensures: the first insert wins, the loser lets its lease and backend go.
-        let mut sessions = self.sessions.write().expect("sessions lock");
-        if let Some(h) = sessions.get(tenant).filter(|h| !h.is_finished()) {
-            return Ok(Ensured { state: h.state(), already_running: true });
+        // Two racing ensures: the first insert wins, the loser lets its lease and backend go. A shutdown that began
+        // while this ensure took its lease lists the sessions to stop under this lock after setting `closing`:
+        // checked here under the same lock, a session is either in that list or never started.
+        {
+            let mut sessions = self.sessions.write().expect("sessions lock");
+            if !self.closing.load(std::sync::atomic::Ordering::Acquire) {
+                if let Some(h) = sessions.get(tenant).filter(|h| !h.is_finished()) {
+                    return Ok(Ensured { state: h.state(), already_running: true });
+                }
+                let handle = session::spawn(tenant.clone(), deps.clone(), lease, backend);
+                let state = handle.state();
+                sessions.insert(tenant.clone(), handle);
+                return Ok(Ensured { state, already_running: false });
+            }
         }
-        let handle = session::spawn(tenant.clone(), deps.clone(), lease, backend);
-        let state = handle.state();
-        sessions.insert(tenant.clone(), handle);
-        Ok(Ensured { state, already_running: false })
+        if let Some(l) = &lease
+            && let Err(e) = deps.tenants.release_lease(tenant, l).await
+        {
+            tracing::warn!(tenant = %tenant, error = %e, "lease release failed; it will expire");
+        }
+        Err(EnsureError::ShuttingDown)
     }
 
     fn insert(&self, tenant: &TenantId, handle: SessionHandle) {
