@@ -23,7 +23,6 @@ use crate::faults::{Command, PongMode, RefusePoint, StreamErrorKind};
 use crate::iq::{self, Outcome};
 use crate::keys::now_secs;
 use crate::noise::{ClientHello, Established, HandshakeFailure, IkOutcome, respond_ik, start_xx};
-use crate::relay;
 use crate::state::{Admission, KeyBundle, PendingPairing, Shared, SignedPreKey};
 use crate::wire::{Channel, Link, WireError};
 
@@ -136,11 +135,9 @@ async fn run(shared: &Arc<Shared>, tcp: TcpStream) -> Result<(), ConnError> {
             send(&mut link, &mut channel, &success).await?;
             let conn = shared.conn_id();
             let (tx, rx) = mpsc::unbounded_channel();
-            let (outbox_tx, mut outbox) = mpsc::unbounded_channel();
-            shared.logged_in(conn, &jid_str, tx, outbox_tx);
-            let end = stanza_loop(shared, &jid_str, link, channel, rx, &mut outbox).await;
+            shared.logged_in(conn, &jid_str, tx);
+            let end = stanza_loop(shared, &jid_str, link, channel, rx).await;
             shared.logged_out(conn);
-            relay::requeue(shared, &jid_str, &mut outbox);
             tracing::debug!(device = %jid_str, end = %end, "connection closed");
         }
     }
@@ -401,7 +398,6 @@ async fn stanza_loop(
     mut link: Link,
     mut channel: Channel,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    outbox: &mut mpsc::UnboundedReceiver<Node>,
 ) -> End {
     let mut half_open = false;
     let mut delayed_pongs: VecDeque<(Instant, String)> = VecDeque::new();
@@ -439,13 +435,6 @@ async fn stanza_loop(
                     return End::Error(e);
                 }
             }
-            node = outbox.recv(), if !half_open => {
-                // Messages and receipts the relay routed to this device.
-                let Some(node) = node else { return End::Dropped };
-                if let Err(e) = send(&mut link, &mut channel, &node).await {
-                    return End::Error(e);
-                }
-            }
             frame = link.next_frame() => {
                 let mut frame = match frame {
                     Ok(f) => f,
@@ -460,16 +449,12 @@ async fn stanza_loop(
                 if let Err(e) = channel.open(&mut frame) {
                     return End::Error(e);
                 }
-                let handled = crate::wire::with_node(&frame, |node| {
-                    let routed = matches!(&*node.tag, "message" | "receipt" | "ack").then(|| relay::inbound(node)).flatten();
-                    (iq::handle(shared, jid, node), routed)
-                });
-                let (outcome, routed) = match handled {
+                let outcome = match crate::wire::with_node(&frame, |node| iq::handle(shared, jid, node)) {
                     Ok(o) => o,
                     Err(e) => return End::Error(e),
                 };
                 let replies = match outcome {
-                    Outcome::Nothing => Vec::new(),
+                    Outcome::Nothing => continue,
                     Outcome::Reply(nodes) => nodes,
                     Outcome::Ping(id) => {
                         shared.update(|s| s.rec.ping(jid));
@@ -488,10 +473,6 @@ async fn stanza_loop(
                     if let Err(e) = send(&mut link, &mut channel, node).await {
                         return End::Error(e);
                     }
-                }
-                // After the server's ack, as WhatsApp acks a message before the recipient sees it.
-                if let Some(routed) = routed {
-                    relay::handle(shared, jid, routed).await;
                 }
             }
         }
