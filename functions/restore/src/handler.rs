@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use lambda_runtime::{Error, LambdaEvent};
 use serde_json::Value;
+use tokio::sync::OnceCell;
 use tracing::info;
 use wakeeper_shared::adapters::dynamodb::{DynamoTenantStore, dynamo_client_for_endpoint};
 use wakeeper_shared::domain::now_millis;
@@ -23,26 +24,61 @@ use crate::config::{Config, Secret};
 pub const FUNCTION: &str = "restore";
 
 /// What every invocation of a warm container shares, built once at cold start.
+///
+/// The cold start talks to nothing: it reads the settings, loads the AWS configuration (environment only, no
+/// request) and builds the DynamoDB client. A control token kept in Secrets Manager is fetched by the first
+/// invocation and kept for the warm container's life, so Lambda's init phase never waits on the network.
 pub struct State {
     tenants: Arc<dyn TenantStore>,
-    hosts: HostFleet<HostClient>,
+    hosts: OnceCell<HostFleet<HostClient>>,
+    fleet: FleetSettings,
     limits: RestoreLimits,
 }
 
+/// What the first invocation needs to build the host clients when the token is not known at cold start.
+struct FleetSettings {
+    urls: Vec<String>,
+    token: Secret,
+    timeout: Duration,
+    sdk: Option<aws_config::SdkConfig>,
+}
+
+impl FleetSettings {
+    async fn build(&self) -> anyhow::Result<HostFleet<HostClient>> {
+        let token = crate::secrets::resolve(&self.token, self.sdk.as_ref()).await.context("control token")?;
+        Ok(HostFleet::from_urls(&self.urls, &token, self.timeout)?)
+    }
+}
+
 impl State {
-    /// Builds the clients. Talks to AWS only when it must (a secret to fetch, the real DynamoDB).
+    /// Builds the clients. Talks to AWS only when it must (the real DynamoDB), and never over the network.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let needs_aws = config.dynamodb_endpoint.is_none() || matches!(config.token, Secret::SecretArn(_));
         let sdk = if needs_aws { Some(aws_config::load_from_env().await) } else { None };
-        let token = crate::secrets::resolve(&config.token, sdk.as_ref()).await.context("control token")?;
         let dynamo = match (&config.dynamodb_endpoint, &sdk) {
             (Some(url), _) => dynamo_client_for_endpoint(url),
             (None, Some(sdk)) => aws_sdk_dynamodb::Client::new(sdk),
             (None, None) => unreachable!("an AWS configuration is loaded when no endpoint is set"),
         };
-        let hosts = HostFleet::from_urls(&config.host_urls, &token, config.host_timeout)?;
-        info!(hosts = hosts.len(), table = %config.table, "restore function configured");
-        Ok(Self { tenants: Arc::new(DynamoTenantStore::new(dynamo, config.table)), hosts, limits: config.limits })
+        let fleet = FleetSettings { urls: config.host_urls, token: config.token, timeout: config.host_timeout, sdk };
+        // A token given as its value costs nothing: build the clients now, so a bad URL fails the cold start.
+        let hosts = match fleet.token {
+            Secret::Value(_) => OnceCell::new_with(Some(fleet.build().await?)),
+            Secret::SecretArn(_) => OnceCell::new(),
+        };
+        info!(hosts = fleet.urls.len(), table = %config.table, "restore function configured");
+        Ok(Self {
+            tenants: Arc::new(DynamoTenantStore::new(dynamo, config.table)),
+            hosts,
+            fleet,
+            limits: config.limits,
+        })
+    }
+
+    /// The host clients: built at cold start, or by the first invocation that needs the token fetched (a failed
+    /// fetch fails that invocation; the next one tries again).
+    async fn hosts(&self) -> anyhow::Result<&HostFleet<HostClient>> {
+        self.hosts.get_or_try_init(|| self.fleet.build()).await
     }
 }
 
@@ -87,7 +123,19 @@ pub async fn handle(state: &State, event: LambdaEvent<Value>) -> Result<Value, E
         reserve_ms = state.limits.reserve.as_millis() as u64,
         "restore starting"
     );
-    match run_restore(state.tenants.as_ref(), &state.hosts, &request, &state.limits, time_left).await {
+    let hosts = match state.hosts().await {
+        Ok(hosts) => hosts,
+        Err(e) => {
+            emit(
+                &Emf::new(wakeeper_shared::emf::NAMESPACE)
+                    .dimension("Function", FUNCTION)
+                    .count("HostUnreachable", 0)
+                    .count("RunFailed", 1),
+            );
+            return Err(format!("{e:#}").into());
+        }
+    };
+    match run_restore(state.tenants.as_ref(), hosts, &request, &state.limits, time_left).await {
         Ok(report) => {
             emit(&report.emf(FUNCTION));
             Ok(serde_json::to_value(&report)?)
