@@ -35,6 +35,16 @@ pub mod codes {
     pub const CREDENTIALS_CORRUPT: &str = "credentials_corrupt";
     /// The session is not open (409).
     pub const SESSION_NOT_OPEN: &str = "session_not_open";
+    /// A recipient that is neither a phone number nor a user, LID or group jid (400).
+    pub const BAD_RECIPIENT: &str = "bad_recipient";
+    /// A message text that is empty or only whitespace (400).
+    pub const EMPTY_TEXT: &str = "empty_text";
+    /// A message text longer than [`MAX_TEXT_CHARS`](super::MAX_TEXT_CHARS) characters (400).
+    pub const TEXT_TOO_LONG: &str = "text_too_long";
+    /// Too many sends already waiting on the session (429).
+    pub const SEND_QUEUE_FULL: &str = "send_queue_full";
+    /// A `typing_ms` above [`MAX_TYPING_MS`](super::MAX_TYPING_MS) (400).
+    pub const BAD_TYPING_MS: &str = "bad_typing_ms";
     /// A store or dependency is unavailable (503).
     pub const UNAVAILABLE: &str = "unavailable";
     /// Anything else (500).
@@ -93,6 +103,36 @@ pub struct RestoreResponse {
     pub already_running: u64,
     /// Tenants refused, with why.
     pub rejected: Vec<Rejected>,
+}
+
+/// Longest text `POST /v1/sessions/{id}/messages` accepts, in characters (Unicode scalar values).
+pub const MAX_TEXT_CHARS: usize = 4096;
+/// Longest "typing..." a send may show before the message goes out, in milliseconds.
+pub const MAX_TYPING_MS: u64 = 10_000;
+
+/// `POST /v1/sessions/{id}/messages` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessageRequest {
+    /// A phone number (digits, optionally with `+`, spaces and dashes) or a jid (`…@s.whatsapp.net`,
+    /// `…@lid`, `…@g.us`).
+    pub to: String,
+    /// The text, 1 to [`MAX_TEXT_CHARS`] characters, not only whitespace.
+    pub text: String,
+    /// Show "typing..." to the recipient this long (at most [`MAX_TYPING_MS`]) before sending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typing_ms: Option<u64>,
+}
+
+/// `POST /v1/sessions/{id}/messages` answer (202): the message is queued on the open session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendMessageResponse {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// The WhatsApp message id the message is sent with (chosen before sending).
+    pub message_id: String,
+    /// The recipient as a jid.
+    pub to: String,
 }
 
 #[cfg(feature = "client")]
@@ -268,6 +308,21 @@ mod client {
         pub async fn stop(&self, tenant: &TenantId) -> Result<(), ClientError> {
             match self.call(reqwest::Method::DELETE, &format!("/v1/sessions/{tenant}"), None).await? {
                 (s, _) if s.is_success() => Ok(()),
+                (s, b) => Err(Self::refused(s, &b)),
+            }
+        }
+
+        /// `POST /v1/sessions/{id}/messages`: queue a text on the tenant's open session. Tried once: a send
+        /// is not idempotent, so an unreachable host is reported rather than retried.
+        pub async fn send_message(
+            &self,
+            tenant: &TenantId,
+            request: &SendMessageRequest,
+        ) -> Result<SendMessageResponse, ClientError> {
+            let body = serde_json::to_value(request).expect("send request serializes");
+            let once = Self { attempts: 1, ..self.clone() };
+            match once.call(reqwest::Method::POST, &format!("/v1/sessions/{tenant}/messages"), Some(&body)).await? {
+                (s, b) if s.is_success() => Self::decode(s, b),
                 (s, b) => Err(Self::refused(s, &b)),
             }
         }

@@ -19,7 +19,8 @@ use subtle::ConstantTimeEq;
 use tower_http::timeout::TimeoutLayer;
 use wakeeper_shared::domain::TenantId;
 use wakeeper_shared::host_api::{
-    Accepted, ErrorBody, Health, Rejected, RestoreRequest, RestoreResponse, SessionList, codes,
+    Accepted, ErrorBody, Health, Rejected, RestoreRequest, RestoreResponse, SendMessageRequest, SendMessageResponse,
+    SessionList, codes,
 };
 
 use crate::host::{EnsureError, Host};
@@ -209,6 +210,42 @@ async fn restore(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Resp
     Ok((StatusCode::ACCEPTED, Json(response)).into_response())
 }
 
+/// `POST /v1/sessions/{id}/messages`: validates everything, then hands the text to the open session's sender
+/// task and answers 202 with the message id at once (typing and sending happen after the answer).
+async fn send_message(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    use crate::messages::{Invalid, check_text, check_typing, parse_recipient};
+    use crate::session::SendRefused;
+    let id = tenant(&id)?;
+    let request: SendMessageRequest =
+        serde_json::from_slice(&body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST))?;
+    let invalid = |e: Invalid| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            match e {
+                Invalid::Recipient => codes::BAD_RECIPIENT,
+                Invalid::EmptyText => codes::EMPTY_TEXT,
+                Invalid::TextTooLong => codes::TEXT_TOO_LONG,
+                Invalid::Typing => codes::BAD_TYPING_MS,
+            },
+        )
+    };
+    let to = parse_recipient(&request.to).map_err(invalid)?;
+    check_text(&request.text).map_err(invalid)?;
+    let typing = check_typing(request.typing_ms).map_err(invalid)?;
+    let jid = to.to_string();
+    match state.host.queue_text(&id, to, request.text, typing) {
+        Ok(message_id) => {
+            Ok((StatusCode::ACCEPTED, Json(SendMessageResponse { tenant_id: id, message_id, to: jid })).into_response())
+        }
+        Err(SendRefused::NotOpen) => Err(ApiError::new(StatusCode::CONFLICT, codes::SESSION_NOT_OPEN)),
+        Err(SendRefused::QueueFull) => Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, codes::SEND_QUEUE_FULL)),
+    }
+}
+
 async fn sweep(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     match state.sweeper.sweep().await {
         Ok(report) => Ok(Json(report).into_response()),
@@ -261,6 +298,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions", get(list_sessions))
         .route("/v1/sessions/{tenant_id}", get(get_session).put(put_session).delete(delete_session))
         .route("/v1/sessions/{tenant_id}/reconnect", post(reconnect))
+        .route("/v1/sessions/{tenant_id}/messages", post(send_message))
         .route("/v1/restore", post(restore))
         .route("/v1/sweep", post(sweep))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));

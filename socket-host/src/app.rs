@@ -151,6 +151,16 @@ impl App {
             });
         }
         crate::webhooks::start(host.subscribe(), config.webhook_urls.clone(), config.webhook_secret.clone());
+        if !config.webhook_urls.is_empty() {
+            let outbox = crate::outbox::Outbox::open(
+                config.data_dir.join(crate::outbox::OUTBOX_FILE),
+                config.webhook_urls.clone(),
+                config.outbox_max,
+            )
+            .context("opening the message outbox")?;
+            outbox.start_delivery(config.webhook_secret.clone());
+            host.set_outbox(outbox);
+        }
         let state = Arc::new(AppState::new(host.clone(), control_token(&config)?));
         Ok(Self { host, replicator, state, config })
     }

@@ -129,6 +129,11 @@ pub struct Config {
     #[arg(long, env = "WAKEEPER_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
+    /// Most message events the durable outbox (`<data dir>/outbox.redb`) keeps while webhook URLs do not
+    /// answer; past it the oldest are dropped (`wakeeper_outbox_dropped_total`, a warning in the log).
+    #[arg(long, env = "WAKEEPER_OUTBOX_MAX", default_value_t = crate::outbox::DEFAULT_MAX_EVENTS)]
+    pub outbox_max: u64,
+
     /// Seconds of silence after which an open link is treated as half-open and replaced (keep above 30: the
     /// engine pings an idle link every 15-30 s).
     #[arg(long, env = "WAKEEPER_SILENT_AFTER_S", default_value_t = 45)]

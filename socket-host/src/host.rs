@@ -52,7 +52,14 @@ impl Host {
     ) -> Arc<Self> {
         let (changes, _) = broadcast::channel(4096);
         Arc::new(Self {
-            deps: Arc::new(SessionDeps { tenants, engines, governor, config, changes }),
+            deps: Arc::new(SessionDeps {
+                tenants,
+                engines,
+                governor,
+                config,
+                changes,
+                outbox: std::sync::OnceLock::new(),
+            }),
             sessions: RwLock::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
         })
@@ -61,6 +68,23 @@ impl Host {
     /// State changes of every session.
     pub fn subscribe(&self) -> broadcast::Receiver<StateChange> {
         self.deps.changes.subscribe()
+    }
+
+    /// Routes every session's received messages through `outbox` (set once, before sessions start; a second
+    /// call is ignored).
+    pub fn set_outbox(&self, outbox: crate::outbox::Outbox) {
+        let _ = self.deps.outbox.set(outbox);
+    }
+
+    /// Accepts a text for the tenant's open session (see [`SessionHandle::queue_text`]); the message id.
+    pub fn queue_text(
+        &self,
+        tenant: &TenantId,
+        to: whatsapp_rust::Jid,
+        text: String,
+        typing: Duration,
+    ) -> Result<String, session::SendRefused> {
+        self.running(tenant).ok_or(session::SendRefused::NotOpen)?.queue_text(to, text, typing)
     }
 
     /// The tenant table.

@@ -13,6 +13,8 @@
 //! - [`sweeper`]: the health sweep run inside the host on a timer (one-machine use).
 //! - [`governor`]: the host-wide pacing of connect attempts.
 //! - [`webhooks`]: signed state-change and alert events to the configured URLs.
+//! - [`messages`]: received messages into the outbox before the engine acks them; validated sends, typing.
+//! - [`outbox`]: the durable, bounded outbox of message events and its per-URL at-least-once delivery.
 //! - [`transport`]: the engine's WebSocket transport and HTTP client.
 //! - [`engine_store`]: the engine's `Backend` over a tenant's local working copy.
 //! - [`replicator`]: ordered, batched replication of engine writes to the credential store.
@@ -25,6 +27,8 @@ pub mod engines;
 pub mod governor;
 pub mod host;
 pub mod import;
+pub mod messages;
+pub mod outbox;
 pub mod replicator;
 pub mod restore;
 pub mod session;

@@ -17,11 +17,13 @@ use wakeeper_shared::domain::{
     BackoffPolicy, Lease, SessionState, SessionView, StatusUpdate, TenantId, TenantStatus, now_millis,
 };
 use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
+use whatsapp_rust::Jid;
 use whatsapp_rust::bot::Bot;
 use whatsapp_rust::store::traits::Backend;
 use whatsapp_rust::types::events::{ConnectFailureReason, Event, EventHandler};
 
 use crate::governor::{ConnectPermit, Governor};
+use crate::messages::{ClientSlot, InboundHook, Outgoing};
 use crate::transport::{LinkProbe, ReqwestHttpClient, WsTransportFactory};
 
 /// Why a tenant's engine store could not be opened.
@@ -121,6 +123,9 @@ pub struct SessionDeps {
     pub config: SessionConfig,
     /// State changes are published here.
     pub changes: broadcast::Sender<StateChange>,
+    /// Where received messages go before the engine acknowledges them (none: no message webhooks configured,
+    /// and the engine acknowledges on decryption).
+    pub outbox: std::sync::OnceLock<crate::outbox::Outbox>,
 }
 
 /// Something asked of a running session.
@@ -139,6 +144,17 @@ pub struct SessionHandle {
     probe: Arc<LinkProbe>,
     commands: mpsc::UnboundedSender<Command>,
     finished: Arc<AtomicBool>,
+    client: ClientSlot,
+    sends: Option<mpsc::Sender<Outgoing>>,
+}
+
+/// Why a send was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendRefused {
+    /// The session is not open.
+    NotOpen,
+    /// Too many sends are already waiting on this session.
+    QueueFull,
 }
 
 impl SessionHandle {
@@ -173,6 +189,20 @@ impl SessionHandle {
     /// Tells the session its lease (or replication fence) was lost: the client stops before anything else.
     pub fn lease_lost(&self) {
         let _ = self.commands.send(Command::LeaseLost);
+    }
+
+    /// Accepts a text for sending on the open session: picks its message id now and hands it to the session's
+    /// sender task, which shows "typing..." for `typing` first. Returns the message id.
+    pub fn queue_text(&self, to: Jid, text: String, typing: Duration) -> Result<String, SendRefused> {
+        let client = crate::messages::open_client(&self.client, &self.view).ok_or(SendRefused::NotOpen)?;
+        let sends = self.sends.as_ref().ok_or(SendRefused::NotOpen)?;
+        let message_id = client.generate_message_id();
+        let out = Outgoing { to, text, message_id: message_id.clone(), typing, accepted: Instant::now() };
+        sends.try_send(out).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SendRefused::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => SendRefused::NotOpen,
+        })?;
+        Ok(message_id)
     }
 
     /// Stops the client and waits until it is down; the lease is released.
@@ -215,12 +245,18 @@ pub fn spawn(
         last_error: None,
     }));
     let (tx, rx) = mpsc::unbounded_channel();
+    let client: ClientSlot = Arc::default();
+    let (sends, queue) = mpsc::channel(crate::messages::SEND_QUEUE);
+    // Ends when the last handle is gone (the sender side is only in handles).
+    tokio::spawn(crate::messages::run_sender(tenant.clone(), client.clone(), view.clone(), queue));
     let handle = SessionHandle {
         tenant: tenant.clone(),
         view: view.clone(),
         probe: Arc::new(LinkProbe::default()),
         commands: tx.clone(),
         finished: Arc::new(AtomicBool::new(false)),
+        client: client.clone(),
+        sends: Some(sends),
     };
     let sup = Supervisor {
         tenant,
@@ -233,6 +269,7 @@ pub fn spawn(
         lease_keeper: None,
         backend,
         failures: 0,
+        client,
     };
     let finished = handle.finished.clone();
     tokio::spawn(async move {
@@ -262,6 +299,8 @@ pub fn finished(tenant: TenantId, state: SessionState, reason: String) -> Sessio
         probe: Arc::new(LinkProbe::default()),
         commands: tx,
         finished: Arc::new(AtomicBool::new(true)),
+        client: Arc::default(),
+        sends: None,
     }
 }
 
@@ -349,6 +388,16 @@ struct Supervisor {
     lease_keeper: Option<tokio::task::JoinHandle<()>>,
     backend: Option<Arc<dyn Backend>>,
     failures: u32,
+    client: ClientSlot,
+}
+
+/// Empties the session's client slot when a connect attempt ends, however it ends.
+struct SlotGuard(ClientSlot);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        *self.0.lock().expect("client slot lock") = None;
+    }
 }
 
 /// What to do after waiting.
@@ -446,13 +495,16 @@ impl Supervisor {
         metrics::counter!("wakeeper_connects_attempted_total").increment(1);
         let backend = self.backend.clone().expect("backend opened before an attempt");
         let factory = WsTransportFactory::new(deps.config.wa_url.as_str()).with_probe(self.probe.clone());
-        let built = Bot::builder()
+        let mut builder = Bot::builder()
             .with_backend_arc(backend)
             .with_transport_factory(factory)
             .with_http_client(ReqwestHttpClient::default())
-            .with_version(deps.config.app_version)
-            .build()
-            .await;
+            .with_version(deps.config.app_version);
+        if let Some(outbox) = deps.outbox.get() {
+            // Received messages reach the outbox before the engine acknowledges them to WhatsApp.
+            builder = builder.with_inbound_durability_hook(InboundHook::new(self.tenant.clone(), outbox.clone()));
+        }
+        let built = builder.build().await;
         let bot = match built {
             Ok(b) => b,
             Err(e) => {
@@ -464,6 +516,8 @@ impl Supervisor {
         };
         let client = bot.client();
         client.enable_auto_reconnect.store(false, Ordering::Relaxed);
+        *self.client.lock().expect("client slot lock") = Some(client.clone());
+        let _slot = SlotGuard(self.client.clone());
         let (tx, mut signals) = mpsc::unbounded_channel();
         let _subscription = client.subscribe_handler(Arc::new(SignalHandler { tx }));
         let mut run = bot.spawn();

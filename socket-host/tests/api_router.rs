@@ -108,6 +108,7 @@ async fn every_protected_route_refuses_missing_or_wrong_tokens() {
         (Method::DELETE, "/v1/sessions/a"),
         (Method::POST, "/v1/sessions/a/reconnect"),
         (Method::POST, "/v1/restore"),
+        (Method::POST, "/v1/sessions/a/messages"),
         (Method::GET, "/metrics"),
     ];
     for (m, uri) in routes {
@@ -271,4 +272,88 @@ async fn sweep_on_request_starts_missing_tenants_and_marks_definitive_failures()
     assert!(f.state.host.get(&TenantId::parse("wanted-1").unwrap()).is_some());
     let rec = f.store.get(&TenantId::parse("missing-2").unwrap()).await.unwrap().unwrap();
     assert_eq!(rec.status, Some(TenantStatus::CredentialsMissing));
+}
+
+#[tokio::test]
+async fn send_message_refuses_every_bad_request_and_sends_nothing() {
+    let f = fixture();
+    // A running session that is not open (its connects go to a closed port).
+    assert_eq!(authed(&f, Method::PUT, "/v1/sessions/resto-4").await.0, StatusCode::ACCEPTED);
+    let post = |tenant: &str, body: String| {
+        let uri = format!("/v1/sessions/{tenant}/messages");
+        let f = &f;
+        async move { call(f, Method::POST, &uri, Some(TOKEN), Body::from(body)).await }
+    };
+    let json = |v: serde_json::Value| v.to_string();
+    let ok_to = "+49 151 2345-6789";
+
+    assert_eq!(
+        call(
+            &f,
+            Method::POST,
+            "/v1/sessions/resto-4/messages",
+            None,
+            Body::from(json(serde_json::json!({"to": ok_to, "text": "hi"})))
+        )
+        .await,
+        (StatusCode::UNAUTHORIZED, error("unauthorized"))
+    );
+    assert_eq!(
+        post("a.b", json(serde_json::json!({"to": ok_to, "text": "hi"}))).await,
+        (StatusCode::BAD_REQUEST, error("bad_tenant_id"))
+    );
+    for body in [
+        String::new(),
+        "{not json".to_string(),
+        json(serde_json::json!({"text": "hi"})),
+        json(serde_json::json!({"to": ok_to})),
+        json(serde_json::json!({"to": ok_to, "text": "hi", "extra": 1})),
+        json(serde_json::json!({"to": 4915123456789u64, "text": "hi"})),
+        json(serde_json::json!({"to": ok_to, "text": "hi", "typing_ms": -1})),
+        json(serde_json::json!({"to": ok_to, "text": "hi", "typing_ms": "500"})),
+    ] {
+        assert_eq!(post("resto-4", body.clone()).await, (StatusCode::BAD_REQUEST, error("bad_request")), "{body}");
+    }
+    for to in ["", "12345", "not a number", "4915123456789@c.us", "4915123456789:2@s.whatsapp.net", "status@broadcast"]
+    {
+        assert_eq!(
+            post("resto-4", json(serde_json::json!({"to": to, "text": "hi"}))).await,
+            (StatusCode::BAD_REQUEST, error("bad_recipient")),
+            "{to:?}"
+        );
+    }
+    for text in ["", "   ", "\n\t"] {
+        assert_eq!(
+            post("resto-4", json(serde_json::json!({"to": ok_to, "text": text}))).await,
+            (StatusCode::BAD_REQUEST, error("empty_text"))
+        );
+    }
+    let long = "ü".repeat(wakeeper_shared::host_api::MAX_TEXT_CHARS + 1);
+    assert_eq!(
+        post("resto-4", json(serde_json::json!({"to": ok_to, "text": long}))).await,
+        (StatusCode::BAD_REQUEST, error("text_too_long"))
+    );
+    assert_eq!(
+        post("resto-4", json(serde_json::json!({"to": ok_to, "text": "hi", "typing_ms": 10_001}))).await,
+        (StatusCode::BAD_REQUEST, error("bad_typing_ms"))
+    );
+    let huge = json(serde_json::json!({"to": ok_to, "text": "a".repeat(70 * 1024)}));
+    assert_eq!(post("resto-4", huge).await, (StatusCode::PAYLOAD_TOO_LARGE, error("payload_too_large")));
+
+    // Well-formed, but the session is not open, or there is none: 409, and no session is created.
+    let max = "a".repeat(wakeeper_shared::host_api::MAX_TEXT_CHARS);
+    for tenant in ["resto-4", "nobody"] {
+        assert_eq!(
+            post(tenant, json(serde_json::json!({"to": ok_to, "text": max, "typing_ms": 10_000}))).await,
+            (StatusCode::CONFLICT, error("session_not_open")),
+            "{tenant}"
+        );
+    }
+    assert_eq!(
+        authed(&f, Method::GET, "/v1/sessions/resto-4/messages").await,
+        (StatusCode::METHOD_NOT_ALLOWED, error("method_not_allowed"))
+    );
+    let sessions = f.state.host.list();
+    assert_eq!(sessions.len(), 1, "only the session started above exists");
+    assert_ne!(sessions[0].state, wakeeper_shared::domain::SessionState::Open);
 }

@@ -1,0 +1,396 @@
+//! The durable outbox of message events: every `message.received` event is written here (a redb file in the
+//! data dir, fsynced) before the engine acknowledges the message to WhatsApp, and stays until every configured
+//! webhook URL has answered it with a 2xx. A bot that is down for a while, or a host restart in between, loses
+//! nothing; past [`Outbox`]'s bound the oldest events are dropped, counted and logged.
+//!
+//! # Data layout (`<data_dir>/outbox.redb`)
+//! - `events`: sequence number (u64, rising, never reused) -> JSON [`Stored`]: the event id, the signed body,
+//!   and the URLs that already answered 2xx.
+//! - `event_ids`: event id -> sequence number (an event enqueued twice while pending is stored once).
+//! - `meta`: `next_seq` -> the next sequence number.
+//!
+//! Delivery: one task per URL walks the events in sequence order (so each URL sees them in arrival order),
+//! retrying one event with backoff until it answers 2xx. The URL set is the configured one: an event is removed
+//! once every currently configured URL has it, so a URL added later receives the backlog and a removed URL
+//! holds nothing back.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::webhooks::{SIGNATURE_HEADER, sign};
+
+/// The file name of the outbox inside the data dir.
+pub const OUTBOX_FILE: &str = "outbox.redb";
+/// Default bound on stored events (`WAKEEPER_OUTBOX_MAX`).
+pub const DEFAULT_MAX_EVENTS: u64 = 100_000;
+/// Longest wait between two delivery attempts of one event to one URL.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// Header carrying the event id (the idempotency key), as on state events.
+pub const EVENT_ID_HEADER: &str = "X-Wakeeper-Event-Id";
+/// The same id under the conventional name.
+pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const EVENT_IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_SEQ: &str = "next_seq";
+
+/// An outbox failure: the local file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[error("outbox: {0}")]
+pub struct OutboxError(String);
+
+fn err(e: impl std::fmt::Display) -> OutboxError {
+    OutboxError(e.to_string())
+}
+
+/// One stored event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    id: String,
+    body: String,
+    #[serde(default)]
+    delivered: Vec<String>,
+}
+
+/// One event to store: its id (idempotency key) and its JSON body.
+#[derive(Debug, Clone)]
+pub struct OutboxEvent {
+    /// The idempotency key.
+    pub id: String,
+    /// The JSON body, exactly as signed and sent.
+    pub body: String,
+}
+
+/// The durable outbox and its delivery tasks. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    path: PathBuf,
+    max: u64,
+    urls: Vec<String>,
+    /// One per URL: woken when an event is stored.
+    wake: Vec<Notify>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("path", &self.inner.path).field("max", &self.inner.max).finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// Opens (creating when absent) the outbox at `path` for `urls`, holding at most `max` events. Delivery
+    /// starts with [`Outbox::start_delivery`].
+    pub fn open(path: impl AsRef<Path>, urls: Vec<String>, max: u64) -> Result<Self, OutboxError> {
+        let path = path.as_ref().to_path_buf();
+        let db = Database::create(&path).map_err(err)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        }
+        let txn = db.begin_write().map_err(err)?;
+        txn.open_table(EVENTS).map_err(err)?;
+        txn.open_table(EVENT_IDS).map_err(err)?;
+        txn.open_table(META).map_err(err)?;
+        txn.commit().map_err(err)?;
+        let wake = urls.iter().map(|_| Notify::new()).collect();
+        let outbox = Self { inner: Arc::new(Inner { db, path, max: max.max(1), urls, wake }) };
+        metrics::gauge!("wakeeper_outbox_events").set(outbox.len_blocking()? as f64);
+        Ok(outbox)
+    }
+
+    /// The configured URLs.
+    pub fn urls(&self) -> &[String] {
+        &self.inner.urls
+    }
+
+    fn len_blocking(&self) -> Result<u64, OutboxError> {
+        let txn = self.inner.db.begin_read().map_err(err)?;
+        txn.open_table(EVENTS).map_err(err)?.len().map_err(err)
+    }
+
+    /// How many events are waiting for at least one URL.
+    pub async fn len(&self) -> Result<u64, OutboxError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.len_blocking()).await.map_err(err)?
+    }
+
+    /// Whether nothing is waiting.
+    pub async fn is_empty(&self) -> Result<bool, OutboxError> {
+        Ok(self.len().await? == 0)
+    }
+
+    /// Stores `events` durably (one fsynced transaction) and wakes the delivery tasks. An event whose id is
+    /// already waiting is not stored twice. When the outbox is full the oldest events are dropped (counted in
+    /// `wakeeper_outbox_dropped_total` and logged). Returns once the events are on disk.
+    pub async fn enqueue(&self, events: Vec<OutboxEvent>) -> Result<(), OutboxError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let me = self.clone();
+        let (dropped, len) = tokio::task::spawn_blocking(move || me.enqueue_blocking(events)).await.map_err(err)??;
+        if !dropped.is_empty() {
+            metrics::counter!("wakeeper_outbox_dropped_total").increment(dropped.len() as u64);
+            tracing::warn!(
+                dropped = dropped.len(),
+                max = self.inner.max,
+                oldest_dropped = %dropped[0],
+                "message outbox full: dropped the oldest events"
+            );
+        }
+        metrics::gauge!("wakeeper_outbox_events").set(len as f64);
+        for w in &self.inner.wake {
+            w.notify_one();
+        }
+        Ok(())
+    }
+
+    fn enqueue_blocking(&self, events: Vec<OutboxEvent>) -> Result<(Vec<String>, u64), OutboxError> {
+        let txn = self.inner.db.begin_write().map_err(err)?;
+        let mut dropped = Vec::new();
+        let len = {
+            let mut table = txn.open_table(EVENTS).map_err(err)?;
+            let mut ids = txn.open_table(EVENT_IDS).map_err(err)?;
+            let mut meta = txn.open_table(META).map_err(err)?;
+            let mut next = meta.get(NEXT_SEQ).map_err(err)?.map(|v| v.value()).unwrap_or(0);
+            for event in events {
+                if ids.get(event.id.as_str()).map_err(err)?.is_some() {
+                    continue;
+                }
+                while table.len().map_err(err)? >= self.inner.max {
+                    let Some((_, v)) = table.pop_first().map_err(err)? else { break };
+                    let old: Stored = serde_json::from_slice(v.value()).map_err(err)?;
+                    drop(v);
+                    ids.remove(old.id.as_str()).map_err(err)?;
+                    dropped.push(old.id);
+                }
+                let stored = Stored { id: event.id, body: event.body, delivered: Vec::new() };
+                table.insert(next, serde_json::to_vec(&stored).map_err(err)?.as_slice()).map_err(err)?;
+                ids.insert(stored.id.as_str(), next).map_err(err)?;
+                next += 1;
+            }
+            meta.insert(NEXT_SEQ, next).map_err(err)?;
+            table.len().map_err(err)?
+        };
+        txn.commit().map_err(err)?;
+        Ok((dropped, len))
+    }
+
+    /// The first event at or after `from` that `url` has not answered yet.
+    fn next_for(&self, url: &str, from: u64) -> Result<Option<(u64, Stored)>, OutboxError> {
+        let txn = self.inner.db.begin_read().map_err(err)?;
+        let table = txn.open_table(EVENTS).map_err(err)?;
+        for entry in table.range(from..).map_err(err)? {
+            let (k, v) = entry.map_err(err)?;
+            let stored: Stored = serde_json::from_slice(v.value()).map_err(err)?;
+            if !stored.delivered.iter().any(|u| u == url) {
+                return Ok(Some((k.value(), stored)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn still_waiting(&self, seq: u64) -> Result<bool, OutboxError> {
+        let txn = self.inner.db.begin_read().map_err(err)?;
+        Ok(txn.open_table(EVENTS).map_err(err)?.get(seq).map_err(err)?.is_some())
+    }
+
+    /// Records that `url` answered event `seq`; removes the event once every configured URL has. Not fsynced on
+    /// its own (a crash before the next durable commit only means a redelivery, which at-least-once allows).
+    fn mark_delivered(&self, seq: u64, url: &str) -> Result<u64, OutboxError> {
+        let mut txn = self.inner.db.begin_write().map_err(err)?;
+        txn.set_durability(Durability::None).map_err(err)?;
+        let len = {
+            let mut table = txn.open_table(EVENTS).map_err(err)?;
+            let stored = match table.get(seq).map_err(err)? {
+                Some(v) => Some(serde_json::from_slice::<Stored>(v.value()).map_err(err)?),
+                None => None,
+            };
+            if let Some(mut stored) = stored {
+                if !stored.delivered.iter().any(|u| u == url) {
+                    stored.delivered.push(url.to_owned());
+                }
+                if self.inner.urls.iter().all(|u| stored.delivered.contains(u)) {
+                    table.remove(seq).map_err(err)?;
+                    txn.open_table(EVENT_IDS).map_err(err)?.remove(stored.id.as_str()).map_err(err)?;
+                } else {
+                    table.insert(seq, serde_json::to_vec(&stored).map_err(err)?.as_slice()).map_err(err)?;
+                }
+            }
+            table.len().map_err(err)?
+        };
+        txn.commit().map_err(err)?;
+        Ok(len)
+    }
+
+    /// Starts one delivery task per URL; each runs for the life of the process.
+    pub fn start_delivery(&self, secret: Option<String>) {
+        let secret: Arc<Vec<u8>> = Arc::new(secret.unwrap_or_default().into_bytes());
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client builds");
+        for index in 0..self.inner.urls.len() {
+            tokio::spawn(self.clone().deliver(index, http.clone(), secret.clone()));
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Outbox) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me)).await.map_err(err)?
+    }
+
+    async fn deliver(self, index: usize, http: reqwest::Client, secret: Arc<Vec<u8>>) {
+        let url = self.inner.urls[index].clone();
+        let mut cursor = 0u64;
+        let mut store_delay = Duration::from_millis(200);
+        loop {
+            // Registered before the look-up, so an enqueue between the two still wakes this task.
+            let woken = self.inner.wake[index].notified();
+            let u = url.clone();
+            let next = match self.blocking(move |o| o.next_for(&u, cursor)).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "message outbox unreadable; retrying");
+                    tokio::time::sleep(store_delay).await;
+                    store_delay = (store_delay * 2).min(MAX_RETRY_DELAY);
+                    continue;
+                }
+            };
+            store_delay = Duration::from_millis(200);
+            let Some((seq, stored)) = next else {
+                woken.await;
+                continue;
+            };
+            drop(woken);
+            if self.send_until_answered(&http, &url, &secret, seq, &stored).await {
+                metrics::counter!("wakeeper_outbox_delivered_total").increment(1);
+                let u = url.clone();
+                match self.blocking(move |o| o.mark_delivered(seq, &u)).await {
+                    Ok(len) => metrics::gauge!("wakeeper_outbox_events").set(len as f64),
+                    // The event stays and is sent again later: at least once.
+                    Err(e) => tracing::error!(error = %e, "could not record a delivered message event"),
+                }
+            }
+            cursor = seq + 1;
+        }
+    }
+
+    /// POSTs one event until `url` answers 2xx (true), or until the event is gone (dropped as the oldest of a
+    /// full outbox: false).
+    async fn send_until_answered(
+        &self,
+        http: &reqwest::Client,
+        url: &str,
+        secret: &[u8],
+        seq: u64,
+        stored: &Stored,
+    ) -> bool {
+        let signature = sign(secret, stored.body.as_bytes());
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let sent = http
+                .post(url)
+                .header("content-type", "application/json")
+                .header(SIGNATURE_HEADER, &signature)
+                .header(EVENT_ID_HEADER, &stored.id)
+                .header(IDEMPOTENCY_HEADER, &stored.id)
+                .body(stored.body.clone())
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => return true,
+                Ok(r) => tracing::warn!(status = r.status().as_u16(), "message webhook refused; retrying"),
+                Err(e) => tracing::warn!(error = %e.without_url(), "message webhook unreachable; retrying"),
+            }
+            metrics::counter!("wakeeper_outbox_retries_total").increment(1);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_RETRY_DELAY);
+            if let Ok(false) = self.blocking(move |o| o.still_waiting(seq)).await {
+                return false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str) -> OutboxEvent {
+        OutboxEvent { id: id.into(), body: format!(r#"{{"id":"{id}"}}"#) }
+    }
+
+    fn ids(o: &Outbox, url: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        while let Some((seq, s)) = o.next_for(url, from).unwrap() {
+            out.push(s.id);
+            from = seq + 1;
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn bounded_drops_the_oldest_and_dedupes_pending_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path().join(OUTBOX_FILE), vec!["http://a".into()], 3).unwrap();
+        o.enqueue(vec![event("1"), event("2"), event("2")]).await.unwrap();
+        o.enqueue(vec![event("3"), event("4"), event("5")]).await.unwrap();
+        assert_eq!(ids(&o, "http://a"), ["3", "4", "5"]);
+        assert_eq!(o.len().await.unwrap(), 3);
+        // A dropped id is not "pending" any more: it may be stored again.
+        o.enqueue(vec![event("1")]).await.unwrap();
+        assert_eq!(ids(&o, "http://a"), ["4", "5", "1"]);
+    }
+
+    #[tokio::test]
+    async fn an_event_leaves_only_after_every_url_answered_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(OUTBOX_FILE);
+        let urls = vec!["http://a".to_string(), "http://b".to_string()];
+        {
+            let o = Outbox::open(&path, urls.clone(), 10).unwrap();
+            o.enqueue(vec![event("x"), event("y")]).await.unwrap();
+            let (seq, _) = o.next_for("http://a", 0).unwrap().unwrap();
+            o.mark_delivered(seq, "http://a").unwrap();
+            assert_eq!(ids(&o, "http://a"), ["y"]);
+            assert_eq!(ids(&o, "http://b"), ["x", "y"]);
+            assert_eq!(o.len().await.unwrap(), 2);
+        }
+        let o = Outbox::open(&path, urls, 10).unwrap();
+        assert_eq!(ids(&o, "http://a"), ["y"], "delivery marks are kept across a reopen");
+        let (seq, _) = o.next_for("http://b", 0).unwrap().unwrap();
+        assert_eq!(o.mark_delivered(seq, "http://b").unwrap(), 1, "x left once both URLs had it");
+        // Sequence numbers keep rising after the table empties, so a delivery cursor never skips a new event.
+        let (seq_y, _) = o.next_for("http://b", 0).unwrap().unwrap();
+        o.mark_delivered(seq_y, "http://a").unwrap();
+        o.mark_delivered(seq_y, "http://b").unwrap();
+        assert!(o.is_empty().await.unwrap());
+        o.enqueue(vec![event("z")]).await.unwrap();
+        assert!(o.next_for("http://a", seq_y + 1).unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_url_configured_later_receives_the_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(OUTBOX_FILE);
+        {
+            let o = Outbox::open(&path, vec!["http://a".into()], 10).unwrap();
+            o.enqueue(vec![event("x")]).await.unwrap();
+        }
+        let o = Outbox::open(&path, vec!["http://a".into(), "http://c".into()], 10).unwrap();
+        assert_eq!(ids(&o, "http://c"), ["x"]);
+    }
+}
