@@ -11,6 +11,7 @@ use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
 
 use crate::governor::Governor;
 use crate::session::{self, EngineProvider, OpenError, SessionConfig, SessionDeps, SessionHandle, StateChange};
+use crate::transport::ReqwestHttpClient;
 
 /// Why `ensure` refused a tenant definitively.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,7 +53,14 @@ impl Host {
     ) -> Arc<Self> {
         let (changes, _) = broadcast::channel(4096);
         Arc::new(Self {
-            deps: Arc::new(SessionDeps { tenants, engines, governor, config, changes }),
+            deps: Arc::new(SessionDeps {
+                tenants,
+                engines,
+                governor,
+                config,
+                changes,
+                http: ReqwestHttpClient::default(),
+            }),
             sessions: RwLock::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
         })

@@ -121,6 +121,8 @@ pub struct SessionDeps {
     pub config: SessionConfig,
     /// State changes are published here.
     pub changes: broadcast::Sender<StateChange>,
+    /// The engine's HTTP client, shared by every session (one pool, one TLS configuration).
+    pub http: ReqwestHttpClient,
 }
 
 /// Something asked of a running session.
@@ -449,7 +451,7 @@ impl Supervisor {
         let built = Bot::builder()
             .with_backend_arc(backend)
             .with_transport_factory(factory)
-            .with_http_client(ReqwestHttpClient::default())
+            .with_http_client(deps.http.clone())
             .with_version(deps.config.app_version)
             .build()
             .await;
