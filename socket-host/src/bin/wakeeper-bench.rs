@@ -361,16 +361,20 @@ impl HostProcess {
         Ok(Self { child: Some(child), client, base, spawned_ms, log })
     }
 
-    /// The host's pid (under a wrapper: the wrapper's innermost child).
+    /// The host's pid (under a wrapper: the descendant running the host binary, not e.g. heaptrack's own
+    /// interpreter process).
     fn pid(&self) -> u32 {
-        let mut pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
-        while let Some(child) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .ok()
-            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
-        {
-            pid = child;
+        let root = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        let mut queue = vec![root];
+        while let Some(pid) = queue.pop() {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            if exe.as_deref().and_then(Path::file_name) == Some(std::ffi::OsStr::new("socket-host")) {
+                return pid;
+            }
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            queue.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
         }
-        pid
+        root
     }
 
     async fn ready(&self) -> anyhow::Result<()> {
