@@ -105,7 +105,8 @@ async fn install(data_dir: &Path, tenant: &TenantId, cipher: &Cipher, snapshot: 
     let (data_dir, tenant, cipher) = (data_dir.to_path_buf(), tenant.clone(), cipher.clone());
     let result = blocking(move || {
         let mut wc = WorkingCopy::open(&data_dir, tenant, cipher)?;
-        wc.write_base(&snapshot)?;
+        // The store holds this snapshot durably: the copy is made durable by the first write that needs it.
+        wc.write_hydrated_base(&snapshot)?;
         Ok::<_, WorkingCopyError>((snapshot.generation, snapshot.records.len()))
     })
     .await;

@@ -283,3 +283,50 @@ async fn bad_ids_planted_in_the_file_are_skipped() {
     assert_eq!(store.read(&good).await.unwrap().records.len(), 1, "the good tenant reads normally");
     assert_eq!(store.get(&good).await.unwrap().map(|r| r.whatsapp_connected), Some(true));
 }
+
+/// Writes are committed in groups: many at once, some refused, all answered as if alone, and all durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_writes_answer_each_caller_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(dir.path()));
+    let ids: Vec<TenantId> = (0..200).map(|i| TenantId::parse(&format!("group-{i:03}")).unwrap()).collect();
+    let contested = TenantId::parse("contested").unwrap();
+    let now = wakeeper_shared::domain::now_millis();
+    let leases = ids.iter().map(|id| {
+        let store = store.clone();
+        let id = id.clone();
+        tokio::spawn(async move { store.acquire_lease(&id, "host-a", 30_000, now).await })
+    });
+    let contenders = (0..20).map(|i| {
+        let store = store.clone();
+        let t = contested.clone();
+        tokio::spawn(async move { store.acquire_lease(&t, &format!("host-{i}"), 30_000, now).await })
+    });
+    let mut snapshot = CredentialSnapshot { generation: 2, ..Default::default() };
+    snapshot.set_device(&restorable_device());
+    let stale = {
+        let store = store.clone();
+        let t = ids[0].clone();
+        let s = snapshot.clone();
+        // Fence the tenant at epoch 5 first, then race a stale epoch-1 write against the leases.
+        store.replace(&t, &s, 5).await.unwrap();
+        tokio::spawn(
+            async move { store.write(&t, &one_record(3, RecordKey::new(RecordKind::Session, "1.0"), b"s")).await },
+        )
+    };
+    let leases = futures_util::future::join_all(leases).await;
+    let contenders = futures_util::future::join_all(contenders).await;
+    for (id, lease) in ids.iter().zip(leases) {
+        assert_eq!(lease.unwrap().unwrap().epoch, 1, "{id}");
+    }
+    let winners = contenders.into_iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    assert_eq!(winners, 1, "exactly one contender holds the contested lease");
+    assert!(matches!(stale.await.unwrap(), Err(StoreError::Conflict(_))), "the stale write is refused alone");
+    drop(store);
+    let store = open(dir.path());
+    for id in &ids {
+        let record = store.get(id).await.unwrap().unwrap();
+        assert_eq!(record.lease.unwrap().owner, "host-a", "{id}");
+    }
+    assert_eq!(store.read(&ids[0]).await.unwrap().generation, 2);
+}

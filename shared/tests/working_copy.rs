@@ -613,3 +613,84 @@ async fn prepare_rehydrates_a_same_generation_copy_that_does_not_decrypt() {
     assert_eq!(h.prepare(&t, 1).await, HydrateOutcome::UpToDate { generation: 5 });
     assert_eq!(open(dir.path(), "t1").load().unwrap().unwrap(), restorable(5, 1));
 }
+
+#[test]
+fn a_hydrated_copy_is_made_durable_by_the_first_append_of_any_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = restorable(4, 2);
+    let mut wc = open(dir.path(), "t1");
+    wc.write_hydrated_base(&base).unwrap();
+    assert!(wc.is_unsynced());
+    assert_eq!(wc.load().unwrap().unwrap(), base, "readable at once");
+    // Another instance (the engine store opens its own) sees the mark and syncs before its first append.
+    let mut engine = open(dir.path(), "t1");
+    assert!(engine.is_unsynced());
+    assert_eq!(engine.append(&[]).unwrap(), 4, "an empty batch writes nothing");
+    assert!(engine.is_unsynced());
+    assert_eq!(engine.append(&[put(RecordKind::PreKey, "1", b"x")]).unwrap(), 5);
+    assert!(!engine.is_unsynced());
+    let reopened = open(dir.path(), "t1");
+    assert!(!reopened.is_unsynced(), "the mark is gone from the journal");
+    let mut expected = base.clone();
+    expected.apply(&[put(RecordKind::PreKey, "1", b"x")]);
+    expected.generation = 5;
+    assert_eq!(reopened.load().unwrap().unwrap(), expected);
+    // A durable replacement (compaction, import) of a hydrated copy leaves no mark either.
+    let mut again = open(dir.path(), "t2");
+    again.write_hydrated_base(&base).unwrap();
+    again.write_base(&restorable(6, 1)).unwrap();
+    assert!(!again.is_unsynced() && !open(dir.path(), "t2").is_unsynced());
+}
+
+#[test]
+fn an_unsynced_journal_marks_the_copy_even_before_its_base_is_written() {
+    // Hydration writes the journal first: a failure before the base leaves the old base and a journal that
+    // names the new one. The old copy still loads, and its next append makes everything durable first.
+    let dir = tempfile::tempdir().unwrap();
+    let old = restorable(3, 1);
+    let mut wc = open(dir.path(), "t1");
+    wc.write_base(&old).unwrap();
+    let staging = tempfile::tempdir().unwrap();
+    open(staging.path(), "t1").write_hydrated_base(&restorable(9, 4)).unwrap();
+    let journal = tenant_dir(staging.path(), &tid("t1")).join("journal.wkc");
+    std::fs::copy(&journal, tenant_dir(dir.path(), &tid("t1")).join("journal.wkc")).unwrap();
+    let mut wc = open(dir.path(), "t1");
+    assert!(wc.is_unsynced());
+    assert_eq!(wc.load().unwrap().unwrap(), old, "the journal of another base is not replayed");
+    assert_eq!(wc.append(&[put(RecordKind::PreKey, "1", b"x")]).unwrap(), 4);
+    let reopened = open(dir.path(), "t1");
+    assert!(!reopened.is_unsynced());
+    assert_eq!(reopened.load().unwrap().unwrap().generation, 4);
+}
+
+/// A name and what it does to a base file.
+type Damage = (&'static str, fn(&Path));
+
+#[tokio::test]
+async fn a_hydrated_copy_lost_in_a_crash_is_hydrated_again() {
+    // What a crash may leave of a copy hydrated without fsync: no base, an empty or cut base, the journal
+    // without its base. Every case reads back as missing or corrupt, and the store's copy is used again.
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn CredentialStore> = Arc::new(embedded(dir.path()));
+    let h = Hydrator::new(store.clone(), dir.path(), cipher());
+    let t = tid("t1");
+    let snapshot = restorable(5, 2);
+    store.replace(&t, &snapshot, 1).await.unwrap();
+    let base = tenant_dir(dir.path(), &t).join("base.wkc");
+    let damages: [Damage; 3] = [
+        ("no base", |p| std::fs::remove_file(p).unwrap()),
+        ("empty base", |p| std::fs::write(p, b"").unwrap()),
+        ("cut base", |p| {
+            let bytes = std::fs::read(p).unwrap();
+            std::fs::write(p, &bytes[..bytes.len() / 2]).unwrap();
+        }),
+    ];
+    for (what, damage) in damages {
+        assert_eq!(h.prepare(&t, 1).await, HydrateOutcome::Hydrated { generation: 5, records: 3 }, "{what}");
+        assert!(open(dir.path(), "t1").is_unsynced(), "{what}");
+        damage(&base);
+        assert_eq!(h.prepare(&t, 1).await, HydrateOutcome::Hydrated { generation: 5, records: 3 }, "{what}");
+        assert_eq!(open(dir.path(), "t1").load().unwrap().unwrap(), snapshot, "{what}");
+        std::fs::remove_dir_all(tenant_dir(dir.path(), &t)).unwrap();
+    }
+}

@@ -100,8 +100,8 @@ pub struct Config {
     #[arg(long, env = "WAKEEPER_CONNECT_RATE", default_value_t = 200.0)]
     pub connect_rate: f64,
 
-    /// Connect attempts allowed in one burst before the rate applies.
-    #[arg(long, env = "WAKEEPER_CONNECT_BURST", default_value_t = 50)]
+    /// Connect attempts allowed in one burst before the rate applies (still paced by the in-flight bound).
+    #[arg(long, env = "WAKEEPER_CONNECT_BURST", default_value_t = 500)]
     pub connect_burst: u32,
 
     /// Handshakes in flight at once (0 = unlimited).

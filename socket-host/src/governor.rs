@@ -1,8 +1,14 @@
 //! The host-wide connect governor: every connect attempt (restore, reconnect, retry) takes a token, so a
 //! thousand sockets dropping at once become a paced stream of handshakes, not a storm WhatsApp would punish.
 //!
-//! Two limits: attempts per second (a token bucket with a small burst) and handshakes in flight (a
-//! semaphore whose permit the session holds until its handshake ends). Either may be 0 = unlimited.
+//! Two limits: attempts per second (a token bucket) and handshakes in flight (a semaphore whose permit the
+//! session holds until its handshake ends). Either may be 0 = unlimited.
+//!
+//! The defaults and why (README, "Connect governor"): the in-flight bound protects the host (and the open
+//! sessions' keepalives) from a thundering herd, the rate bounds what WhatsApp sees in a long storm, and the
+//! burst lets one mass drop (a network blip cutting every socket) reconnect at the pace the in-flight bound
+//! allows instead of the sustained rate: measured with 1,000 sockets dropped at once on the 2-core build
+//! machine, median back in 2.48 s with a burst of 50 and 1.73 s with 500, with no failure either way.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +30,7 @@ pub struct GovernorConfig {
 
 impl Default for GovernorConfig {
     fn default() -> Self {
-        Self { rate_per_sec: 200.0, burst: 50, max_in_flight: 64 }
+        Self { rate_per_sec: 200.0, burst: 500, max_in_flight: 64 }
     }
 }
 

@@ -11,6 +11,7 @@ use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
 
 use crate::governor::Governor;
 use crate::session::{self, EngineProvider, OpenError, SessionConfig, SessionDeps, SessionHandle, StateChange};
+use crate::transport::ReqwestHttpClient;
 
 /// Why `ensure` refused a tenant definitively.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +60,7 @@ impl Host {
                 config,
                 changes,
                 outbox: std::sync::OnceLock::new(),
+                http: ReqwestHttpClient::default(),
             }),
             sessions: RwLock::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),

@@ -126,6 +126,8 @@ pub struct SessionDeps {
     /// Where received messages go before the engine acknowledges them (none: no message webhooks configured,
     /// and the engine acknowledges on decryption).
     pub outbox: std::sync::OnceLock<crate::outbox::Outbox>,
+    /// The engine's HTTP client, shared by every session (one pool, one TLS configuration).
+    pub http: ReqwestHttpClient,
 }
 
 /// Something asked of a running session.
@@ -498,7 +500,7 @@ impl Supervisor {
         let mut builder = Bot::builder()
             .with_backend_arc(backend)
             .with_transport_factory(factory)
-            .with_http_client(ReqwestHttpClient::default())
+            .with_http_client(deps.http.clone())
             .with_version(deps.config.app_version);
         if let Some(outbox) = deps.outbox.get() {
             // Received messages reach the outbox before the engine acknowledges them to WhatsApp.

@@ -21,8 +21,10 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 /// Initial WebSocket read buffer per socket.
 const READ_BUFFER: usize = 8 * 1024;
 
-/// How many inbound frames may wait for the engine before the reader stops pulling from the socket.
-const INBOUND_QUEUE: usize = 32;
+/// How many inbound frames may wait for the engine before the reader stops pulling from the socket. The queue's
+/// slots are allocated up front (64 bytes each) for every open session; the engine drains frames as they come,
+/// so a few are enough to keep the socket read while it works on one.
+const INBOUND_QUEUE: usize = 8;
 
 /// What the transport saw of one tenant's link, for the supervisor: when the last frame arrived and whether
 /// the last upgrade was refused with an HTTP status (429 and 503 pace the backoff).
@@ -131,7 +133,10 @@ impl TransportFactory for WsTransportFactory {
     }
 }
 
-/// The engine's HTTP client on reqwest (rustls, webpki roots).
+/// The engine's HTTP client on reqwest (rustls, webpki roots). Cheap to clone: clones share one connection pool
+/// and TLS configuration, so a host makes one and hands it to every client it builds. A client of its own per
+/// connect attempt cost each open session about 25 KiB (rustls' session cache alone preallocates 14 KiB) and
+/// the CPU of building a TLS configuration on every reconnect (docs/benchmarks.md).
 #[derive(Clone, Debug, Default)]
 pub struct ReqwestHttpClient {
     client: reqwest::Client,

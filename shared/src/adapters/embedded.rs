@@ -17,14 +17,19 @@
 //! so one tenant's snapshot is a single range scan. The epoch fence survives a delete so a fenced-off host
 //! cannot resurrect a logged-out tenant's credentials.
 //!
-//! Every operation is one redb transaction run on the blocking pool; redb serialises write transactions,
-//! which is what makes the read-check-write of fencing and leases a compare-and-set.
+//! Every operation runs on the blocking pool. Reads are one redb read transaction each. Writes are grouped:
+//! every write that arrives while a group is being committed waits for the next group, and a group is one
+//! redb write transaction whose operations run one after the other and whose commit (an fsync) acknowledges
+//! them all (group commit). A restore of a thousand tenants takes a thousand leases; one fsync per lease,
+//! serialised by redb's single writer, was the largest part of its time. Operations still see each other's
+//! writes in order, so the read-check-write of fencing and leases stays a compare-and-set, and nothing is
+//! acknowledged before the transaction holding it is durable.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
@@ -56,6 +61,76 @@ struct Inner {
     db: Database,
     cipher: Cipher,
     path: PathBuf,
+    /// Writes waiting for the next group commit.
+    pending: Mutex<Vec<Box<dyn GroupWrite>>>,
+    /// Held while a group is committed: writes arriving meanwhile gather in `pending`.
+    committer: tokio::sync::Mutex<()>,
+}
+
+/// One write of a group commit.
+trait GroupWrite: Send {
+    /// Runs the write in the group's transaction. `Ok(true)` when it changed something. An `Err` is a failure
+    /// of the store itself and aborts the whole group; a write that refuses (a conflict, a corrupt row) keeps
+    /// its error as its own result and must not have changed anything.
+    fn apply(&mut self, txn: &WriteTransaction) -> Result<bool, StoreError>;
+    /// Hands the write its result: its own when the group committed, the group's error otherwise.
+    fn finish(self: Box<Self>, group: Result<(), &StoreError>);
+}
+
+/// A write operation and the caller waiting for its result.
+struct Pending<T, F> {
+    op: Option<F>,
+    result: Option<Result<T, StoreError>>,
+    reply: tokio::sync::oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> GroupWrite for Pending<T, F>
+where
+    T: Send,
+    F: FnOnce(&WriteTransaction) -> Result<(T, bool), StoreError> + Send,
+{
+    fn apply(&mut self, txn: &WriteTransaction) -> Result<bool, StoreError> {
+        let op = self.op.take().expect("a write is applied once");
+        match op(txn) {
+            Ok((value, wrote)) => {
+                self.result = Some(Ok(value));
+                Ok(wrote)
+            }
+            Err(e @ StoreError::Unavailable(_)) => Err(e),
+            Err(refused) => {
+                self.result = Some(Err(refused));
+                Ok(false)
+            }
+        }
+    }
+
+    fn finish(self: Box<Self>, group: Result<(), &StoreError>) {
+        let result = match group {
+            Ok(()) => {
+                self.result.unwrap_or_else(|| Err(StoreError::Unavailable("embedded store: write not run".into())))
+            }
+            Err(StoreError::Unavailable(why)) => Err(StoreError::Unavailable(why.clone())),
+            Err(other) => Err(StoreError::Unavailable(other.to_string())),
+        };
+        // The caller may have gone away; the write is durable (or not) either way.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Runs one group in one write transaction and answers every write in it.
+fn commit_group(db: &Database, mut group: Vec<Box<dyn GroupWrite>>) {
+    let outcome = (|| {
+        let txn = db.begin_write().map_err(db_err)?;
+        let mut wrote = false;
+        for write in &mut group {
+            // `?` drops the transaction, which aborts everything the group wrote so far.
+            wrote |= write.apply(&txn)?;
+        }
+        if wrote { txn.commit().map_err(db_err) } else { txn.abort().map_err(db_err) }
+    })();
+    for write in group {
+        write.finish(outcome.as_ref().map(|_| ()));
+    }
 }
 
 impl fmt::Debug for EmbeddedStore {
@@ -103,7 +178,15 @@ impl EmbeddedStore {
         txn.open_table(TENANTS).map_err(db_err)?;
         txn.open_table(DESIRED).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
-        Ok(Self { inner: Arc::new(Inner { db, cipher, path }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                cipher,
+                path,
+                pending: Mutex::new(Vec::new()),
+                committer: tokio::sync::Mutex::new(()),
+            }),
+        })
     }
 
     /// The store file's path.
@@ -121,6 +204,34 @@ impl EmbeddedStore {
         tokio::task::spawn_blocking(move || f(&inner))
             .await
             .map_err(|e| StoreError::Unavailable(format!("embedded store task failed: {e}")))?
+    }
+
+    /// Runs `op` in a write transaction shared with the writes that arrive while another group commits (see
+    /// the module docs) and returns its result once that transaction is durable. `op` returns its value and
+    /// whether it changed anything; it may refuse with any error but `Unavailable` only before writing.
+    async fn write<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<(T, bool), StoreError> + Send + 'static,
+    {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        self.inner.pending.lock().unwrap_or_else(PoisonError::into_inner).push(Box::new(Pending {
+            op: Some(op),
+            result: None,
+            reply,
+        }));
+        {
+            // Whoever gets the turn commits everything pending, its own write included unless an earlier
+            // turn took it already.
+            let _turn = self.inner.committer.lock().await;
+            let group = std::mem::take(&mut *self.inner.pending.lock().unwrap_or_else(PoisonError::into_inner));
+            if !group.is_empty() {
+                let inner = Arc::clone(&self.inner);
+                // A panic drops the group's reply senders; their callers see the failure below.
+                let _ = tokio::task::spawn_blocking(move || commit_group(&inner.db, group)).await;
+            }
+        }
+        result.await.map_err(|_| StoreError::Unavailable("embedded store task failed".into()))?
     }
 
     fn seal_changes<'a>(
@@ -153,26 +264,17 @@ impl EmbeddedStore {
         F: FnOnce(Option<TenantRecord>) -> Result<(Option<TenantRecord>, T), StoreError> + Send + 'static,
     {
         let tenant = tenant.clone();
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(db_err)?;
-            let result = {
-                let mut tenants = txn.open_table(TENANTS).map_err(db_err)?;
-                let stored = match tenants.get(tenant.as_str()).map_err(db_err)? {
-                    Some(v) => Some(decode_tenant(&tenant, v.value())?),
-                    None => None,
-                };
-                let (write, result) = f(stored)?;
-                match write {
-                    Some(record) => {
-                        let mut desired = txn.open_table(DESIRED).map_err(db_err)?;
-                        put_tenant(&mut tenants, &mut desired, &record)?;
-                    }
-                    None => return Ok(result),
-                }
-                result
+        self.write(move |txn| {
+            let mut tenants = txn.open_table(TENANTS).map_err(db_err)?;
+            let stored = match tenants.get(tenant.as_str()).map_err(db_err)? {
+                Some(v) => Some(decode_tenant(&tenant, v.value())?),
+                None => None,
             };
-            txn.commit().map_err(db_err)?;
-            Ok(result)
+            let (write, result) = f(stored)?;
+            let Some(record) = write else { return Ok((result, false)) };
+            let mut desired = txn.open_table(DESIRED).map_err(db_err)?;
+            put_tenant(&mut tenants, &mut desired, &record)?;
+            Ok((result, true))
         })
         .await
     }
@@ -277,22 +379,21 @@ impl CredentialStore for EmbeddedStore {
         }
         let changes = self.seal_changes(tenant, batch.changes.iter().map(|c| (&c.key, c.value.as_deref())))?;
         let (tenant, generation, epoch) = (tenant.clone(), batch.generation, batch.epoch);
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(db_err)?;
-            let fence = check_fence(&txn, &tenant, epoch)?;
+        self.write(move |txn| {
+            let fence = check_fence(txn, &tenant, epoch)?;
             {
                 let mut generations = txn.open_table(GENERATIONS).map_err(db_err)?;
                 let stored = generations.get(tenant.as_str()).map_err(db_err)?.map(|g| g.value());
                 if stored.is_some_and(|stored| generation <= stored) {
                     // Already applied: a retry after a lost acknowledgement.
-                    return Ok(());
+                    return Ok(((), false));
                 }
                 let mut credentials = txn.open_table(CREDENTIALS).map_err(db_err)?;
                 apply_sealed(&mut credentials, &tenant, &changes)?;
                 generations.insert(tenant.as_str(), generation).map_err(db_err)?;
             }
-            advance_fence(&txn, &tenant, epoch, fence)?;
-            txn.commit().map_err(db_err)
+            advance_fence(txn, &tenant, epoch, fence)?;
+            Ok(((), true))
         })
         .await
     }
@@ -300,9 +401,8 @@ impl CredentialStore for EmbeddedStore {
     async fn replace(&self, tenant: &TenantId, snapshot: &CredentialSnapshot, epoch: u64) -> Result<(), StoreError> {
         let records = self.seal_changes(tenant, snapshot.records.iter().map(|(k, v)| (k, Some(v.as_slice()))))?;
         let (tenant, generation) = (tenant.clone(), snapshot.generation);
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(db_err)?;
-            let fence = check_fence(&txn, &tenant, epoch)?;
+        self.write(move |txn| {
+            let fence = check_fence(txn, &tenant, epoch)?;
             {
                 let mut credentials = txn.open_table(CREDENTIALS).map_err(db_err)?;
                 remove_all_records(&mut credentials, &tenant)?;
@@ -310,22 +410,19 @@ impl CredentialStore for EmbeddedStore {
                 let mut generations = txn.open_table(GENERATIONS).map_err(db_err)?;
                 generations.insert(tenant.as_str(), generation).map_err(db_err)?;
             }
-            advance_fence(&txn, &tenant, epoch, fence)?;
-            txn.commit().map_err(db_err)
+            advance_fence(txn, &tenant, epoch, fence)?;
+            Ok(((), true))
         })
         .await
     }
 
     async fn delete(&self, tenant: &TenantId) -> Result<(), StoreError> {
         let tenant = tenant.clone();
-        self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(db_err)?;
-            {
-                let mut credentials = txn.open_table(CREDENTIALS).map_err(db_err)?;
-                remove_all_records(&mut credentials, &tenant)?;
-                txn.open_table(GENERATIONS).map_err(db_err)?.remove(tenant.as_str()).map_err(db_err)?;
-            }
-            txn.commit().map_err(db_err)
+        self.write(move |txn| {
+            let mut credentials = txn.open_table(CREDENTIALS).map_err(db_err)?;
+            remove_all_records(&mut credentials, &tenant)?;
+            txn.open_table(GENERATIONS).map_err(db_err)?.remove(tenant.as_str()).map_err(db_err)?;
+            Ok(((), true))
         })
         .await
     }

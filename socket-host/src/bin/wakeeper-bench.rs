@@ -101,7 +101,26 @@ struct Args {
     /// Keep the scratch directory (logs of every process) instead of deleting it.
     #[arg(long)]
     keep: bool,
+    /// `NAME=VALUE` set in every host process the bench starts, after the section's own settings (e.g.
+    /// `WAKEEPER_CONNECT_BURST=400` or `MALLOC_ARENA_MAX=2` to compare a setting); repeatable.
+    #[arg(long = "host-env", value_parser = parse_env_pair)]
+    host_env: Vec<(String, String)>,
+    /// A command every host process is started under, e.g. `heaptrack -o /tmp/host` (split on spaces). With a
+    /// wrapper, the RSS section SIGKILLs the idle host after its reading (a heap profiler then records what was
+    /// live) and measures nothing after it.
+    #[arg(long)]
+    host_wrapper: Option<String>,
 }
+
+fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}` is not NAME=VALUE"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+/// `--host-env`, for every host process.
+static HOST_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+/// `--host-wrapper`, split.
+static HOST_WRAPPER: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
 // ---- the table -------------------------------------------------------------------------------------------------
 
@@ -204,6 +223,18 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
+        // Fields after the command name (which may hold spaces) start after the last ')'.
+        let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
+    });
+    // The kernel reports in USER_HZ, 100 on every Linux this runs on.
+    ticks.map_or(0.0, |t| t as f64 / 100.0)
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -304,7 +335,15 @@ impl HostProcess {
     fn spawn(bin: &Path, data: &Path, wa_url: &str, env: &[(&str, String)], log: PathBuf) -> anyhow::Result<Self> {
         let port = free_port()?;
         let base = format!("http://127.0.0.1:{port}");
-        let mut cmd = Command::new(bin);
+        let wrapper = HOST_WRAPPER.get().filter(|w| !w.is_empty());
+        let mut cmd = match wrapper {
+            Some(w) => {
+                let mut c = Command::new(&w[0]);
+                c.args(&w[1..]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("WAKEEPER_LISTEN", format!("127.0.0.1:{port}"))
@@ -319,14 +358,29 @@ impl HostProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        for (k, v) in HOST_ENV.get().into_iter().flatten() {
+            cmd.env(k, v);
+        }
         let spawned_ms = now_millis();
         let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
         let client = HostClient::new(&base, TOKEN, Duration::from_secs(300))?.with_attempts(1);
         Ok(Self { child: Some(child), client, base, spawned_ms, log })
     }
 
+    /// The host's pid (under a wrapper: the descendant running the host binary, not e.g. heaptrack's own
+    /// interpreter process).
     fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        let root = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        let mut queue = vec![root];
+        while let Some(pid) = queue.pop() {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            if exe.as_deref().and_then(Path::file_name) == Some(std::ffi::OsStr::new("socket-host")) {
+                return pid;
+            }
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            queue.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+        root
     }
 
     async fn ready(&self) -> anyhow::Result<()> {
@@ -446,6 +500,9 @@ struct RestoreRun {
     seconds: f64,
     health_s: f64,
     peak_attempts: u64,
+    /// CPU seconds the host and the fake server spent until every session was open.
+    host_cpu_s: f64,
+    sim_cpu_s: f64,
 }
 
 /// Starts a host on a fresh copy of `template` and times process start to every session open.
@@ -459,10 +516,13 @@ async fn timed_restore(
     let root = ctx.scratch.join(run);
     copy_dir(template, &root)?;
     let before = ctx.sim.attempts_per_second().await?.len();
+    let sim_cpu_before = cpu_seconds(ctx.sim.child.id());
     let host = HostProcess::spawn(&ctx.host_bin, &root.join("data"), &ctx.sim.ws_url, env, root.join("host.log"))?;
     host.ready().await?;
     let health_s = (now_millis() - host.spawned_ms) as f64 / 1000.0;
     let list = host.all_open(ctx.n, Duration::from_secs(180)).await?;
+    let host_cpu_s = cpu_seconds(host.pid());
+    let sim_cpu_s = cpu_seconds(ctx.sim.child.id()) - sim_cpu_before;
     let last_open = list.sessions.iter().filter_map(|s| s.connected_since_ms).max().unwrap_or(now_millis());
     let seconds = (last_open - host.spawned_ms) as f64 / 1000.0;
     let series = ctx.sim.attempts_per_second().await?;
@@ -471,7 +531,30 @@ async fn timed_restore(
     if !keep_running {
         host.terminate();
     }
-    Ok((RestoreRun { seconds, health_s, peak_attempts: peak }, keep_running.then_some(host), root))
+    Ok((
+        RestoreRun { seconds, health_s, peak_attempts: peak, host_cpu_s, sim_cpu_s },
+        keep_running.then_some(host),
+        root,
+    ))
+}
+
+/// The governor a host started without governor settings of its section runs with: the defaults, or what
+/// `--host-env` sets.
+fn default_governor() -> GovernorConfig {
+    let mut g = GovernorConfig::default();
+    for (k, v) in HOST_ENV.get().into_iter().flatten() {
+        match k.as_str() {
+            "WAKEEPER_CONNECT_RATE" => g.rate_per_sec = v.parse().unwrap_or(g.rate_per_sec),
+            "WAKEEPER_CONNECT_BURST" => g.burst = v.parse().unwrap_or(g.burst),
+            "WAKEEPER_CONNECT_IN_FLIGHT" => g.max_in_flight = v.parse().unwrap_or(g.max_in_flight),
+            _ => {}
+        }
+    }
+    g
+}
+
+fn governor_label(g: GovernorConfig) -> String {
+    format!("{}/s, burst {}, {} in flight", g.rate_per_sec, g.burst, g.max_in_flight)
 }
 
 fn governor_env(unlimited: bool) -> Vec<(&'static str, String)> {
@@ -497,7 +580,11 @@ async fn bench_restore(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
     let n = ctx.n;
     println!("== restore of {n} tenants from the embedded store");
     for unlimited in [true, false] {
-        let label = if unlimited { "governor unlimited" } else { "governor defaults (200/s, burst 50, 64 in flight)" };
+        let label = if unlimited {
+            "governor unlimited".to_owned()
+        } else {
+            format!("governor defaults ({})", governor_label(default_governor()))
+        };
         let run_name = if unlimited { "restore-embedded-unlimited" } else { "restore-embedded-defaults" };
         let (r, host, root) =
             timed_restore(ctx, &ctx.embedded_template, run_name, &governor_env(unlimited), unlimited).await?;
@@ -505,18 +592,26 @@ async fn bench_restore(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
         t.row(
             &format!("Restore {n} from embedded store, {label}"),
             format!(
-                "{:.2} s ({:.0} tenants/s; /health after {:.2} s; peak {}/s connects)",
+                "{:.2} s ({:.0} tenants/s; /health after {:.2} s; peak {}/s connects; CPU host {:.2} s, sim {:.2} s)",
                 r.seconds,
                 n as f64 / r.seconds,
                 r.health_s,
-                r.peak_attempts
+                r.peak_attempts,
+                r.host_cpu_s,
+                r.sim_cpu_s
             ),
             if unlimited { "<= 2 s" } else { "" },
             met,
         );
         t.raw(
             run_name,
-            json!({ "seconds": r.seconds, "health_s": r.health_s, "peak_attempts_per_s": r.peak_attempts }),
+            json!({
+                "seconds": r.seconds,
+                "health_s": r.health_s,
+                "peak_attempts_per_s": r.peak_attempts,
+                "host_cpu_s": r.host_cpu_s,
+                "sim_cpu_s": r.sim_cpu_s
+            }),
         );
         if let Some(mut host) = host {
             // The same disk after SIGKILL: working copies are there, leases are this host's own.
@@ -533,13 +628,14 @@ async fn bench_restore(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> {
             let list = again.all_open(n, Duration::from_secs(180)).await?;
             let last = list.sessions.iter().filter_map(|s| s.connected_since_ms).max().unwrap_or(now_millis());
             let secs = (last - again.spawned_ms) as f64 / 1000.0;
+            let cpu = cpu_seconds(again.pid());
             t.row(
                 &format!("Restart after SIGKILL, {n} tenants, working copies on disk, governor unlimited"),
-                format!("{secs:.2} s ({:.0} tenants/s)", n as f64 / secs),
+                format!("{secs:.2} s ({:.0} tenants/s; CPU host {cpu:.2} s)", n as f64 / secs),
                 "",
                 None,
             );
-            t.raw("restart-after-sigkill", json!({ "seconds": secs }));
+            t.raw("restart-after-sigkill", json!({ "seconds": secs, "host_cpu_s": cpu }));
             let mut again = again;
             again.terminate();
         }
@@ -624,6 +720,14 @@ async fn bench_rss_and_recovery(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> 
         Some(per <= 100.0),
     );
     t.raw("rss", json!({ "empty_kib": rss_empty, "open_kib": rss_open, "per_session_kib": per }));
+    if HOST_WRAPPER.get().is_some_and(|w| !w.is_empty()) {
+        // A profiling run: the wrapper records what is live now.
+        let _ = Command::new("kill").arg("-KILL").arg(host.pid().to_string()).status();
+        let mut host = host;
+        host.terminate();
+        t.note("host run under --host-wrapper: killed after the RSS reading, nothing else measured".into());
+        return Ok(());
+    }
 
     // The real list at n sessions.
     let (lat, bytes) = time_list(&host.base, 30).await?;
@@ -692,19 +796,22 @@ async fn bench_rss_and_recovery(ctx: &Ctx, t: &mut Table) -> anyhow::Result<()> 
     t.row(
         &format!("Dropped socket -> open, all {n} at once, governor defaults"),
         format!(
-            "p50 {:.2} s, p99 {:.2} s, last {:.2} s; peak {peak} connects/s (limit 200/s + 50 burst)",
+            "p50 {:.2} s, p99 {:.2} s, last {:.2} s; peak {peak} connects/s (governor {})",
             p50,
             p99,
-            all[all.len() - 1]
+            all[all.len() - 1],
+            governor_label(default_governor())
         ),
         "p50 <= 1.5 s, p99 <= 10 s",
         Some(p50 <= 1.5 && p99 <= 10.0),
     );
-    if p50 > 1.5 {
-        let bound = ((n as f64 / 2.0) - 50.0).max(0.0) / 200.0;
+    let g = default_governor();
+    let bound = ((n as f64 / 2.0) - f64::from(g.burst)).max(0.0) / g.rate_per_sec.max(f64::MIN_POSITIVE);
+    if p50 > 1.5 && bound > 0.0 && g.rate_per_sec > 0.0 {
         t.note(format!(
             "all-at-once p50 is bounded by the governor: the median tenant of {n} gets its connect token after \
-             (n/2 - burst)/rate = {bound:.2} s at the default 200/s and burst 50"
+             (n/2 - burst)/rate = {bound:.2} s ({})",
+            governor_label(g)
         ));
     }
     t.raw("recovery-all", json!({ "p50": p50, "p99": p99, "max": all[all.len() - 1], "peak_attempts_per_s": peak }));
@@ -1415,6 +1522,10 @@ fn machine() -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    HOST_ENV.set(args.host_env.clone()).expect("set once");
+    HOST_WRAPPER
+        .set(args.host_wrapper.iter().flat_map(|w| w.split_whitespace().map(str::to_owned)).collect())
+        .expect("set once");
     // The in-process list host's one session that gets a connect token fails against a closed port and the
     // engine logs it: keep the bench's own output to the table unless RUST_LOG asks for more.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
