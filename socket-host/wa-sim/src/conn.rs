@@ -23,6 +23,7 @@ use crate::faults::{Command, PongMode, RefusePoint, StreamErrorKind};
 use crate::iq::{self, Outcome};
 use crate::keys::now_secs;
 use crate::noise::{ClientHello, Established, HandshakeFailure, IkOutcome, respond_ik, start_xx};
+use crate::relay;
 use crate::state::{Admission, KeyBundle, PendingPairing, Shared, SignedPreKey};
 use crate::wire::{Channel, Link, WireError};
 
@@ -135,9 +136,11 @@ async fn run(shared: &Arc<Shared>, tcp: TcpStream) -> Result<(), ConnError> {
             send(&mut link, &mut channel, &success).await?;
             let conn = shared.conn_id();
             let (tx, rx) = mpsc::unbounded_channel();
-            shared.logged_in(conn, &jid_str, tx);
-            let end = stanza_loop(shared, &jid_str, link, channel, rx).await;
+            let (outbox_tx, mut outbox) = mpsc::unbounded_channel();
+            shared.logged_in(conn, &jid_str, tx, outbox_tx);
+            let end = stanza_loop(shared, &jid_str, link, channel, rx, &mut outbox).await;
             shared.logged_out(conn);
+            relay::requeue(shared, &jid_str, &mut outbox);
             tracing::debug!(device = %jid_str, end = %end, "connection closed");
         }
     }
@@ -398,6 +401,7 @@ async fn stanza_loop(
     mut link: Link,
     mut channel: Channel,
     mut commands: mpsc::UnboundedReceiver<Command>,
+    outbox: &mut mpsc::UnboundedReceiver<Node>,
 ) -> End {
     let mut half_open = false;
     let mut delayed_pongs: VecDeque<(Instant, String)> = VecDeque::new();
@@ -435,6 +439,13 @@ async fn stanza_loop(
                     return End::Error(e);
                 }
             }
+            node = outbox.recv(), if !half_open => {
+                // Messages and receipts the relay routed to this device.
+                let Some(node) = node else { return End::Dropped };
+                if let Err(e) = send(&mut link, &mut channel, &node).await {
+                    return End::Error(e);
+                }
+            }
             frame = link.next_frame() => {
                 let mut frame = match frame {
                     Ok(f) => f,
@@ -449,12 +460,16 @@ async fn stanza_loop(
                 if let Err(e) = channel.open(&mut frame) {
                     return End::Error(e);
                 }
-                let outcome = match crate::wire::with_node(&frame, |node| iq::handle(shared, jid, node)) {
+                let handled = crate::wire::with_node(&frame, |node| {
+                    let routed = matches!(&*node.tag, "message" | "receipt" | "ack").then(|| relay::inbound(node)).flatten();
+                    (iq::handle(shared, jid, node), routed)
+                });
+                let (outcome, routed) = match handled {
                     Ok(o) => o,
                     Err(e) => return End::Error(e),
                 };
                 let replies = match outcome {
-                    Outcome::Nothing => continue,
+                    Outcome::Nothing => Vec::new(),
                     Outcome::Reply(nodes) => nodes,
                     Outcome::Ping(id) => {
                         shared.update(|s| s.rec.ping(jid));
@@ -473,6 +488,10 @@ async fn stanza_loop(
                     if let Err(e) = send(&mut link, &mut channel, node).await {
                         return End::Error(e);
                     }
+                }
+                // After the server's ack, as WhatsApp acks a message before the recipient sees it.
+                if let Some(routed) = routed {
+                    relay::handle(shared, jid, routed).await;
                 }
             }
         }

@@ -45,6 +45,19 @@ CONTROL SURFACE (HTTP, JSON; --control-addr)
   PUT    /v1/faults/handshake-delay[?device=JID] {\"delay_ms\":N|null}
   GET    /v1/faults[?device=JID]              the settings in force
   DELETE /v1/faults[?device=JID]              clear the settings
+  POST   /v1/contacts                         add a contact (idempotent): a WhatsApp user with real Signal keys
+                                              {\"phone\":\"5511...\"} -> {phone, jid, registration_id, identity_key,
+                                              prekeys_left, account_phone}
+  GET    /v1/contacts/{phone}                 the contact
+  POST   /v1/contacts/{phone}/messages        the contact sends text to a device (pkmsg first, then msg)
+                                              {\"to\":\"5511...:7@s.whatsapp.net\", \"text\":\"hi\"} -> {id}
+  GET    /v1/contacts/{phone}/inbox           what devices sent it, decrypted: [{id, from, enc_type, text, kind,
+                                              device_sent_to, error, t}]
+  GET    /v1/contacts/{phone}/receipts        receipts and acks devices sent about its messages:
+                                              [{message_id, from, kind, raw_type, retry_count, t}]
+                                              (kind: delivery|inactive|read|read_self|played|retry|sender|
+                                              peer_msg|ack|other; retry receipts are never answered)
+  GET    /v1/contacts/{phone}/sent            what it sent: [{id, to, enc_type, delivered_live, t}]
 Actions (drop, half-open, stream-error) answer {\"connections\":N}: how many logged-in connections they hit.";
 
 /// Builds the router over a simulator.
@@ -67,6 +80,12 @@ pub fn router(sim: SimHandle) -> Router {
         .route("/v1/faults/refuse", post(refuse))
         .route("/v1/faults/handshake-delay", axum::routing::put(handshake_delay))
         .route("/v1/faults", get(faults).delete(clear_faults))
+        .route("/v1/contacts", post(add_contact))
+        .route("/v1/contacts/{phone}", get(contact))
+        .route("/v1/contacts/{phone}/messages", post(contact_send))
+        .route("/v1/contacts/{phone}/inbox", get(contact_inbox))
+        .route("/v1/contacts/{phone}/receipts", get(contact_receipts))
+        .route("/v1/contacts/{phone}/sent", get(contact_sent))
         .with_state(sim)
 }
 
@@ -75,8 +94,12 @@ struct ApiError(StatusCode, String);
 impl From<SimError> for ApiError {
     fn from(e: SimError) -> Self {
         let status = match e {
-            SimError::UnknownDevice(_) => StatusCode::NOT_FOUND,
-            SimError::InvalidJid(_) | SimError::InvalidFault(_) | SimError::InvalidRecord(_) => StatusCode::BAD_REQUEST,
+            SimError::UnknownDevice(_) | SimError::UnknownContact(_) => StatusCode::NOT_FOUND,
+            SimError::InvalidJid(_)
+            | SimError::InvalidFault(_)
+            | SimError::InvalidRecord(_)
+            | SimError::InvalidPhone(_) => StatusCode::BAD_REQUEST,
+            SimError::NoKeys(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, e.to_string())
@@ -289,4 +312,57 @@ async fn faults(State(sim): State<SimHandle>, Query(q): Query<DeviceQuery>) -> A
 async fn clear_faults(State(sim): State<SimHandle>, Query(q): Query<DeviceQuery>) -> ApiResult<serde_json::Value> {
     sim.clear_faults(&q.target())?;
     Ok(Json(json!({ "cleared": true })))
+}
+
+#[derive(Deserialize)]
+struct ContactRequest {
+    phone: String,
+}
+
+async fn add_contact(State(sim): State<SimHandle>, Json(req): Json<ContactRequest>) -> ApiResult<crate::ContactInfo> {
+    Ok(Json(sim.add_contact(&req.phone)?))
+}
+
+async fn contact(State(sim): State<SimHandle>, Path(phone): Path<String>) -> ApiResult<crate::ContactInfo> {
+    sim.contact(&phone).map(Json).ok_or_else(|| SimError::UnknownContact(phone).into())
+}
+
+#[derive(Deserialize)]
+struct ContactMessageRequest {
+    to: String,
+    text: String,
+}
+
+async fn contact_send(
+    State(sim): State<SimHandle>,
+    Path(phone): Path<String>,
+    Json(req): Json<ContactMessageRequest>,
+) -> ApiResult<serde_json::Value> {
+    let id = sim.contact_send_text(&phone, &req.to, &req.text).await?;
+    Ok(Json(json!({ "id": id })))
+}
+
+fn known_contact(sim: &SimHandle, phone: &str) -> Result<(), ApiError> {
+    sim.contact(phone).map(|_| ()).ok_or_else(|| SimError::UnknownContact(phone.to_owned()).into())
+}
+
+async fn contact_inbox(
+    State(sim): State<SimHandle>,
+    Path(phone): Path<String>,
+) -> ApiResult<Vec<crate::ContactMessage>> {
+    known_contact(&sim, &phone)?;
+    Ok(Json(sim.contact_inbox(&phone)))
+}
+
+async fn contact_receipts(
+    State(sim): State<SimHandle>,
+    Path(phone): Path<String>,
+) -> ApiResult<Vec<crate::ReceiptSeen>> {
+    known_contact(&sim, &phone)?;
+    Ok(Json(sim.contact_receipts(&phone)))
+}
+
+async fn contact_sent(State(sim): State<SimHandle>, Path(phone): Path<String>) -> ApiResult<Vec<crate::ContactSent>> {
+    known_contact(&sim, &phone)?;
+    Ok(Json(sim.contact_sent(&phone)))
 }

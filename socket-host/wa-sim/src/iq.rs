@@ -15,7 +15,7 @@ use whatsapp_rust::wacore_binary::builder::NodeBuilder;
 use whatsapp_rust::wacore_binary::{Jid, Node, NodeContentRef, NodeRef, Server};
 
 use crate::keys::now_secs;
-use crate::state::{DeviceEntry, Shared, SignedPreKey, State};
+use crate::state::{DeviceEntry, KeyBundle, Shared, SignedPreKey, State};
 
 pub(crate) const SERVER: &str = "s.whatsapp.net";
 /// The props hash this server hands out; a client presenting it gets an empty delta.
@@ -60,12 +60,18 @@ fn iq(shared: &Shared, jid: &str, node: &NodeRef<'_>) -> Outcome {
     let reply = match (xmlns.as_str(), kind.as_str(), child) {
         ("w:p", _, _) => return Outcome::Ping(id),
         ("passive", _, "active") => {
-            // Leaving passive mode is when the server delivers the offline backlog; ours is empty.
+            // Leaving passive mode is when the server delivers the offline backlog, then says how much
+            // it was.
+            let queued = shared.update(|s| crate::relay::take_offline(s, jid));
             let offline = NodeBuilder::new("ib")
                 .attr("from", SERVER)
-                .children([NodeBuilder::new("offline").attr("count", "0").build()])
+                .children([NodeBuilder::new("offline").attr("count", queued.len().to_string()).build()])
                 .build();
-            return Outcome::Reply(vec![result(&id).build(), offline]);
+            let mut reply = Vec::with_capacity(queued.len() + 2);
+            reply.push(result(&id).build());
+            reply.extend(queued);
+            reply.push(offline);
+            return Outcome::Reply(reply);
         }
         ("encrypt", "get", "count") => {
             let held = shared.lock().devices.get(jid).map_or(0, |d| d.keys.prekeys.len());
@@ -210,7 +216,8 @@ fn digest(shared: &Shared, jid: &str, id: &str) -> Node {
     result(id).children([digest]).build()
 }
 
-/// Pre-key bundles for the devices asked for; each one-time pre-key is handed out once.
+/// Pre-key bundles for the devices (and contacts' phones) asked for; each one-time pre-key is handed out
+/// once.
 fn fetch_bundles(shared: &Shared, id: &str, key: &NodeRef<'_>) -> Node {
     let wanted: Vec<Jid> = key.get_children_by_tag("user").filter_map(|u| u.attrs().optional_jid("jid")).collect();
     let mut s = shared.lock();
@@ -221,19 +228,14 @@ fn fetch_bundles(shared: &Shared, id: &str, key: &NodeRef<'_>) -> Node {
                 d.jid == jid
                     || d.lid.as_ref().is_some_and(|l| l.user == jid.user && l.device == jid.device && jid.is_lid())
             });
-            let bundle = found.and_then(|d| {
-                let k = &mut d.keys;
-                let (reg, identity, skey) = (k.registration_id?, k.identity?, k.signed_pre_key.clone()?);
-                let one_time = k.prekeys.pop_first().map(|(i, p)| OneTimePreKeyNode::new(i, p.to_vec()));
-                Some(PreKeyBundleUserNode {
-                    jid: jid.clone(),
-                    registration_id: reg,
-                    identity_key: identity.to_vec(),
-                    signed_pre_key: SignedPreKeyNode::new(skey.id, skey.public.to_vec(), skey.signature),
-                    one_time_pre_key: one_time,
-                    device_identity: d.account.as_ref().map(|a| a.device_identity.clone()),
-                })
-            });
+            let bundle = match found {
+                Some(d) => user_bundle(&jid, &mut d.keys, d.account.as_ref().map(|a| a.device_identity.clone())),
+                // A phone has no device identity to show: it is the account.
+                None => match s.contact_for(&jid) {
+                    Some(phone) => s.contacts.get_mut(&phone).and_then(|c| user_bundle(&jid, &mut c.public, None)),
+                    None => None,
+                },
+            };
             match bundle {
                 Some(b) => b.into_node(),
                 None => NodeBuilder::new("user")
@@ -245,6 +247,19 @@ fn fetch_bundles(shared: &Shared, id: &str, key: &NodeRef<'_>) -> Node {
         .collect::<Vec<_>>();
     drop(s);
     result(id).children([NodeBuilder::new("list").children(users).build()]).build()
+}
+
+fn user_bundle(jid: &Jid, k: &mut KeyBundle, device_identity: Option<Vec<u8>>) -> Option<PreKeyBundleUserNode> {
+    let (reg, identity, skey) = (k.registration_id?, k.identity?, k.signed_pre_key.clone()?);
+    let one_time = k.prekeys.pop_first().map(|(i, p)| OneTimePreKeyNode::new(i, p.to_vec()));
+    Some(PreKeyBundleUserNode {
+        jid: jid.clone(),
+        registration_id: reg,
+        identity_key: identity.to_vec(),
+        signed_pre_key: SignedPreKeyNode::new(skey.id, skey.public.to_vec(), skey.signature),
+        one_time_pre_key: one_time,
+        device_identity,
+    })
 }
 
 /// App-state sync for an account with no app state: every requested collection, empty, at the version the
@@ -309,9 +324,10 @@ fn usync(shared: &Shared, id: &str, request: &NodeRef<'_>) -> Node {
                     .iter()
                     .find_map(|d| d.lid.as_ref())
                     .map(|l| NodeBuilder::new("lid").attr("val", Jid::lid(l.user.as_str())).build()),
-                "contact" => Some(
-                    NodeBuilder::new("contact").attr("type", if devices.is_empty() { "out" } else { "in" }).build(),
-                ),
+                "contact" => {
+                    let known = !devices.is_empty() || (bare.is_pn() && s.contacts.contains_key(bare.user.as_str()));
+                    Some(NodeBuilder::new("contact").attr("type", if known { "in" } else { "out" }).build())
+                }
                 _ => None,
             });
             NodeBuilder::new("user").attr("jid", bare.clone()).children(children.collect::<Vec<_>>()).build()

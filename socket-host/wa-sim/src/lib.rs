@@ -13,6 +13,9 @@
 //! - [`faults`]: what can go wrong, and for whom ([`Target`]).
 //! - [`observe`]: what a real server would notice, as plain serialisable snapshots.
 //! - [`mint`]: paired devices made without a phone, in the `shared` snapshot format.
+//! - `contacts`: WhatsApp users the simulator plays, with real Signal sessions ([`ContactInfo`] and the
+//!   records they keep); `relay`: message, receipt and ack routing between devices and contacts, and
+//!   the offline queue.
 //! - [`control`]: the HTTP control surface (axum) over the same operations.
 //! - [`loadgen`]: a small raw Noise client for load generation (no engine).
 //! - `keys`, `noise`, `wire`, `conn`, `iq`, `state`: the server internals (keys and certificate chain,
@@ -26,12 +29,15 @@ pub mod observe;
 pub mod server;
 
 mod conn;
+mod contacts;
 mod iq;
 mod keys;
 mod noise;
+mod relay;
 mod state;
 mod wire;
 
+pub use contacts::{ContactInfo, ContactMessage, ContactSent, ReceiptKind, ReceiptSeen};
 pub use faults::{PongMode, Refusal, RefusePoint, StreamErrorKind, Target};
 pub use mint::{MintOptions, MintedDevice, device_from_record, device_to_record};
 pub use observe::{DeviceObservation, Observations, Summary};

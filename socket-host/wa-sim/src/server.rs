@@ -10,7 +10,9 @@ use tokio::time::Instant;
 use wakeeper_shared::domain::{CredentialSnapshot, DeviceRecord, TenantId};
 use whatsapp_rust::wacore_binary::Jid;
 use whatsapp_rust::wacore_binary::builder::NodeBuilder;
+use whatsapp_rust::waproto::whatsapp as wa;
 
+use crate::contacts::{ContactInfo, ContactMessage, ContactSent, ReceiptSeen};
 use crate::faults::{Command, PongMode, Refusal, Settings, SettingsView, StreamErrorKind, Target};
 use crate::keys::ServerIdentity;
 use crate::mint::{MintError, MintOptions, MintedDevice, mint, snapshot_of};
@@ -91,6 +93,18 @@ pub enum SimError {
     /// A wait ran out of time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    /// No contact has this phone number.
+    #[error("unknown contact {0}")]
+    UnknownContact(String),
+    /// A phone number must be 5 to 20 digits.
+    #[error("not a phone number (5 to 20 digits): {0}")]
+    InvalidPhone(String),
+    /// The device has published no pre-key bundle, so no session can be started with it.
+    #[error("device {0} has no published keys")]
+    NoKeys(String),
+    /// Signal encryption failed (names no key material).
+    #[error("signal: {0}")]
+    Signal(String),
 }
 
 /// A running simulator. Dropping it stops accepting and ends every connection. Every operation lives on
@@ -525,6 +539,82 @@ impl SimHandle {
         let s = self.shared.lock();
         s.rec.observation(jid, s.facts(jid).as_ref())
     }
+
+    // ---- contacts ----
+
+    /// Adds a contact: a WhatsApp user `<phone>@s.whatsapp.net` (its phone, device 0) with its own
+    /// identity key, signed pre-key and one-time pre-keys, published so devices can start sessions with
+    /// it. Idempotent per phone number. The phone of a registered account can be added too (it is made
+    /// on first use anyway, when a device's send fans out to it).
+    pub fn add_contact(&self, phone: &str) -> Result<ContactInfo, SimError> {
+        if !crate::contacts::valid_phone(phone) {
+            return Err(SimError::InvalidPhone(phone.to_owned()));
+        }
+        Ok(self.shared.update(|s| s.add_contact(phone).info()))
+    }
+
+    /// A contact's public facts.
+    pub fn contact(&self, phone: &str) -> Option<ContactInfo> {
+        self.shared.lock().contacts.get(phone).map(|c| c.info())
+    }
+
+    /// The contact sends a text message (`conversation`) to a device. See [`SimHandle::contact_send`].
+    pub async fn contact_send_text(&self, phone: &str, device_jid: &str, text: &str) -> Result<String, SimError> {
+        use whatsapp_rust::wacore::proto_helpers::MessageBuilderExt as _;
+        self.contact_send(phone, device_jid, &wa::Message::text(text)).await
+    }
+
+    /// The contact sends `message` to a device: a `pkmsg` built from the pre-key bundle the device
+    /// published when the contact has no session with it yet (and for as long as the device has not
+    /// answered on that session, as Signal does), a `msg` on the session afterwards. The stanza goes out
+    /// on the device's live connection, or waits in its offline queue until it next logs in. Returns
+    /// the message id.
+    pub async fn contact_send(&self, phone: &str, device_jid: &str, message: &wa::Message) -> Result<String, SimError> {
+        crate::relay::contact_send(&self.shared, phone, device_jid, message).await
+    }
+
+    /// What devices sent the contact, as it decrypted it, oldest first (empty for an unknown contact).
+    pub fn contact_inbox(&self, phone: &str) -> Vec<ContactMessage> {
+        self.shared.lock().contacts.get(phone).map(|c| c.inbox.clone()).unwrap_or_default()
+    }
+
+    /// Receipts and message acks the contact got from devices, oldest first. Retry receipts are recorded
+    /// and never answered: the contact does not resend.
+    pub fn contact_receipts(&self, phone: &str) -> Vec<ReceiptSeen> {
+        self.shared.lock().contacts.get(phone).map(|c| c.receipts.clone()).unwrap_or_default()
+    }
+
+    /// What the contact sent to devices, oldest first (with the envelope type each one used).
+    pub fn contact_sent(&self, phone: &str) -> Vec<ContactSent> {
+        self.shared.lock().contacts.get(phone).map(|c| c.sent.clone()).unwrap_or_default()
+    }
+
+    /// Stanzas waiting in a device's offline queue (delivered when it next leaves passive mode).
+    pub fn offline_queue_len(&self, device_jid: &str) -> usize {
+        self.shared.lock().offline.get(device_jid).map_or(0, Vec::len)
+    }
+
+    /// Waits for a message in the contact's inbox that satisfies `pred`; returns it.
+    pub async fn wait_for_contact_message(
+        &self,
+        phone: &str,
+        limit: Duration,
+        pred: impl Fn(&ContactMessage) -> bool,
+    ) -> Result<ContactMessage, SimError> {
+        self.wait_for(limit, |h| h.contact_inbox(phone).into_iter().find(|m| pred(m))).await
+    }
+
+    /// Waits for a receipt the contact got that satisfies `pred`; returns it.
+    pub async fn wait_for_receipt(
+        &self,
+        phone: &str,
+        limit: Duration,
+        pred: impl Fn(&ReceiptSeen) -> bool,
+    ) -> Result<ReceiptSeen, SimError> {
+        self.wait_for(limit, |h| h.contact_receipts(phone).into_iter().find(|r| pred(r))).await
+    }
+
+    // ---- waiting ----
 
     /// Waits until `check` returns `Some`, re-checking whenever anything the simulator observes changes.
     pub async fn wait_for<T>(

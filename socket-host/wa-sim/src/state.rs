@@ -7,8 +7,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use whatsapp_rust::wacore_binary::Jid;
+use whatsapp_rust::wacore_binary::{Jid, Node};
 
+use crate::contacts::Contact;
 use crate::faults::{Command, Refusal, Settings};
 use crate::keys::ServerIdentity;
 use crate::noise::Pattern;
@@ -68,13 +69,15 @@ pub(crate) struct PendingPairing {
     /// The key bundle from the registration payload.
     pub(crate) keys: KeyBundle,
     /// Where `pair-success` goes: the new device JID and the stanza.
-    pub(crate) offer: mpsc::UnboundedSender<(String, whatsapp_rust::wacore_binary::Node)>,
+    pub(crate) offer: mpsc::UnboundedSender<(String, Node)>,
 }
 
 /// A logged-in connection, reachable by fault actions.
 pub(crate) struct LiveConn {
     pub(crate) jid: String,
     pub(crate) commands: mpsc::UnboundedSender<Command>,
+    /// Stanzas for the device (messages and receipts the relay routes to it).
+    pub(crate) outbox: mpsc::UnboundedSender<Node>,
 }
 
 #[derive(Default)]
@@ -94,6 +97,12 @@ pub(crate) struct State {
     pub(crate) live_by_jid: HashMap<String, Vec<u64>>,
     /// Connections in the pairing flow, by connection id.
     pub(crate) pairings: HashMap<u64, PendingPairing>,
+    /// WhatsApp users the simulator plays, by phone number.
+    pub(crate) contacts: HashMap<String, Contact>,
+    /// Phone numbers of account phones by LID user.
+    pub(crate) contact_by_lid: HashMap<String, String>,
+    /// Stanzas waiting for a device to log in, by device JID (the offline queue).
+    pub(crate) offline: HashMap<String, Vec<Node>>,
 }
 
 impl State {
@@ -226,7 +235,13 @@ impl Shared {
 
     /// Registers a logged-in connection. Under [`ConflictPolicy::ReplaceOlder`] the device's older
     /// connections are told to end with `<conflict type="replaced"/>`, as WhatsApp does.
-    pub(crate) fn logged_in(&self, conn: u64, jid: &str, commands: mpsc::UnboundedSender<Command>) {
+    pub(crate) fn logged_in(
+        &self,
+        conn: u64,
+        jid: &str,
+        commands: mpsc::UnboundedSender<Command>,
+        outbox: mpsc::UnboundedSender<Node>,
+    ) {
         let policy = self.config.conflict;
         self.update(|s| {
             s.rec.logged_in(jid);
@@ -241,7 +256,7 @@ impl Shared {
                     }
                 }
             }
-            s.live.insert(conn, LiveConn { jid: jid.to_owned(), commands });
+            s.live.insert(conn, LiveConn { jid: jid.to_owned(), commands, outbox });
         });
     }
 
