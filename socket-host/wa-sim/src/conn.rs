@@ -133,12 +133,16 @@ async fn run(shared: &Arc<Shared>, tcp: TcpStream) -> Result<(), ConnError> {
         }
         Admission::Login => {
             let success = success(shared, &jid_str);
-            send(&mut link, &mut channel, &success).await?;
+            // Counted as logged in before the client can see `success`: a client that reports itself connected
+            // is already in every count and observation.
             let conn = shared.conn_id();
             let (tx, rx) = mpsc::unbounded_channel();
             let (outbox_tx, mut outbox) = mpsc::unbounded_channel();
             shared.logged_in(conn, &jid_str, tx, outbox_tx);
-            let end = stanza_loop(shared, &jid_str, link, channel, rx, &mut outbox).await;
+            let end = match send(&mut link, &mut channel, &success).await {
+                Ok(()) => stanza_loop(shared, &jid_str, link, channel, rx, &mut outbox).await,
+                Err(e) => End::Error(e),
+            };
             shared.logged_out(conn);
             relay::requeue(shared, &jid_str, &mut outbox);
             tracing::debug!(device = %jid_str, end = %end, "connection closed");
