@@ -229,6 +229,10 @@ async fn start_link(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let id = tenant(&id)?;
+    // An object or nothing: serde would also read a struct from a JSON array.
+    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| *b != b'{') {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST));
+    }
     let request: LinkRequest = json_body(&body)?;
     let phone = match request.phone.as_deref() {
         None => None,
