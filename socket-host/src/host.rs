@@ -10,9 +10,7 @@ use wakeeper_shared::domain::{SessionState, SessionView, StatusUpdate, TenantId,
 use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
 
 use crate::governor::Governor;
-use crate::session::{
-    self, EngineProvider, OpenError, SessionConfig, SessionDeps, SessionHandle, StateChange, Stored,
-};
+use crate::session::{self, EngineProvider, OpenError, SessionConfig, SessionDeps, SessionHandle, StateChange, Stored};
 
 /// Why `ensure` refused a tenant definitively.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

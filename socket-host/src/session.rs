@@ -158,10 +158,16 @@ pub struct SessionDeps {
 #[derive(Debug)]
 enum Command {
     Reconnect,
-    Stop { reply: oneshot::Sender<()>, logout: bool },
+    Stop {
+        reply: oneshot::Sender<()>,
+        logout: bool,
+    },
     LeaseLost,
     /// Ask WhatsApp for a pairing code for this phone number (link attempts only).
-    PairCode { phone: String, reply: oneshot::Sender<Result<String, String>> },
+    PairCode {
+        phone: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// The handle the host keeps for a session.
@@ -521,7 +527,9 @@ impl Supervisor {
                 // Not paired (yet): the attempt's own endings. Nothing is marked in the tenant table.
                 match ending {
                     Ending::Stop { reply, .. } => {
-                        return self.link_end(LinkStatus::Cancelled, "cancelled on request".into(), Some(reply), true).await;
+                        return self
+                            .link_end(LinkStatus::Cancelled, "cancelled on request".into(), Some(reply), true)
+                            .await;
                     }
                     Ending::LinkExpired => {
                         let reason = "no QR code was scanned in time".to_string();
@@ -648,7 +656,9 @@ impl Supervisor {
         loop {
             let saved = client.persistence_manager().flush().await.map_err(|e| e.to_string());
             let stored = match saved {
-                Ok(()) => self.deps.engines.persist(&self.tenant, Duration::from_secs(10)).await.map_err(|e| e.to_string()),
+                Ok(()) => {
+                    self.deps.engines.persist(&self.tenant, Duration::from_secs(10)).await.map_err(|e| e.to_string())
+                }
                 Err(e) => Err(format!("saving the device record: {e}")),
             };
             match stored {

@@ -330,7 +330,11 @@ async fn link_may_replace_credentials_of_a_terminal_tenant() {
     let f = fixture();
     let id = TenantId::parse("linked-2").unwrap();
     f.store
-        .write_status(&id, &wakeeper_shared::domain::StatusUpdate::terminal(TenantStatus::LoggedOut, "device removed"), 1)
+        .write_status(
+            &id,
+            &wakeeper_shared::domain::StatusUpdate::terminal(TenantStatus::LoggedOut, "device removed"),
+            1,
+        )
         .await
         .unwrap();
     // Allowed past every check: the lease is taken and a new engine store is asked for (which fails here).

@@ -20,7 +20,10 @@ pub(crate) fn companion_hello_answer(node: &NodeRef<'_>) -> Option<Node> {
             .get_optional_child("link_code_pairing_wrapped_companion_ephemeral_pub")
             .and_then(|c| c.content_bytes())
             .is_some_and(|b| b.len() == 80)
-        && reg.get_optional_child("companion_server_auth_key_pub").and_then(|c| c.content_bytes()).is_some_and(|b| b.len() == 32);
+        && reg
+            .get_optional_child("companion_server_auth_key_pub")
+            .and_then(|c| c.content_bytes())
+            .is_some_and(|b| b.len() == 32);
     if !well_formed {
         return Some(
             NodeBuilder::new("iq")

@@ -59,7 +59,8 @@ async fn a_fresh_client_gets_a_pairing_code_for_a_phone_number() {
     let Event::PairingQrCode(qr) = &*ev else { unreachable!() };
     let qr = qr.code.clone();
 
-    let options = whatsapp_rust::pair_code::PairCodeOptions { phone_number: "15551234567".into(), ..Default::default() };
+    let options =
+        whatsapp_rust::pair_code::PairCodeOptions { phone_number: "15551234567".into(), ..Default::default() };
     let code = tokio::time::timeout(Duration::from_secs(20), client.client.pair_with_code(options))
         .await
         .expect("the simulator answers the pairing-code request")
