@@ -49,6 +49,16 @@ pub mod codes {
     pub const UNAVAILABLE: &str = "unavailable";
     /// Anything else (500).
     pub const INTERNAL: &str = "internal";
+    /// Linking refused: the tenant has restorable credentials and is not in a terminal state (409).
+    pub const ALREADY_LINKED: &str = "already_linked";
+    /// Another host holds the tenant's lease (409).
+    pub const LEASE_HELD: &str = "lease_held";
+    /// A `phone` that is not 7 to 15 digits in international form (400).
+    pub const BAD_PHONE: &str = "bad_phone";
+    /// No QR code came from WhatsApp in time; the link attempt was cancelled (504).
+    pub const LINK_TIMEOUT: &str = "link_timeout";
+    /// WhatsApp did not hand out a pairing code; the link goes on with its QR code (502).
+    pub const PAIRING_CODE_FAILED: &str = "pairing_code_failed";
 }
 
 /// `GET /health`.
@@ -133,6 +143,57 @@ pub struct SendMessageResponse {
     pub message_id: String,
     /// The recipient as a jid.
     pub to: String,
+}
+
+/// `POST /v1/sessions/{id}/link` body (may be empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRequest {
+    /// Also ask for a pairing code for this phone number (international form, digits only, e.g. `15551234567`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+}
+
+/// Where a link attempt stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkStatus {
+    /// Waiting for the phone: a QR code (and maybe a pairing code) is shown.
+    Waiting,
+    /// The phone confirmed; the credentials are stored and the session goes on as a normal one.
+    Paired,
+    /// Nobody scanned in time (the QR codes ran out).
+    Expired,
+    /// The attempt failed (see `error`).
+    Failed,
+    /// Cancelled on request.
+    Cancelled,
+}
+
+/// A link attempt as the control API shows it. The QR payload and the pairing code are for the person linking
+/// the phone; neither is ever logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkView {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// Where the attempt stands.
+    pub status: LinkStatus,
+    /// The session's state (`linking` until paired, then the normal states).
+    pub state: SessionState,
+    /// The current QR payload (they rotate: ask again), while waiting.
+    pub qr: Option<String>,
+    /// The same QR code as an SVG image.
+    pub qr_svg: Option<String>,
+    /// Seconds the current QR code stays valid.
+    pub expires_in_s: Option<u64>,
+    /// The 8-character code to type on the phone, when one was asked for with `phone`.
+    pub pairing_code: Option<String>,
+    /// The linked device, once paired.
+    pub device_jid: Option<String>,
+    /// Why the attempt failed or expired, in words.
+    pub error: Option<String>,
+    /// When the attempt started.
+    pub started_ms: crate::domain::UnixMillis,
 }
 
 #[cfg(feature = "client")]
@@ -323,6 +384,25 @@ mod client {
             let once = Self { attempts: 1, ..self.clone() };
             match once.call(reqwest::Method::POST, &format!("/v1/sessions/{tenant}/messages"), Some(&body)).await? {
                 (s, b) if s.is_success() => Self::decode(s, b),
+                (s, b) => Err(Self::refused(s, &b)),
+            }
+        }
+
+        /// `POST /v1/sessions/{id}/link`: start linking a new number (or see the running attempt).
+        pub async fn link(&self, tenant: &TenantId, request: &LinkRequest) -> Result<LinkView, ClientError> {
+            let body = serde_json::to_value(request).expect("link request serializes");
+            match self.call(reqwest::Method::POST, &format!("/v1/sessions/{tenant}/link"), Some(&body)).await? {
+                (s, b) if s.is_success() => Self::decode(s, b),
+                (s, b) => Err(Self::refused(s, &b)),
+            }
+        }
+
+        /// `GET /v1/sessions/{id}/link`: the current QR code and state of a link attempt; `None` when the host
+        /// has none for the tenant.
+        pub async fn link_view(&self, tenant: &TenantId) -> Result<Option<LinkView>, ClientError> {
+            match self.call(reqwest::Method::GET, &format!("/v1/sessions/{tenant}/link"), None).await? {
+                (s, b) if s.is_success() => Self::decode(s, b).map(Some),
+                (StatusCode::NOT_FOUND, _) => Ok(None),
                 (s, b) => Err(Self::refused(s, &b)),
             }
         }

@@ -22,8 +22,9 @@ use wakeeper_shared::host_api::{
     Accepted, ErrorBody, Health, Rejected, RestoreRequest, RestoreResponse, SendMessageRequest, SendMessageResponse,
     SessionList, codes,
 };
+use wakeeper_shared::host_api::{LinkRequest, LinkStatus};
 
-use crate::host::{EnsureError, Host};
+use crate::host::{EnsureError, Host, LinkError};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -256,6 +257,59 @@ async fn sweep(State(state): State<Arc<AppState>>) -> Result<Response, ApiError>
     }
 }
 
+/// Longest `POST .../link` waits for WhatsApp's first QR code; past it the attempt is cancelled (504).
+const FIRST_QR_WAIT: Duration = Duration::from_secs(20);
+
+async fn start_link(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let id = tenant(&id)?;
+    // An object or nothing: serde would also read a struct from a JSON array.
+    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| *b != b'{') {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST));
+    }
+    let request: LinkRequest = json_body(&body)?;
+    let phone = match request.phone.as_deref() {
+        None => None,
+        Some(raw) => {
+            Some(crate::link::parse_phone(raw).ok_or(ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_PHONE))?)
+        }
+    };
+    let (handle, started) = state.host.link(&id).await.map_err(|e| match e {
+        LinkError::AlreadyLinked => ApiError::new(StatusCode::CONFLICT, codes::ALREADY_LINKED),
+        LinkError::LeaseHeld => ApiError::new(StatusCode::CONFLICT, codes::LEASE_HELD),
+        LinkError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE),
+        LinkError::Unavailable(why) => {
+            tracing::warn!(tenant = %id, error = %why, "link refused: a store is unavailable");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE)
+        }
+    })?;
+    if !handle.wait_for_qr(FIRST_QR_WAIT).await {
+        tracing::warn!(tenant = %id, "no QR code from WhatsApp in time; cancelling the link attempt");
+        state.host.stop(&id).await;
+        return Err(ApiError::new(StatusCode::GATEWAY_TIMEOUT, codes::LINK_TIMEOUT));
+    }
+    if let Some(phone) = phone
+        && handle.link_view().is_some_and(|v| v.status == LinkStatus::Waiting)
+        && let Err(why) = handle.request_pair_code(phone).await
+    {
+        tracing::warn!(tenant = %id, error = %why, "no pairing code; the QR code is still shown");
+        return Err(ApiError::new(StatusCode::BAD_GATEWAY, codes::PAIRING_CODE_FAILED));
+    }
+    let view = handle.link_view().ok_or(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND))?;
+    let status = if started { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, [(header::CACHE_CONTROL, "no-store")], Json(view)).into_response())
+}
+
+async fn get_link(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = tenant(&id)?;
+    let view = state.host.handle(&id).and_then(|h| h.link_view());
+    let view = view.ok_or(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND))?;
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(view)).into_response())
+}
+
 async fn dashboard() -> Html<&'static str> {
     Html(include_str!("dashboard.html"))
 }
@@ -299,6 +353,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{tenant_id}", get(get_session).put(put_session).delete(delete_session))
         .route("/v1/sessions/{tenant_id}/reconnect", post(reconnect))
         .route("/v1/sessions/{tenant_id}/messages", post(send_message))
+        .route("/v1/sessions/{tenant_id}/link", post(start_link).get(get_link))
         .route("/v1/restore", post(restore))
         .route("/v1/sweep", post(sweep))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));

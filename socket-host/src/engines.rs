@@ -3,18 +3,19 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use wakeeper_shared::crypto::Cipher;
 use wakeeper_shared::domain::TenantId;
 use wakeeper_shared::hydrate::{HydrateOutcome, Hydrator};
-use wakeeper_shared::ports::CredentialStore;
+use wakeeper_shared::ports::{CredentialStore, StoreError};
 use wakeeper_shared::working_copy::WorkingCopy;
 use whatsapp_rust::store::traits::Backend;
 
 use crate::engine_store::{EngineStore, EngineStoreError};
 use crate::replicator::ReplicatorHandle;
-use crate::session::{EngineProvider, OpenError};
+use crate::session::{EngineProvider, OpenError, Stored};
 
 /// The production [`EngineProvider`].
 pub struct StoreEngines {
@@ -67,6 +68,43 @@ impl EngineProvider for StoreEngines {
         .await
         .map_err(|e| OpenError::Unavailable(e.to_string()))??;
         Ok(opened as Arc<dyn Backend>)
+    }
+
+    async fn stored(&self, tenant: &TenantId) -> Result<Stored, OpenError> {
+        match self.store.read(tenant).await {
+            Ok(snapshot) if snapshot.check_restorable().is_ok() => Ok(Stored::Restorable),
+            Ok(_) | Err(StoreError::Corrupt(_)) => Ok(Stored::Unusable),
+            Err(StoreError::NotFound) => Ok(Stored::Missing),
+            Err(e) => Err(OpenError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn open_new(&self, tenant: &TenantId, epoch: u64) -> Result<Arc<dyn Backend>, OpenError> {
+        // What was stored cannot bring a device back (the caller checked), and the new device's generations
+        // start again from zero: a stale snapshot left in the store would make them look already applied.
+        self.store.delete(tenant).await.map_err(|e| OpenError::Unavailable(e.to_string()))?;
+        self.discard_local(tenant).await?;
+        let replica = self.replicator.attach(tenant.clone(), epoch);
+        let (data_dir, t, cipher) = (self.data_dir.clone(), tenant.clone(), self.cipher.clone());
+        let opened = tokio::task::spawn_blocking(move || {
+            let wc = WorkingCopy::open(&data_dir, t, cipher).map_err(|e| OpenError::Unavailable(e.to_string()))?;
+            EngineStore::open(wc, replica).map_err(|e| OpenError::Unavailable(e.to_string()))
+        })
+        .await
+        .map_err(|e| OpenError::Unavailable(e.to_string()))??;
+        Ok(opened as Arc<dyn Backend>)
+    }
+
+    async fn persist(&self, tenant: &TenantId, within: Duration) -> Result<(), OpenError> {
+        let deadline = tokio::time::Instant::now() + within;
+        if !self.replicator.flush_tenant(tenant, deadline).await {
+            return Err(OpenError::Unavailable("replication to the credential store did not finish in time".into()));
+        }
+        let snapshot = self.store.read(tenant).await.map_err(|e| match e {
+            StoreError::Corrupt(why) => OpenError::Corrupt(why),
+            other => OpenError::Unavailable(other.to_string()),
+        })?;
+        snapshot.check_restorable().map(|_| ()).map_err(|e| OpenError::Corrupt(e.to_string()))
     }
 
     async fn delete(&self, tenant: &TenantId) -> Result<(), OpenError> {

@@ -10,7 +10,7 @@ use wakeeper_shared::domain::{SessionState, SessionView, StatusUpdate, TenantId,
 use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
 
 use crate::governor::Governor;
-use crate::session::{self, EngineProvider, OpenError, SessionConfig, SessionDeps, SessionHandle, StateChange};
+use crate::session::{self, EngineProvider, OpenError, SessionConfig, SessionDeps, SessionHandle, StateChange, Stored};
 use crate::transport::ReqwestHttpClient;
 
 /// Why `ensure` refused a tenant definitively.
@@ -22,6 +22,23 @@ pub enum EnsureError {
     /// Stored credentials unusable (the tenant is marked).
     #[error("credentials corrupt")]
     CredentialsCorrupt,
+    /// The host is shutting down.
+    #[error("host shutting down")]
+    ShuttingDown,
+}
+
+/// Why `link` refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The tenant runs here, or has restorable credentials and is not in a terminal state.
+    #[error("already linked")]
+    AlreadyLinked,
+    /// Another host holds the tenant's lease.
+    #[error("lease held by another host")]
+    LeaseHeld,
+    /// A store could not be reached.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// The host is shutting down.
     #[error("host shutting down")]
     ShuttingDown,
@@ -41,6 +58,8 @@ pub struct Host {
     deps: Arc<SessionDeps>,
     sessions: RwLock<HashMap<TenantId, SessionHandle>>,
     closing: std::sync::atomic::AtomicBool,
+    /// Serialises the start of link attempts (rare, and each deletes and recreates a tenant's store).
+    link_starts: tokio::sync::Mutex<()>,
 }
 
 impl Host {
@@ -64,6 +83,7 @@ impl Host {
             }),
             sessions: RwLock::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            link_starts: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -202,6 +222,76 @@ impl Host {
             tracing::warn!(tenant = %tenant, error = %e, "lease release failed; it will expire");
         }
         Err(EnsureError::ShuttingDown)
+    }
+
+    /// The session handle of a tenant (running or finished).
+    pub fn handle(&self, tenant: &TenantId) -> Option<SessionHandle> {
+        self.sessions.read().expect("sessions lock").get(tenant).cloned()
+    }
+
+    /// Starts linking a new number for `tenant`, or returns the link attempt already waiting for the phone
+    /// (`false` then). Refused when the tenant is running, or has restorable credentials and is not in a
+    /// terminal state (logged out, replaced, banned, credentials missing or corrupt): those connect with
+    /// `ensure`. A tenant that may be linked gets its lease taken and its old, unusable credentials deleted;
+    /// the attempt runs on an empty working copy.
+    pub async fn link(&self, tenant: &TenantId) -> Result<(SessionHandle, bool), LinkError> {
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(LinkError::ShuttingDown);
+        }
+        let _one_at_a_time = self.link_starts.lock().await;
+        let existing = self.handle(tenant);
+        match &existing {
+            Some(h) if h.is_linking() => return Ok((h.clone(), false)),
+            Some(h) if !h.is_finished() => return Err(LinkError::AlreadyLinked),
+            _ => {}
+        }
+        let deps = &self.deps;
+        let terminal_here = existing.as_ref().is_some_and(|h| h.state().is_terminal());
+        let terminal_in_table = match deps.tenants.get(tenant).await {
+            Ok(record) => record.and_then(|r| r.status).is_some_and(|s| s.is_terminal()),
+            Err(e) => return Err(LinkError::Unavailable(e.to_string())),
+        };
+        if !terminal_here && !terminal_in_table {
+            match deps.engines.stored(tenant).await {
+                Ok(Stored::Restorable) => return Err(LinkError::AlreadyLinked),
+                Ok(Stored::Missing | Stored::Unusable) => {}
+                Err(e) => return Err(LinkError::Unavailable(e.to_string())),
+            }
+        }
+        let lease = match deps
+            .tenants
+            .acquire_lease(
+                tenant,
+                &deps.config.host_id,
+                deps.config.lease_ttl.as_millis() as u64,
+                session::lease_clock(deps.config.lease_ttl),
+            )
+            .await
+        {
+            Ok(l) => l,
+            Err(StoreError::Conflict(Conflict::LeaseHeld { .. })) => return Err(LinkError::LeaseHeld),
+            Err(e) => return Err(LinkError::Unavailable(e.to_string())),
+        };
+        let backend = match deps.engines.open_new(tenant, lease.epoch).await {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = deps.tenants.release_lease(tenant, &lease).await;
+                return Err(LinkError::Unavailable(e.to_string()));
+            }
+        };
+        // As in `ensure`: checked under the lock a shutdown lists the sessions under.
+        {
+            let mut sessions = self.sessions.write().expect("sessions lock");
+            if !self.closing.load(std::sync::atomic::Ordering::Acquire) {
+                tracing::info!(tenant = %tenant, "link attempt started");
+                metrics::counter!("wakeeper_links_started_total").increment(1);
+                let handle = session::spawn_link(tenant.clone(), deps.clone(), lease, backend);
+                sessions.insert(tenant.clone(), handle.clone());
+                return Ok((handle, true));
+            }
+        }
+        let _ = deps.tenants.release_lease(tenant, &lease).await;
+        Err(LinkError::ShuttingDown)
     }
 
     fn insert(&self, tenant: &TenantId, handle: SessionHandle) {

@@ -11,6 +11,7 @@
 //! - [`restore`]: restore every desired tenant, most recently healthy first.
 //! - [`engines`]: opens a tenant's engine store (hydrate, then the engine's backend over the working copy).
 //! - [`sweeper`]: the health sweep run inside the host on a timer (one-machine use).
+//! - [`link`]: what a link attempt of a new number shows (QR code as SVG, pairing code, outcome).
 //! - [`governor`]: the host-wide pacing of connect attempts.
 //! - [`webhooks`]: signed state-change and alert events to the configured URLs.
 //! - [`messages`]: received messages into the outbox before the engine acks them; validated sends, typing.
@@ -27,6 +28,7 @@ pub mod engines;
 pub mod governor;
 pub mod host;
 pub mod import;
+pub mod link;
 pub mod messages;
 pub mod outbox;
 pub mod replicator;

@@ -323,6 +323,36 @@ impl ReplicatorHandle {
     pub fn stats(&self) -> ReplicatorStats {
         self.shared.stats()
     }
+
+    /// Commits one tenant's pending changes now (ignoring the window) and waits until the store has every one
+    /// of them or `deadline` passes. `true` when nothing of the tenant is left unacknowledged; `false` on the
+    /// deadline or when the tenant is fenced. A failing store is retried with the usual backoff meanwhile.
+    pub async fn flush_tenant(&self, tenant: &TenantId, deadline: Instant) -> bool {
+        let shared = &self.shared;
+        let mut scheduled = false;
+        loop {
+            let notified = shared.progress.notified();
+            {
+                let mut q = shared.queue.lock().expect("replicator lock");
+                match q.tenants.get(tenant) {
+                    None => return true,
+                    Some(st) if st.fenced => return false,
+                    Some(st) if st.unacked() == 0 => return true,
+                    Some(st) => {
+                        if !scheduled && !st.in_flight {
+                            schedule(&mut q, tenant, Instant::now());
+                            scheduled = true;
+                        }
+                    }
+                }
+            }
+            shared.wake.notify_one();
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let q = shared.queue.lock().expect("replicator lock");
+                return q.tenants.get(tenant).is_none_or(|st| !st.fenced && st.unacked() == 0);
+            }
+        }
+    }
 }
 
 impl Replicator {

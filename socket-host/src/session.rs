@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use wakeeper_shared::domain::{
     BackoffPolicy, Lease, SessionState, SessionView, StatusUpdate, TenantId, TenantStatus, now_millis,
 };
+use wakeeper_shared::host_api::{LinkStatus, LinkView};
 use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
 use whatsapp_rust::Jid;
 use whatsapp_rust::bot::Bot;
@@ -23,6 +24,7 @@ use whatsapp_rust::store::traits::Backend;
 use whatsapp_rust::types::events::{ConnectFailureReason, Event, EventHandler};
 
 use crate::governor::{ConnectPermit, Governor};
+use crate::link::LinkCell;
 use crate::messages::{ClientSlot, InboundHook, Outgoing};
 use crate::transport::{LinkProbe, ReqwestHttpClient, WsTransportFactory};
 
@@ -57,6 +59,31 @@ pub trait EngineProvider: Send + Sync {
     async fn discard_local(&self, _tenant: &TenantId) -> Result<(), OpenError> {
         Ok(())
     }
+    /// What the credential store holds for the tenant (decides whether it may be linked anew).
+    async fn stored(&self, _tenant: &TenantId) -> Result<Stored, OpenError> {
+        Ok(Stored::Missing)
+    }
+    /// For linking a new number: deletes whatever is stored for the tenant (remote and local; the caller has
+    /// decided it is unusable) and opens an engine store over an empty working copy, replicated under `epoch`.
+    async fn open_new(&self, _tenant: &TenantId, _epoch: u64) -> Result<Arc<dyn Backend>, OpenError> {
+        Err(OpenError::Unavailable("linking is not supported by this engine provider".into()))
+    }
+    /// Makes every engine write of the tenant durable in the credential store now (ignoring the replication
+    /// window) and checks that the stored snapshot restores a device; gives up after `within`.
+    async fn persist(&self, _tenant: &TenantId, _within: Duration) -> Result<(), OpenError> {
+        Ok(())
+    }
+}
+
+/// What the credential store holds for a tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Nothing.
+    Missing,
+    /// Something that cannot bring a device online (undecryptable, partial, never paired).
+    Unusable,
+    /// A complete snapshot: the tenant connects without pairing.
+    Restorable,
 }
 
 /// Settings of every session of a host.
@@ -77,6 +104,9 @@ pub struct SessionConfig {
     /// An open link that has received nothing for this long is dead (half-open): the engine pings an idle
     /// link at least every 30 s, so a healthy one never stays silent this long. Replaced at once.
     pub silent_after: Duration,
+    /// Longest a link attempt waits for the phone. WhatsApp's QR codes run out after about 160 s (the engine
+    /// then disconnects); a pairing code stays valid about 180 s from when it was asked for.
+    pub link_timeout: Duration,
 }
 
 impl SessionConfig {
@@ -90,6 +120,7 @@ impl SessionConfig {
             handshake_timeout: Duration::from_secs(20),
             app_version: (2, 3000, 1_023_000_000),
             silent_after: Duration::from_secs(45),
+            link_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -134,8 +165,16 @@ pub struct SessionDeps {
 #[derive(Debug)]
 enum Command {
     Reconnect,
-    Stop { reply: oneshot::Sender<()>, logout: bool },
+    Stop {
+        reply: oneshot::Sender<()>,
+        logout: bool,
+    },
     LeaseLost,
+    /// Ask WhatsApp for a pairing code for this phone number (link attempts only).
+    PairCode {
+        phone: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// The handle the host keeps for a session.
@@ -148,6 +187,8 @@ pub struct SessionHandle {
     finished: Arc<AtomicBool>,
     client: ClientSlot,
     sends: Option<mpsc::Sender<Outgoing>>,
+    /// Set when the session was started to link a new number.
+    link: Option<LinkCell>,
 }
 
 /// Why a send was not accepted.
@@ -218,6 +259,36 @@ impl SessionHandle {
         self.stop_with(true).await;
     }
 
+    /// Whether this session is a link attempt still waiting for the phone.
+    pub fn is_linking(&self) -> bool {
+        !self.is_finished() && self.link.as_ref().is_some_and(|l| l.borrow().is_waiting())
+    }
+
+    /// The link attempt this session was started for, if any.
+    pub fn link_view(&self) -> Option<LinkView> {
+        let state = self.state();
+        self.link.as_ref().map(|l| l.borrow().view(&self.tenant, state))
+    }
+
+    /// Waits (up to `limit`) until the link attempt shows a QR code or has ended. `false` on the limit.
+    pub async fn wait_for_qr(&self, limit: Duration) -> bool {
+        let Some(cell) = &self.link else { return true };
+        let mut rx = cell.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|i| i.qr.is_some() || !i.is_waiting())).await.is_ok()
+    }
+
+    /// Asks WhatsApp for a pairing code for `phone` over the link attempt's connection; a code already handed
+    /// out is returned as it is (WhatsApp allows one at a time).
+    pub async fn request_pair_code(&self, phone: String) -> Result<String, String> {
+        let Some(cell) = &self.link else { return Err("not a link attempt".into()) };
+        if let Some(code) = cell.borrow().pairing_code.clone() {
+            return Ok(code);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::PairCode { phone, reply }).map_err(|_| "the link attempt has ended".to_string())?;
+        answer.await.unwrap_or_else(|_| Err("the link attempt has ended".into()))
+    }
+
     async fn stop_with(&self, logout: bool) {
         let (reply, done) = oneshot::channel();
         if self.commands.send(Command::Stop { reply, logout }).is_ok() {
@@ -234,10 +305,30 @@ pub fn spawn(
     lease: Option<Lease>,
     backend: Option<Arc<dyn Backend>>,
 ) -> SessionHandle {
+    start(tenant, deps, lease, backend, None)
+}
+
+/// Starts a link attempt for `tenant`: `lease` is held and `backend` is an engine store over an empty working
+/// copy ([`EngineProvider::open_new`]). The session shows QR codes in state `linking` until the phone confirms;
+/// then the credentials are made durable in the credential store before anything else (the tenant is marked
+/// desired, the session goes on as a normal one and reaches `open`). Never scanned, cancelled or failed, the
+/// attempt ends `stopped` and the unpaired keys are deleted.
+pub fn spawn_link(tenant: TenantId, deps: Arc<SessionDeps>, lease: Lease, backend: Arc<dyn Backend>) -> SessionHandle {
+    start(tenant, deps, Some(lease), Some(backend), Some(crate::link::new_cell()))
+}
+
+fn start(
+    tenant: TenantId,
+    deps: Arc<SessionDeps>,
+    lease: Option<Lease>,
+    backend: Option<Arc<dyn Backend>>,
+    link: Option<LinkCell>,
+) -> SessionHandle {
     let now = now_millis();
+    let link_deadline = Instant::now() + deps.config.link_timeout;
     let view = Arc::new(Mutex::new(SessionView {
         tenant_id: tenant.clone(),
-        state: SessionState::Connecting,
+        state: if link.is_some() { SessionState::Linking } else { SessionState::Connecting },
         since_ms: now,
         connected_since_ms: None,
         last_frame_ago_ms: None,
@@ -259,6 +350,7 @@ pub fn spawn(
         finished: Arc::new(AtomicBool::new(false)),
         client: client.clone(),
         sends: Some(sends),
+        link: link.clone(),
     };
     let sup = Supervisor {
         tenant,
@@ -272,6 +364,7 @@ pub fn spawn(
         backend,
         failures: 0,
         client,
+        link: link.map(|cell| Linking { cell, deadline: link_deadline, paired: false, just_paired: false }),
     };
     let finished = handle.finished.clone();
     tokio::spawn(async move {
@@ -303,6 +396,7 @@ pub fn finished(tenant: TenantId, state: SessionState, reason: String) -> Sessio
         finished: Arc::new(AtomicBool::new(true)),
         client: Arc::default(),
         sends: None,
+        link: None,
     }
 }
 
@@ -321,6 +415,8 @@ enum Ending {
     LeaseLost,
     /// Asked to stop (and maybe to log out).
     Stop { reply: oneshot::Sender<()>, logout: bool },
+    /// A link attempt's QR codes ran out (nobody scanned), or its time is up.
+    LinkExpired,
 }
 
 /// The engine's lifecycle events, as the supervisor needs them.
@@ -333,6 +429,10 @@ enum Signal {
     TempBan { expire: Duration, code: String },
     ConnectFailure { code: i32, logged_out: bool },
     StreamError(String),
+    Qr { code: String, valid_for: Duration },
+    Paired { jid: String },
+    PairFailed(String),
+    QrExhausted { disconnected: bool },
 }
 
 struct SignalHandler {
@@ -353,6 +453,10 @@ impl EventHandler for SignalHandler {
                 Signal::ConnectFailure { code: reason_code(&f.reason), logged_out: f.reason.is_logged_out() }
             }
             Event::StreamError(e) => Signal::StreamError(e.code.clone()),
+            Event::PairingQrCode(q) => Signal::Qr { code: q.code.clone(), valid_for: q.timeout },
+            Event::PairSuccess(p) => Signal::Paired { jid: p.id.to_string() },
+            Event::PairError(e) => Signal::PairFailed(e.error.clone()),
+            Event::PairingQrCodesExhausted(x) => Signal::QrExhausted { disconnected: x.disconnected },
             _ => return,
         };
         let _ = self.tx.send(signal);
@@ -391,6 +495,8 @@ struct Supervisor {
     backend: Option<Arc<dyn Backend>>,
     failures: u32,
     client: ClientSlot,
+    /// Set for a link attempt.
+    link: Option<Linking>,
 }
 
 /// Empties the session's client slot when a connect attempt ends, however it ends.
@@ -400,6 +506,17 @@ impl Drop for SlotGuard {
     fn drop(&mut self) {
         *self.0.lock().expect("client slot lock") = None;
     }
+}
+
+/// A link attempt's part of the supervisor.
+struct Linking {
+    cell: LinkCell,
+    /// The attempt ends `expired` here unless paired.
+    deadline: Instant,
+    /// The phone confirmed and the credentials are durable: from here on a normal session.
+    paired: bool,
+    /// Paired, and not yet open once: replication is flushed again before `open` is shown.
+    just_paired: bool,
 }
 
 /// What to do after waiting.
@@ -416,6 +533,12 @@ impl Supervisor {
         }
         let mut dropped_at: Option<Instant> = None;
         loop {
+            if self.linking() {
+                if let Some(ended) = self.link_precheck() {
+                    let (status, reason) = ended;
+                    return self.link_end(status, reason, None, true).await;
+                }
+            }
             // 1. The lease: no lease, no connect.
             if self.lease.is_none() {
                 match self.acquire_lease().await {
@@ -448,12 +571,49 @@ impl Supervisor {
                 }
             }
             // 3. One attempt.
-            self.set_state(SessionState::Connecting, None);
+            let linking = self.linking();
+            self.set_state(if linking { SessionState::Linking } else { SessionState::Connecting }, None);
             let ending = self.attempt(&mut dropped_at).await;
+            if linking && self.linking() {
+                // Not paired (yet): the attempt's own endings. Nothing is marked in the tenant table.
+                match ending {
+                    Ending::Stop { reply, .. } => {
+                        return self
+                            .link_end(LinkStatus::Cancelled, "cancelled on request".into(), Some(reply), true)
+                            .await;
+                    }
+                    Ending::LinkExpired => {
+                        let reason = "no QR code was scanned in time".to_string();
+                        return self.link_end(LinkStatus::Expired, reason, None, true).await;
+                    }
+                    Ending::Terminal { reason, .. } | Ending::TempBan { reason, .. } => {
+                        return self.link_end(LinkStatus::Failed, reason, None, true).await;
+                    }
+                    Ending::LeaseLost => {
+                        // Another host owns the tenant now: what is stored is its business, not ours to delete.
+                        self.lose_lease().await;
+                        let reason = "lease lost to another host".to_string();
+                        return self.link_end(LinkStatus::Failed, reason, None, false).await;
+                    }
+                    Ending::Retry { reason, rate_limited } => {
+                        // The connection went before the phone confirmed: a new one hands out new QR codes.
+                        self.note_error(reason);
+                        self.link_update(|i| i.clear_qr());
+                        let left = self.link.as_ref().map_or(Duration::ZERO, |l| l.deadline - Instant::now());
+                        let delay = self.next_delay(rate_limited).min(left);
+                        if let Wake::Stop(reply, _) = self.wait(SessionState::Linking, delay).await {
+                            let reason = "cancelled on request".to_string();
+                            return self.link_end(LinkStatus::Cancelled, reason, Some(reply), true).await;
+                        }
+                    }
+                    Ending::Again => {}
+                }
+                continue;
+            }
             match ending {
                 Ending::Terminal { state, reason } => return self.terminal(state, reason).await,
                 Ending::Stop { reply, logout } => return self.stopped(reply, logout).await,
-                Ending::Again => {
+                Ending::Again | Ending::LinkExpired => {
                     self.failures = 0;
                     dropped_at.get_or_insert_with(Instant::now);
                 }
@@ -487,12 +647,149 @@ impl Supervisor {
         }
     }
 
+    /// Whether this is a link attempt still waiting for the phone.
+    fn linking(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| !l.paired)
+    }
+
+    /// A link attempt that cannot go on: out of time, or without its lease or engine store.
+    fn link_precheck(&self) -> Option<(LinkStatus, String)> {
+        let link = self.link.as_ref()?;
+        if Instant::now() >= link.deadline {
+            return Some((LinkStatus::Expired, "no QR code was scanned in time".into()));
+        }
+        if self.lease.is_none() || self.backend.is_none() {
+            return Some((LinkStatus::Failed, "the link attempt lost its lease".into()));
+        }
+        None
+    }
+
+    fn link_update(&self, f: impl FnOnce(&mut crate::link::LinkInfo)) {
+        if let Some(l) = &self.link {
+            l.cell.send_modify(f);
+        }
+    }
+
+    /// Ends a link attempt that never paired: the session is `stopped` with `reason`, the unpaired keys are
+    /// deleted (unless another host owns the tenant now), the lease is released. Nothing is written to the
+    /// tenant table: whatever it said about the tenant before still holds.
+    async fn link_end(mut self, status: LinkStatus, reason: String, reply: Option<oneshot::Sender<()>>, cleanup: bool) {
+        tracing::info!(tenant = %self.tenant, status = ?status, reason = %reason, "link attempt ended");
+        metrics::counter!("wakeeper_links_ended_total", "status" => format!("{status:?}").to_lowercase()).increment(1);
+        self.link_update(|i| {
+            i.status = status;
+            i.error = Some(reason.clone());
+            i.clear_qr();
+        });
+        self.set_state(SessionState::Stopped, Some(reason));
+        if self.backend.take().is_some() {
+            self.deps.engines.close(&self.tenant).await;
+        }
+        if cleanup && self.lease.is_some() {
+            // Let replication drain first, so no commit still in flight recreates what is deleted.
+            let _ = self.deps.engines.persist(&self.tenant, Duration::from_secs(5)).await;
+            if let Err(e) = self.deps.engines.delete(&self.tenant).await {
+                tracing::warn!(tenant = %self.tenant, error = %e, "could not delete the keys of an unpaired link attempt");
+            }
+        }
+        self.let_go_of_lease(true).await;
+        if let Some(reply) = reply {
+            let _ = reply.send(());
+        }
+    }
+
+    /// The phone confirmed the link: the engine's device record is saved to the working copy, and everything
+    /// the engine wrote is made durable in the credential store before the tenant is marked anywhere. Retried
+    /// until it holds (a stop request ends the wait).
+    async fn link_paired(&mut self, client: &Arc<whatsapp_rust::Client>, jid: String) -> Result<(), Ending> {
+        tracing::info!(tenant = %self.tenant, "phone confirmed the link; storing the credentials");
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let saved = client.persistence_manager().flush().await.map_err(|e| e.to_string());
+            let stored = match saved {
+                Ok(()) => {
+                    self.deps.engines.persist(&self.tenant, Duration::from_secs(10)).await.map_err(|e| e.to_string())
+                }
+                Err(e) => Err(format!("saving the device record: {e}")),
+            };
+            match stored {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(tenant = %self.tenant, error = %e, "credentials of the new link not stored yet; retrying");
+                    self.note_error(format!("storing the new link's credentials: {e}"));
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::PairCode { reply, .. }) => { let _ = reply.send(Err("already paired".into())); }
+                    Some(Command::Reconnect) | Some(Command::LeaseLost) | None | Some(Command::Stop { .. }) => {
+                        return Err(self.on_idle_command(cmd));
+                    }
+                }
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        if let Some(l) = self.link.as_mut() {
+            l.paired = true;
+            l.just_paired = true;
+        }
+        self.link_update(|i| {
+            i.status = LinkStatus::Paired;
+            i.device_jid = Some(jid);
+            i.error = None;
+            i.clear_qr();
+        });
+        metrics::counter!("wakeeper_links_ended_total", "status" => "paired").increment(1);
+        tracing::info!(tenant = %self.tenant, "new link stored durably; the tenant is now desired");
+        self.mark_desired().await;
+        Ok(())
+    }
+
+    /// Writes the desired flag now; if the store is unavailable, keeps retrying in the background.
+    async fn mark_desired(&self) {
+        match self.deps.tenants.set_desired(&self.tenant, true).await {
+            Ok(()) => return,
+            Err(e) if !e.is_transient() => {
+                tracing::error!(tenant = %self.tenant, error = %e, "desired flag write refused");
+                return;
+            }
+            Err(_) => {}
+        }
+        let tenants = self.deps.tenants.clone();
+        let tenant = self.tenant.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match tenants.set_desired(&tenant, true).await {
+                    Ok(()) => return,
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(tenant = %tenant, error = %e, "desired flag write failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => {
+                        tracing::error!(tenant = %tenant, error = %e, "desired flag write refused");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
     /// One client, one connection, until it ends.
     async fn attempt(&mut self, dropped_at: &mut Option<Instant>) -> Ending {
         let deps = self.deps.clone();
-        let permit: ConnectPermit = tokio::select! {
-            p = deps.governor.acquire() => p,
-            cmd = self.commands.recv() => return self.on_idle_command(cmd),
+        let permit: ConnectPermit = loop {
+            tokio::select! {
+                p = deps.governor.acquire() => break p,
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::PairCode { reply, .. }) => {
+                        let _ = reply.send(Err("not connected to WhatsApp yet".into()));
+                    }
+                    other => return self.on_idle_command(other),
+                },
+            }
         };
         metrics::counter!("wakeeper_connects_attempted_total").increment(1);
         let backend = self.backend.clone().expect("backend opened before an attempt");
@@ -531,9 +828,15 @@ impl Supervisor {
         let mut stream_error: Option<String> = None;
         let mut rate_limited = false;
         let mut watchdog = tokio::time::interval(Duration::from_secs(1).min(deps.config.silent_after / 4));
+        let link_deadline = self.link.as_ref().filter(|l| !l.paired).map(|l| l.deadline);
         loop {
             tokio::select! {
                 _ = &mut run => break,
+                _ = tokio::time::sleep_until(link_deadline.unwrap_or_else(Instant::now)), if link_deadline.is_some() && self.linking() => {
+                    client.disconnect().await;
+                    (&mut run).await;
+                    return Ending::LinkExpired;
+                }
                 _ = watchdog.tick(), if connected_at.is_some() => {
                     let silent_ms = now_millis().saturating_sub(self.probe.last_frame_ms());
                     if silent_ms >= deps.config.silent_after.as_millis() as i64 {
@@ -548,6 +851,14 @@ impl Supervisor {
                     Signal::Connected => {
                         permit = None;
                         connected_at = Some(Instant::now());
+                        if let Some(l) = self.link.as_mut().filter(|l| l.just_paired) {
+                            // The first login of a new link: what the engine wrote while logging in (pre-keys it
+                            // uploaded) is made durable before `open` is shown to anyone.
+                            l.just_paired = false;
+                            if let Err(e) = deps.engines.persist(&self.tenant, Duration::from_secs(5)).await {
+                                tracing::warn!(tenant = %self.tenant, error = %e, "first login of a new link not fully replicated yet");
+                            }
+                        }
                         if let Some(t) = dropped_at.take() {
                             metrics::histogram!("wakeeper_reconnect_seconds").record(t.elapsed().as_secs_f64());
                         }
@@ -573,9 +884,38 @@ impl Supervisor {
                         });
                     }
                     Signal::StreamError(code) => stream_error = Some(code),
+                    Signal::Qr { code, valid_for } => {
+                        // A QR code means the handshake is done: the governor slot is free for others.
+                        permit = None;
+                        if self.linking() {
+                            self.link_update(|i| i.show_qr(code, valid_for));
+                        }
+                    }
+                    Signal::Paired { jid } => {
+                        if self.linking() {
+                            if let Err(ending) = self.link_paired(&client, jid).await {
+                                client.disconnect().await;
+                                (&mut run).await;
+                                return ending;
+                            }
+                        }
+                    }
+                    Signal::PairFailed(error) => {
+                        tracing::warn!(tenant = %self.tenant, error = %error, "pairing failed; waiting for another scan");
+                        self.link_update(|i| i.error = Some(format!("pairing failed: {error}")));
+                    }
+                    Signal::QrExhausted { disconnected } => {
+                        if disconnected && self.linking() {
+                            verdict = Some(Ending::LinkExpired);
+                        }
+                    }
                 },
                 cmd = self.commands.recv() => {
                     let wanted = match cmd {
+                        Some(Command::PairCode { phone, reply }) => {
+                            self.start_pair_code(&client, phone, reply);
+                            continue;
+                        }
                         Some(Command::Reconnect) => Ending::Again,
                         Some(Command::LeaseLost) => Ending::LeaseLost,
                         Some(Command::Stop { reply, logout }) => Ending::Stop { reply, logout },
@@ -650,8 +990,43 @@ impl Supervisor {
             Some(Command::Reconnect) => Ending::Again,
             Some(Command::LeaseLost) => Ending::LeaseLost,
             Some(Command::Stop { reply, logout }) => Ending::Stop { reply, logout },
+            Some(Command::PairCode { reply, .. }) => {
+                let _ = reply.send(Err("not connected to WhatsApp".into()));
+                Ending::Again
+            }
             None => Ending::Stop { reply: oneshot::channel().0, logout: false },
         }
+    }
+
+    /// Asks the engine for a pairing code in the background (its IQ may take seconds), so the connection's
+    /// signals keep flowing; the code is shown on the link attempt and sent back to the asker.
+    fn start_pair_code(
+        &self,
+        client: &Arc<whatsapp_rust::Client>,
+        phone: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    ) {
+        if !self.linking() {
+            let _ = reply.send(Err("not waiting for a phone".into()));
+            return;
+        }
+        let client = client.clone();
+        let cell = self.link.as_ref().map(|l| l.cell.clone());
+        let tenant = self.tenant.clone();
+        tokio::spawn(async move {
+            let options = whatsapp_rust::pair_code::PairCodeOptions { phone_number: phone, ..Default::default() };
+            let answer = match tokio::time::timeout(Duration::from_secs(20), client.pair_with_code(options)).await {
+                Ok(Ok(code)) => Ok(code),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("WhatsApp did not answer in time".to_string()),
+            };
+            match (&answer, &cell) {
+                (Ok(code), Some(cell)) => cell.send_modify(|i| i.pairing_code = Some(code.clone())),
+                (Err(e), _) => tracing::warn!(tenant = %tenant, error = %e, "pairing code refused"),
+                _ => {}
+            }
+            let _ = reply.send(answer);
+        });
     }
 
     /// Waits `delay` in `state`, unless told to reconnect (go now) or stop.
@@ -663,14 +1038,20 @@ impl Supervisor {
         self.set_state(state, None);
         let deadline = tokio::time::sleep(delay);
         tokio::pin!(deadline);
-        tokio::select! {
-            _ = &mut deadline => Wake::Go,
-            cmd = self.commands.recv() => match cmd {
-                Some(Command::Reconnect) => { self.failures = 0; Wake::Go }
-                Some(Command::LeaseLost) => { self.lose_lease().await; Wake::Go }
-                Some(Command::Stop { reply, logout }) => Wake::Stop(reply, logout),
-                None => Wake::Stop(oneshot::channel().0, false),
-            }
+        loop {
+            return tokio::select! {
+                _ = &mut deadline => Wake::Go,
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Reconnect) => { self.failures = 0; Wake::Go }
+                    Some(Command::LeaseLost) => { self.lose_lease().await; Wake::Go }
+                    Some(Command::Stop { reply, logout }) => Wake::Stop(reply, logout),
+                    Some(Command::PairCode { reply, .. }) => {
+                        let _ = reply.send(Err("not connected to WhatsApp right now".into()));
+                        continue;
+                    }
+                    None => Wake::Stop(oneshot::channel().0, false),
+                }
+            };
         }
     }
 

@@ -9,7 +9,7 @@ use axum::http::{Method, Request, StatusCode};
 use socket_host::api::{AppState, router};
 use socket_host::governor::{Governor, GovernorConfig};
 use socket_host::host::Host;
-use socket_host::session::{EngineProvider, OpenError, SessionConfig};
+use socket_host::session::{EngineProvider, OpenError, SessionConfig, Stored};
 use tower::ServiceExt;
 use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::crypto::Cipher;
@@ -20,10 +20,12 @@ use whatsapp_rust::store::traits::Backend;
 const TOKEN: &str = "router-test-token";
 
 /// Engines that never reach a store: `missing-*` has no credentials, `corrupt-*` bad ones, the rest an empty
-/// in-memory backend (its connects go to a closed port and back off).
+/// in-memory backend (its connects go to a closed port and back off). For linking, `linked-*` holds restorable
+/// credentials, and opening a new engine store always fails (recorded, so a test sees that a link got that far).
 #[derive(Default)]
 struct FakeEngines {
     deleted: Mutex<Vec<TenantId>>,
+    opened_new: Mutex<Vec<TenantId>>,
 }
 
 #[async_trait]
@@ -38,6 +40,13 @@ impl EngineProvider for FakeEngines {
     async fn delete(&self, tenant: &TenantId) -> Result<(), OpenError> {
         self.deleted.lock().unwrap().push(tenant.clone());
         Ok(())
+    }
+    async fn stored(&self, tenant: &TenantId) -> Result<Stored, OpenError> {
+        Ok(if tenant.as_str().starts_with("linked") { Stored::Restorable } else { Stored::Missing })
+    }
+    async fn open_new(&self, tenant: &TenantId, _epoch: u64) -> Result<Arc<dyn Backend>, OpenError> {
+        self.opened_new.lock().unwrap().push(tenant.clone());
+        Err(OpenError::Unavailable("no store in router tests".into()))
     }
 }
 
@@ -110,6 +119,8 @@ async fn every_protected_route_refuses_missing_or_wrong_tokens() {
         (Method::POST, "/v1/restore"),
         (Method::POST, "/v1/sessions/a/messages"),
         (Method::GET, "/metrics"),
+        (Method::POST, "/v1/sessions/a/link"),
+        (Method::GET, "/v1/sessions/a/link"),
     ];
     for (m, uri) in routes {
         for token in [None, Some("wrong"), Some(""), Some("router-test-token-and-more")] {
@@ -132,6 +143,8 @@ async fn bad_tenant_ids_are_refused_on_every_route_and_touch_nothing() {
             (Method::PUT, format!("/v1/sessions/{id}")),
             (Method::DELETE, format!("/v1/sessions/{id}")),
             (Method::POST, format!("/v1/sessions/{id}/reconnect")),
+            (Method::POST, format!("/v1/sessions/{id}/link")),
+            (Method::GET, format!("/v1/sessions/{id}/link")),
         ] {
             let (status, body) = authed(&f, m.clone(), &uri).await;
             assert!(status == StatusCode::BAD_REQUEST || status == StatusCode::NOT_FOUND, "{m} {uri}: {status}");
@@ -356,4 +369,65 @@ async fn send_message_refuses_every_bad_request_and_sends_nothing() {
     let sessions = f.state.host.list();
     assert_eq!(sessions.len(), 1, "only the session started above exists");
     assert_ne!(sessions[0].state, wakeeper_shared::domain::SessionState::Open);
+}
+
+#[tokio::test]
+async fn link_refuses_bad_bodies_and_phones_and_touches_nothing() {
+    let f = fixture();
+    let post = |body: &str| call(&f, Method::POST, "/v1/sessions/new-1/link", Some(TOKEN), Body::from(body.to_owned()));
+    for body in ["{not json", r#"{"phone":"15551234567","extra":1}"#, r#"{"phone":15551234567}"#, "[]", r#""x""#] {
+        assert_eq!(post(body).await, (StatusCode::BAD_REQUEST, error("bad_request")), "{body}");
+    }
+    for phone in ["", "abc", "+1 555 123 4567", "1555-123-4567", "0155512345", "12345", "1234567890123456", "+"] {
+        let body = serde_json::json!({ "phone": phone }).to_string();
+        assert_eq!(post(&body).await, (StatusCode::BAD_REQUEST, error("bad_phone")), "{phone:?}");
+    }
+    let huge = format!(r#"{{"phone":"{}"}}"#, "1".repeat(70 * 1024));
+    assert_eq!(post(&huge).await, (StatusCode::PAYLOAD_TOO_LARGE, error("payload_too_large")));
+    assert!(f.state.host.list().is_empty(), "rejected requests touched no session");
+    assert!(f.engines.opened_new.lock().unwrap().is_empty(), "nor any store");
+    assert!(f.store.get(&TenantId::parse("new-1").unwrap()).await.unwrap().is_none(), "nor the tenant table");
+    assert_eq!(authed(&f, Method::GET, "/v1/sessions/new-1/link").await, (StatusCode::NOT_FOUND, error("not_found")));
+}
+
+#[tokio::test]
+async fn link_refuses_tenants_that_are_already_linked() {
+    let f = fixture();
+    // Restorable credentials and no terminal mark: connect it with PUT instead.
+    let (status, body) = authed(&f, Method::POST, "/v1/sessions/linked-1/link").await;
+    assert_eq!((status, body), (StatusCode::CONFLICT, error("already_linked")));
+    assert!(f.store.get(&TenantId::parse("linked-1").unwrap()).await.unwrap().is_none(), "no lease taken");
+    // A running session.
+    assert_eq!(authed(&f, Method::PUT, "/v1/sessions/resto-1").await.0, StatusCode::ACCEPTED);
+    let (status, body) = authed(&f, Method::POST, "/v1/sessions/resto-1/link").await;
+    assert_eq!((status, body), (StatusCode::CONFLICT, error("already_linked")));
+    assert_eq!(f.state.host.list().len(), 1);
+    assert!(f.engines.opened_new.lock().unwrap().is_empty(), "nothing was deleted or opened anew");
+    assert_eq!(
+        authed(&f, Method::GET, "/v1/sessions/resto-1/link").await,
+        (StatusCode::NOT_FOUND, error("not_found")),
+        "a normal session has no link attempt"
+    );
+}
+
+#[tokio::test]
+async fn link_may_replace_credentials_of_a_terminal_tenant() {
+    let f = fixture();
+    let id = TenantId::parse("linked-2").unwrap();
+    f.store
+        .write_status(
+            &id,
+            &wakeeper_shared::domain::StatusUpdate::terminal(TenantStatus::LoggedOut, "device removed"),
+            1,
+        )
+        .await
+        .unwrap();
+    // Allowed past every check: the lease is taken and a new engine store is asked for (which fails here).
+    let (status, body) = authed(&f, Method::POST, "/v1/sessions/linked-2/link").await;
+    assert_eq!((status, body), (StatusCode::SERVICE_UNAVAILABLE, error("unavailable")));
+    assert_eq!(*f.engines.opened_new.lock().unwrap(), vec![id.clone()]);
+    let rec = f.store.get(&id).await.unwrap().unwrap();
+    assert!(rec.lease.as_ref().is_some_and(|l| l.expires_at == 0), "the lease was released: {:?}", rec.lease);
+    assert_eq!(rec.status, Some(TenantStatus::LoggedOut), "the mark stays until a link succeeds");
+    assert!(f.state.host.list().is_empty());
 }

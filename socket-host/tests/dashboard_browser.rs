@@ -1,5 +1,6 @@
 //! The dashboard in a real headless Chromium: it loads with the token, shows the sessions of a host running
-//! against the fake server, and a screenshot is kept under the test's output directory.
+//! against the fake server and the QR code of a link attempt as an image; screenshots are kept under the
+//! test's output directory.
 
 mod support;
 
@@ -91,6 +92,37 @@ async fn dashboard_shows_the_sessions_in_headless_chromium() {
         tokio::task::spawn_blocking(move || headless(&bin, &profile, &["--dump-dom".into()], &anon_url)).await.unwrap();
     let anon = String::from_utf8_lossy(&anon.stdout);
     assert!(!anon.contains("data-tenant="), "no sessions shown without the token");
+
+    // A link attempt started through the API: the page shows its QR code as an image.
+    let linking = tid("new-bakery");
+    let link_client = wakeeper_shared::host_api::HostClient::new(&host.base, TOKEN, Duration::from_secs(30)).unwrap();
+    let view = link_client.link(&linking, &Default::default()).await.unwrap();
+    assert!(view.qr_svg.is_some());
+    let url = format!("{}/dashboard#token={TOKEN}", host.base);
+    let (bin, url2) = (chromium().unwrap().to_string(), url.clone());
+    let profile = dirs.root.path().join("chromium-link-dom");
+    let dom =
+        tokio::task::spawn_blocking(move || headless(&bin, &profile, &["--dump-dom".into()], &url2)).await.unwrap();
+    let html = String::from_utf8_lossy(&dom.stdout).to_string();
+    assert!(html.contains(r#"data-loaded="true""#), "page never loaded: {}", String::from_utf8_lossy(&dom.stderr));
+    assert!(html.contains(r#"<span class="state linking">linking</span>"#), "the linking session is listed");
+    let card = html.split(r#"data-link="new-bakery""#).nth(1).expect("a link card for the attempt");
+    let card = card.split("</div></div>").next().unwrap_or(card);
+    assert!(card.contains(r#"data-status="waiting""#) || html.contains(r#"data-status="waiting""#));
+    assert!(card.contains(r#"<img class="qr""#), "the QR code is shown as an image: {card}");
+    assert!(card.contains("src=\"data:image/svg+xml;base64,"), "rendered from the host's SVG: {card}");
+    assert!(!html.contains(TOKEN));
+    let shot = out_dir.join("dashboard-link.png");
+    let _ = std::fs::remove_file(&shot);
+    let profile = dirs.root.path().join("chromium-link-shot");
+    let arg = format!("--screenshot={}", shot.display());
+    let bin = chromium().unwrap().to_string();
+    tokio::task::spawn_blocking(move || headless(&bin, &profile, &[arg, "--window-size=1200,900".into()], &url))
+        .await
+        .unwrap();
+    let png = std::fs::read(&shot).expect("screenshot of the link written");
+    assert!(png.starts_with(b"\x89PNG"));
+    println!("dashboard link screenshot: {}", shot.display());
     drop(host);
     sim.shutdown().await;
 }

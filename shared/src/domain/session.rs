@@ -8,6 +8,9 @@ use super::{TenantId, TenantStatus, UnixMillis};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionState {
+    /// Linking a new number: showing QR codes (or a pairing code) until the phone confirms. Nothing is marked
+    /// in the tenant table until the pairing succeeded and its credentials are stored.
+    Linking,
     /// Hydrating, waiting for a connect token, or handshaking.
     Connecting,
     /// Connected and logged in.
@@ -30,7 +33,8 @@ pub enum SessionState {
 
 impl SessionState {
     /// Every state, in a stable order (metrics, tables).
-    pub const ALL: [SessionState; 9] = [
+    pub const ALL: [SessionState; 10] = [
+        Self::Linking,
         Self::Connecting,
         Self::Open,
         Self::Backoff,
@@ -51,7 +55,7 @@ impl SessionState {
     pub fn tenant_status(self) -> TenantStatus {
         match self {
             Self::Open => TenantStatus::Connected,
-            Self::Connecting | Self::Backoff => TenantStatus::Connecting,
+            Self::Linking | Self::Connecting | Self::Backoff => TenantStatus::Connecting,
             Self::Stopped => TenantStatus::Disconnected,
             Self::LoggedOut => TenantStatus::LoggedOut,
             Self::Replaced => TenantStatus::Replaced,
@@ -64,6 +68,7 @@ impl SessionState {
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Linking => "linking",
             Self::Connecting => "connecting",
             Self::Open => "open",
             Self::Backoff => "backoff",

@@ -324,6 +324,9 @@ async fn pairing_loop(
                         let id = node.get_attr("id").map(|v| v.as_str().into_owned()).unwrap_or_default();
                         return PairStep::Ping(id);
                     }
+                    if let Some(answer) = crate::pair_code::companion_hello_answer(node) {
+                        return PairStep::Answer(answer);
+                    }
                     match node.get_optional_child("pair-device-sign").and_then(|c| c.get_optional_child("device-identity")) {
                         Some(identity) => PairStep::Signed(identity.content_bytes().map(<[u8]>::to_vec)),
                         None if node.get_attr("type").is_some_and(|t| t.as_str() == "error") => PairStep::Refused,
@@ -333,6 +336,11 @@ async fn pairing_loop(
                 match step {
                     Err(e) => return End::Error(e),
                     Ok(PairStep::Ignore) => {}
+                    Ok(PairStep::Answer(answer)) => {
+                        if let Err(e) = send(link, channel, &answer).await {
+                            return End::Error(e);
+                        }
+                    }
                     Ok(PairStep::Ping(id)) => {
                         if let Err(e) = send(link, channel, &iq::pong(&id)).await {
                             return End::Error(e);
@@ -364,6 +372,8 @@ async fn pairing_loop(
 
 enum PairStep {
     Ignore,
+    /// A pairing-code request, answered (see [`crate::pair_code`]).
+    Answer(Node),
     Ping(String),
     Signed(Option<Vec<u8>>),
     Refused,

@@ -19,7 +19,8 @@
 //! - [`control`]: the HTTP control surface (axum) over the same operations.
 //! - [`loadgen`]: a small raw Noise client for load generation (no engine).
 //! - `keys`, `noise`, `wire`, `conn`, `iq`, `state`: the server internals (keys and certificate chain,
-//!   handshake responder, framing and transport encryption, one task per connection, IQ answers, registry).
+//!   handshake responder, framing and transport encryption, one task per connection, IQ answers, registry);
+//!   `pair_code`: the answer to a fresh client's pairing-code request.
 
 pub mod control;
 pub mod faults;
@@ -33,6 +34,7 @@ mod contacts;
 mod iq;
 mod keys;
 mod noise;
+mod pair_code;
 mod relay;
 mod state;
 mod wire;

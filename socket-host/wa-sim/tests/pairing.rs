@@ -49,3 +49,30 @@ async fn scanning_a_qr_code_links_a_fresh_client() {
     assert_eq!(obs.max_concurrent_connections, 1);
     restored.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_client_gets_a_pairing_code_for_a_phone_number() {
+    let sim = Sim::start_local().await.unwrap();
+    let mut client = TestClient::start_fresh(&sim.url()).await;
+    let ev =
+        client.wait_event(Duration::from_secs(20), "PairingQrCode", |e| matches!(e, Event::PairingQrCode(_))).await;
+    let Event::PairingQrCode(qr) = &*ev else { unreachable!() };
+    let qr = qr.code.clone();
+
+    let options =
+        whatsapp_rust::pair_code::PairCodeOptions { phone_number: "15551234567".into(), ..Default::default() };
+    let code = tokio::time::timeout(Duration::from_secs(20), client.client.pair_with_code(options))
+        .await
+        .expect("the simulator answers the pairing-code request")
+        .expect("a pairing code");
+    assert_eq!(code.len(), 8, "{code}");
+    assert!(code.chars().all(|c| "123456789ABCDEFGHJKLMNPQRSTVWXYZ".contains(c)), "{code}");
+    let ev = client.wait_event(Duration::from_secs(5), "PairingCode", |e| matches!(e, Event::PairingCode(_))).await;
+    let Event::PairingCode(shown) = &*ev else { unreachable!() };
+    assert_eq!(shown.code, code);
+
+    // The QR flow is still on: scanning the code on screen still links the client.
+    sim.pair(&qr, &tenant("by-code-then-qr"), &MintOptions::default()).unwrap();
+    client.wait_event(Duration::from_secs(10), "PairSuccess", |e| matches!(e, Event::PairSuccess(_))).await;
+    client.stop().await;
+}
