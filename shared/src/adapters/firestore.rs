@@ -27,9 +27,14 @@
 //! being built is recorded in `garbage` before its first record is written, so a crash leaves nothing
 //! that a later `delete` or `replace` does not clean up.
 //!
-//! Reads are consistent: `read` reads the meta document and lists the live set page by page inside one
-//! read-write transaction that it then rolls back. The transaction's lock on the meta document keeps out
-//! every commit that would change the live set until the pages are read (see `begin_transaction`).
+//! Reads are consistent. `read` first tries without locks: it reads the meta document, lists the live set
+//! page by page, and reads the meta document again. Every commit that changes the live set (or deletes it)
+//! rewrites the meta document, so an unchanged `update_time` proves the pages are one snapshot. Overtaken by
+//! writers [`OPTIMISTIC_READS`] times, it reads inside a read-write transaction that it then rolls back,
+//! whose lock on the meta document keeps such commits out until the pages are read. Locks only under
+//! contention matter because a read cut off mid-way (a host killed, a network cut) cannot roll its
+//! transaction back: the lock stays until the transaction expires, and every write of the tenant fails as a
+//! lost race until then (the chaos suite's Firestore outage hit this when every read took the lock).
 //!
 //! This adapter talks to Firestore's gRPC API through the `firestore` crate's client (connection,
 //! authentication, `FIRESTORE_EMULATOR_HOST`), using the raw request types for exact control of
@@ -68,6 +73,8 @@ const MAX_ATTEMPTS: usize = 8;
 const PAGE_SIZE: i32 = 500;
 
 /// The longest one Firestore call may take before the store reports itself unavailable.
+/// Optimistic snapshot reads tried before a read takes the meta document's lock.
+const OPTIMISTIC_READS: usize = 3;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Credential store on Firestore (see the module documentation for the layout).
@@ -234,12 +241,11 @@ impl FirestoreCredentialStore {
         }
     }
 
-    /// Starts a read-write transaction. `read` uses one for its locks, not its writes: the meta document it
-    /// reads stays locked until the transaction ends, and every commit that changes the live set writes the
-    /// meta document, so no such commit lands while the pages are read. (A read-only transaction or a read
-    /// time would do on Firestore itself, but the emulator serves later pages at the current time whatever
-    /// they say; the locks behave alike on both.) Reads are rare (hydration), so holding writers back for one
-    /// is cheap.
+    /// Starts a read-write transaction. A `read` overtaken by writers uses one for its locks, not its writes:
+    /// the meta document it reads stays locked until the transaction ends, and every commit that changes the
+    /// live set writes the meta document, so no such commit lands while the pages are read. (A read-only
+    /// transaction or a read time would do on Firestore itself, but the emulator serves later pages at the
+    /// current time whatever they say; the locks behave alike on both.)
     async fn begin_transaction(&self) -> Result<Vec<u8>, StoreError> {
         let req = BeginTransactionRequest {
             database: self.database(),
@@ -283,6 +289,19 @@ impl FirestoreCredentialStore {
         // Plain strong reads: while the transaction holds the meta document, no commit changes the set.
         let docs = self.list_set(tenant, set, false).await?;
         Ok(Some((meta.generation, docs)))
+    }
+
+    /// The generation and the live set's documents as one snapshot; `None` when nothing is stored. A writer
+    /// that commits between the two reads of the meta document makes this a lost race (read again).
+    async fn read_consistent(&self, tenant: &TenantId) -> Result<Option<(u64, Vec<Document>)>, Attempt> {
+        let Some(before) = self.get_meta(tenant).await? else { return Ok(None) };
+        let Some(set) = &before.set else { return Ok(None) };
+        let docs = self.list_set(tenant, set, false).await?;
+        let after = self.get_meta(tenant).await?;
+        if after.map(|m| m.update_time) != Some(before.update_time) {
+            return Err(Attempt::Raced);
+        }
+        Ok(Some((before.generation, docs)))
     }
 
     /// Applies `writes` atomically. A failed precondition is a lost race, not an error.
@@ -502,9 +521,16 @@ impl FirestoreCredentialStore {
 impl CredentialStore for FirestoreCredentialStore {
     async fn read(&self, tenant: &TenantId) -> Result<CredentialSnapshot, StoreError> {
         for attempt in 0..MAX_ATTEMPTS {
-            let transaction = self.begin_transaction().await?;
-            let result = self.read_in(tenant, &transaction).await;
-            self.rollback(transaction).await;
+            // Optimistic first: no lock a cut-off read could leave behind. Overtaken by writers a few times
+            // (a tenant written while it is read, which a host holding the lease does not do), lock them out.
+            let result = if attempt < OPTIMISTIC_READS {
+                self.read_consistent(tenant).await
+            } else {
+                let transaction = self.begin_transaction().await?;
+                let result = self.read_in(tenant, &transaction).await;
+                self.rollback(transaction).await;
+                result
+            };
             match result {
                 Ok(Some((generation, docs))) => {
                     let mut records = BTreeMap::new();
@@ -516,13 +542,13 @@ impl CredentialStore for FirestoreCredentialStore {
                 }
                 Ok(None) => return Err(StoreError::NotFound),
                 Err(Attempt::Raced) => {
-                    debug!(tenant = %tenant, attempt, "snapshot read aborted by a writer; reading again");
+                    debug!(tenant = %tenant, attempt, "a writer committed during a snapshot read; reading again");
                     backoff(attempt).await;
                 }
                 Err(Attempt::Failed(e)) => return Err(e),
             }
         }
-        Err(StoreError::Unavailable(format!("firestore snapshot read aborted {MAX_ATTEMPTS} times")))
+        Err(StoreError::Unavailable(format!("firestore snapshot read overtaken by writers {MAX_ATTEMPTS} times")))
     }
 
     async fn generation(&self, tenant: &TenantId) -> Result<Option<u64>, StoreError> {
