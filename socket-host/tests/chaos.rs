@@ -76,7 +76,7 @@ impl ChaosHost {
             .env(
                 "WAKEEPER_LOG",
                 std::env::var("WAKEEPER_TEST_HOST_LOG")
-                    .unwrap_or_else(|_| "info,whatsapp_rust=warn,wacore=warn".into()),
+                    .unwrap_or_else(|_| "info,socket_host::session=debug,whatsapp_rust=warn,wacore=warn".into()),
             )
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -246,6 +246,18 @@ fn terminal_in(s: &BTreeMap<TenantId, SessionState>) -> BTreeSet<TenantId> {
 /// Devices the simulator saw logged in twice at once.
 fn doubled(wa: &wa_sim::SimHandle) -> u64 {
     wa.observations().devices.values().filter(|d| d.max_concurrent_connections > 1).count() as u64
+}
+
+/// For each device the server saw connected twice at once: the server's observation and the host log lines
+/// of its tenant, to tell a host fault from a test artefact.
+fn explain_doubles(wa: &wa_sim::SimHandle, ids: &[TenantId], logs: &[std::path::PathBuf]) {
+    for d in wa.observations().devices.into_values().filter(|d| d.max_concurrent_connections > 1) {
+        let tenant = ids.iter().find(|id| wa.device_jid(id).as_deref() == Some(d.jid.as_str()));
+        println!("    connected twice: {} (tenant {tenant:?}): {d:?}", d.jid);
+        if let Some(t) = tenant {
+            show_log_lines(logs, &[format!("tenant={t} "), format!("tenant={t}\n")], 60);
+        }
+    }
 }
 
 /// Waits until the stored generation of every tenant has not moved for a while (the replicator is idle).
@@ -962,6 +974,7 @@ async fn dynamodb_outage(settings: &Settings) {
     c.zero("tenants whose failure count was not reset at the end", failures_left);
     c.info("alerts raised by the sweeps (failing, then recovered)", alerts.0.load(Ordering::Relaxed));
     c.zero("devices connected twice at once", doubled(&wa));
+    explain_doubles(&wa, &ids, std::slice::from_ref(&host.log));
     sim.shutdown().await;
     c.finish(&format!(
         "DynamoDB unreachable during sweeps, {} of {} tenants refused meanwhile",
