@@ -526,12 +526,13 @@ impl WorkingCopy {
 
     /// Removes the local copy (logout, a tenant moved away, a copy fenced off by another host).
     pub fn delete(&mut self) -> Result<(), WorkingCopyError> {
-        match fs::remove_dir_all(&self.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        let existed = match fs::remove_dir_all(&self.dir) {
+            Ok(()) => true,
+            // Nothing to delete (on a fresh data dir not even the parent exists): nothing to make durable.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             Err(e) => return Err(WorkingCopyError::Io { op: "deleting the working copy", source: e }),
-        }
-        if let Some(parent) = self.dir.parent() {
+        };
+        if existed && let Some(parent) = self.dir.parent() {
             sync_dir(parent)?;
         }
         self.state = State::Missing;

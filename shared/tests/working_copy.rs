@@ -313,6 +313,16 @@ fn delete_removes_the_copy() {
 }
 
 #[test]
+fn deleting_a_copy_on_a_fresh_data_dir_is_a_no_op() {
+    // Linking a first tenant on a new host discards a copy whose parent directories do not exist yet.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("never-created");
+    let mut wc = open(&data, "t1");
+    wc.delete().unwrap();
+    assert!(!data.exists());
+}
+
+#[test]
 fn overlong_keys_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut wc = open(dir.path(), "t1");

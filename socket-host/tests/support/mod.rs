@@ -184,6 +184,10 @@ impl TestHost {
 impl Drop for TestHost {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            // The host's side of a failed test (its log holds no secrets: tokens and keys are never logged).
+            eprintln!("--- last lines of {}:\n{}", self.log.display(), self.log_tail());
+        }
     }
 }
 
