@@ -107,14 +107,14 @@ impl App {
             )),
         };
         let credentials: Arc<dyn CredentialStore> = match &config.firestore_project {
+            // Connects on first use: a host started during a Firestore outage comes up and retries.
             Some(project) => Arc::new(
-                wakeeper_shared::adapters::firestore::FirestoreCredentialStore::new(
+                wakeeper_shared::adapters::firestore::LazyFirestoreCredentialStore::new(
                     project.clone(),
                     cipher.clone(),
                     config.firestore_prefix.clone(),
                 )
-                .await
-                .context("connecting to Firestore")?,
+                .context("configuring Firestore")?,
             ),
             None => embedded.clone().expect("embedded store opened"),
         };

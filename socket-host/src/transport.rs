@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, AtomicU16, Ordering};
 
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -25,6 +25,8 @@ const READ_BUFFER: usize = 8 * 1024;
 /// slots are allocated up front (64 bytes each) for every open session; the engine drains frames as they come,
 /// so a few are enough to keep the socket read while it works on one.
 const INBOUND_QUEUE: usize = 8;
+/// How long a hang-up waits to hand the server its Close frame before the socket is closed anyway.
+const CLOSE_FRAME_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the transport saw of one tenant's link, for the supervisor: when the last frame arrived and whether
 /// the last upgrade was refused with an HTTP status (429 and 503 pace the backoff).
@@ -68,6 +70,9 @@ impl WsTransportFactory {
 
 struct WsTransport {
     sink: Mutex<Option<SplitSink<Ws, Message>>>,
+    /// Tells the reader task the engine hung up: it drops the read half at once, so the socket is closed even
+    /// when nothing reads the queue any more or the server never answers the Close frame.
+    closing: Arc<Notify>,
 }
 
 #[async_trait]
@@ -81,8 +86,11 @@ impl Transport for WsTransport {
 
     async fn disconnect(&self) {
         if let Some(mut sink) = self.sink.lock().await.take() {
-            let _ = sink.close().await;
+            // A peer that stopped reading cannot hold the hang-up: the Close frame gets a moment, then both
+            // halves go and the kernel closes the socket. Never two live sockets for one device.
+            let _ = tokio::time::timeout(CLOSE_FRAME_WAIT, sink.close()).await;
         }
+        self.closing.notify_one();
     }
 }
 
@@ -107,13 +115,24 @@ impl TransportFactory for WsTransportFactory {
         let probe = self.probe.clone();
         let (tx, rx) = async_channel::bounded(INBOUND_QUEUE);
         let _ = tx.try_send(TransportEvent::Connected);
+        let closing = Arc::new(Notify::new());
+        let hung_up = closing.clone();
         tokio::spawn(async move {
             let reason = loop {
-                match stream.next().await {
+                let next = tokio::select! {
+                    biased;
+                    () = hung_up.notified() => break DisconnectReason::Unknown,
+                    next = stream.next() => next,
+                };
+                match next {
                     Some(Ok(Message::Binary(b))) => {
                         probe.last_frame_ms.store(wakeeper_shared::domain::now_millis(), Ordering::Relaxed);
-                        if tx.send(TransportEvent::DataReceived(b)).await.is_err() {
-                            return; // the engine dropped this connection
+                        tokio::select! {
+                            biased;
+                            () = hung_up.notified() => break DisconnectReason::Unknown,
+                            sent = tx.send(TransportEvent::DataReceived(b)) => if sent.is_err() {
+                                return; // the engine dropped this connection
+                            },
                         }
                     }
                     Some(Ok(Message::Close(frame))) => {
@@ -127,9 +146,16 @@ impl TransportFactory for WsTransportFactory {
                     None => break DisconnectReason::StreamEnded,
                 }
             };
-            let _ = tx.send(TransportEvent::Disconnected(reason)).await;
+            // The read half goes here (with the write half already gone after a hang-up, the socket closes).
+            drop(stream);
+            if matches!(reason, DisconnectReason::Unknown) {
+                // The engine hung up itself and may have stopped reading: told if there is room, never waited on.
+                let _ = tx.try_send(TransportEvent::Disconnected(reason));
+            } else {
+                let _ = tx.send(TransportEvent::Disconnected(reason)).await;
+            }
         });
-        Ok((Arc::new(WsTransport { sink: Mutex::new(Some(sink)) }), rx))
+        Ok((Arc::new(WsTransport { sink: Mutex::new(Some(sink)), closing }), rx))
     }
 }
 

@@ -488,23 +488,30 @@ async fn firestore_outage(settings: &Settings) {
     let mut c = Counts::default();
     let mut wrongly_marked: BTreeSet<TenantId> = BTreeSet::new();
 
-    // (a0) A host started while the store is down (nothing listens: connections are refused): does it come up?
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let mut probe_env = env.clone();
-    probe_env[0].1 = closed;
-    let mut probe = ChaosHost::spawn(&dirs, &wa.url(), "host-a", &probe_env);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // (a0) A host started while the store is down (every connection to it is cut at once) comes up, answers
+    // /health, and restores every tenant once the store is back (its Firestore client connects on first use).
+    proxy.set_up(false);
+    let mut probe = ChaosHost::spawn(&dirs, &wa.url(), "host-a", &env);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut answered = false;
     while Instant::now() < deadline && !answered {
         answered = probe.client.health().await.is_ok();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    probe.kill9();
-    c.info("(start) host answers /health within 10 s when started while the store refuses connections", answered);
     if !answered {
-        let tail = probe.log_tail();
-        println!("    start-up while the store is down: {}", tail.lines().last().unwrap_or("(no log)"));
+        println!("    start-up while the store is down: {}", probe.log_tail().lines().last().unwrap_or("(no log)"));
     }
+    c.zero(
+        "(start) hosts not answering /health within 30 s when started while the store is down",
+        u64::from(!answered),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await; // the store stays down a moment after the host is up
+    proxy.set_up(true);
+    let not_open = wait_open(&probe, &ids, Duration::from_secs(60)).await;
+    c.zero("(start) tenants not open after the store came back", not_open as u64);
+    probe.kill9();
+    // The restore below starts from the store again, as on a new container.
+    std::fs::remove_dir_all(dirs.data().join("tenants")).unwrap();
 
     // (a) During the restore: the store goes away (connections reset) as soon as the host answers, with the
     // restore under way.

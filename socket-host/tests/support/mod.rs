@@ -187,6 +187,10 @@ impl Drop for TestHost {
         if std::thread::panicking() {
             // The host's side of a failed test (its log holds no secrets: tokens and keys are never logged).
             eprintln!("--- last lines of {}:\n{}", self.log.display(), self.log_tail());
+            if let Ok(dir) = std::env::var("WAKEEPER_TEST_KEEP_LOGS") {
+                let _ =
+                    std::fs::copy(&self.log, std::path::Path::new(&dir).join(self.log.file_name().unwrap_or_default()));
+            }
         }
     }
 }
@@ -267,7 +271,11 @@ impl TestHost {
             .env("WAKEEPER_CONTROL_TOKEN", TOKEN)
             .env("WAKEEPER_HOST_ID", host_id)
             .env("WAKEEPER_WA_URL", wa_url)
-            .env("WAKEEPER_LOG", "info,whatsapp_rust=warn,wacore=warn")
+            .env(
+                "WAKEEPER_LOG",
+                std::env::var("WAKEEPER_TEST_HOST_LOG")
+                    .unwrap_or_else(|_| "info,whatsapp_rust=warn,wacore=warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in extra {
