@@ -951,6 +951,19 @@ impl Supervisor {
                 _ => {}
             }
         }
+        if self.linking()
+            && verdict.is_none()
+            && let Some(jid) = client.persistence_manager().get_device_snapshot().pn.as_ref().map(|j| j.to_string())
+        {
+            // The phone confirmed, but the server's 515 (restart after pairing) ended the run loop before the
+            // engine announced it: the engine set the device's number before it answered the pair-success that
+            // the 515 follows, and its saver has stopped. Store the new link now, or the next connect would
+            // load the unpaired device and ask to be paired again.
+            tracing::info!(tenant = %self.tenant, "the pairing finished as the server restarted the connection");
+            if let Err(ending) = self.link_paired(&client, jid).await {
+                return ending;
+            }
+        }
         if let Some(v) = verdict {
             return v;
         }

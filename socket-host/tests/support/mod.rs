@@ -187,10 +187,9 @@ impl Drop for TestHost {
         if std::thread::panicking() {
             // The host's side of a failed test (its log holds no secrets: tokens and keys are never logged).
             eprintln!("--- last lines of {}:\n{}", self.log.display(), self.log_tail());
-            if let Ok(dir) = std::env::var("WAKEEPER_TEST_KEEP_LOGS") {
-                let _ =
-                    std::fs::copy(&self.log, std::path::Path::new(&dir).join(self.log.file_name().unwrap_or_default()));
-            }
+        }
+        if let Ok(dir) = std::env::var("WAKEEPER_TEST_KEEP_LOGS") {
+            let _ = std::fs::copy(&self.log, std::path::Path::new(&dir).join(self.log.file_name().unwrap_or_default()));
         }
     }
 }
