@@ -1,12 +1,13 @@
 //! The engine's network edges, on the host's own stacks: a WebSocket transport on tokio-tungstenite (the
 //! same stack the fake server uses) and an HTTP client on reqwest (media and version look-ups).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU16, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{Mutex, Notify};
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -102,7 +103,8 @@ impl TransportFactory for WsTransportFactory {
         // tungstenite's default 128 KiB read buffer is kept resident (zero-filled) per socket: half of an idle
         // session's memory. 8 KiB holds every ordinary frame and grows for a larger one (docs/benchmarks.md).
         let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER).write_buffer_size(0);
-        let ws = match tokio_tungstenite::connect_async_with_config(request, Some(config), false).await {
+        let connector = (request.uri().scheme_str() == Some("wss")).then(tls_connector);
+        let ws = match tokio_tungstenite::connect_async_tls_with_config(request, Some(config), false, connector).await {
             Ok((ws, _)) => ws,
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 let status = response.status().as_u16();
@@ -159,6 +161,22 @@ impl TransportFactory for WsTransportFactory {
     }
 }
 
+/// The TLS side of every `wss://` socket of the process: one client configuration (rustls on ring, the webpki
+/// roots), built on first use and shared, so a reconnect builds no TLS configuration and an open session holds
+/// no copy of one.
+fn tls_connector() -> Connector {
+    static CONFIG: LazyLock<Arc<rustls::ClientConfig>> = LazyLock::new(|| {
+        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports rustls' default protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    });
+    Connector::Rustls(CONFIG.clone())
+}
+
 /// The engine's HTTP client on reqwest (rustls, webpki roots). Cheap to clone: clones share one connection pool
 /// and TLS configuration, so a host makes one and hands it to every client it builds. A client of its own per
 /// connect attempt cost each open session about 25 KiB (rustls' session cache alone preallocates 14 KiB) and
@@ -183,5 +201,53 @@ impl HttpClient for ReqwestHttpClient {
         let status_code = response.status().as_u16();
         let body = response.bytes().await?.to_vec();
         Ok(HttpResponse { status_code, body })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+    use whatsapp_rust::transport::TransportFactory;
+
+    use super::*;
+
+    /// Production's `wss://web.whatsapp.com` needs TLS under the WebSocket: the first bytes on the wire must be
+    /// a TLS ClientHello, not an HTTP upgrade (nor an error that TLS is not compiled in).
+    #[tokio::test]
+    async fn a_wss_url_is_spoken_to_in_tls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("wss://{}/ws/chat", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut record_header = [0u8; 5];
+            socket.read_exact(&mut record_header).await.unwrap();
+            record_header
+        });
+        let factory = WsTransportFactory::new(url);
+        let attempt = factory.create_transport().await;
+        // Without TLS the attempt fails before connecting: nothing would ever arrive.
+        let header = tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("no connection reached the server")
+            .unwrap();
+        assert_eq!(header[0], 0x16, "the first record is not a TLS handshake: {header:?}");
+        assert_eq!(header[1], 0x03, "not a TLS record version: {header:?}");
+        assert!(attempt.is_err(), "the server never answered the ClientHello, so no socket can open");
+    }
+
+    #[tokio::test]
+    async fn a_ws_url_is_spoken_to_in_plain_http() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws/chat", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut start = [0u8; 4];
+            socket.read_exact(&mut start).await.unwrap();
+            start
+        });
+        let factory = WsTransportFactory::new(url);
+        let (attempt, start) = tokio::join!(factory.create_transport(), server);
+        assert_eq!(&start.unwrap(), b"GET ");
+        assert!(attempt.is_err());
     }
 }
