@@ -150,7 +150,6 @@ impl App {
                 }
             });
         }
-        crate::memory::start_trimmer(host.subscribe());
         crate::webhooks::start(host.subscribe(), config.webhook_urls.clone(), config.webhook_secret.clone());
         if !config.webhook_urls.is_empty() {
             let outbox = crate::outbox::Outbox::open(

@@ -13,7 +13,6 @@
 //! - [`sweeper`]: the health sweep run inside the host on a timer (one-machine use).
 //! - [`link`]: what a link attempt of a new number shows (QR code as SVG, pairing code, outcome).
 //! - [`governor`]: the host-wide pacing of connect attempts.
-//! - [`memory`]: gives the system back what a burst of connects freed (glibc's `malloc_trim`).
 //! - [`webhooks`]: signed state-change and alert events to the configured URLs.
 //! - [`messages`]: received messages into the outbox before the engine acks them; validated sends, typing.
 //! - [`outbox`]: the durable, bounded outbox of message events and its per-URL at-least-once delivery.
@@ -30,7 +29,6 @@ pub mod governor;
 pub mod host;
 pub mod import;
 pub mod link;
-pub mod memory;
 pub mod messages;
 pub mod outbox;
 pub mod replicator;

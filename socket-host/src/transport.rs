@@ -20,7 +20,7 @@ use whatsapp_rust::{async_channel, async_trait};
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Initial WebSocket read buffer per socket.
-const READ_BUFFER: usize = 8 * 1024;
+const READ_BUFFER: usize = 2 * 1024;
 
 /// How many inbound frames may wait for the engine before the reader stops pulling from the socket. The queue's
 /// slots are allocated up front (64 bytes each) for every open session; the engine drains frames as they come,
@@ -101,7 +101,8 @@ impl TransportFactory for WsTransportFactory {
         let mut request = self.url.as_ref().into_client_request()?;
         request.headers_mut().insert("Origin", HeaderValue::from_static("https://web.whatsapp.com"));
         // tungstenite's default 128 KiB read buffer is kept resident (zero-filled) per socket: half of an idle
-        // session's memory. 8 KiB holds every ordinary frame and grows for a larger one (docs/benchmarks.md).
+        // session's memory. 2 KiB holds an idle link's frames (pings, receipts) and grows for a larger one
+        // (docs/benchmarks.md: 8 KiB to 2 KiB took about 5 KiB off each idle session).
         let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER).write_buffer_size(0);
         let connector = (request.uri().scheme_str() == Some("wss")).then(tls_connector);
         let ws = match tokio_tungstenite::connect_async_tls_with_config(request, Some(config), false, connector).await {
