@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use wakeeper_shared::domain::{
@@ -527,9 +529,10 @@ enum Wake {
 
 impl Supervisor {
     /// The session's whole life. Every open session holds this future, sized for its largest state, so the
-    /// rare paths (backoff, lease, link, stop, terminal; in `attempt` the engine's build, logout, hang-up and
-    /// the link's pairing) are boxed and take memory only while they run: 6,144 bytes a session before, 3,392
-    /// after (release build, `size_of_val` of the spawned future), the attempt's part 2,672 to 1,296.
+    /// rare paths return boxed futures (`wait`, `acquire_lease`, `lose_lease`, `link_end`, `link_paired`,
+    /// `terminal`, `stopped`; in `attempt` the engine's build, logout and hang-up) and take memory only while
+    /// they run: 6,144 bytes a session before, 3,392 after (release build, `size_of_val` of the spawned
+    /// future), the attempt's part 2,672 to 1,296.
     async fn run(mut self) {
         // A lease taken by the caller (ensure) is kept alive from here on, like one taken below.
         if let Some(lease) = self.lease.clone() {
@@ -540,16 +543,16 @@ impl Supervisor {
             if self.linking() {
                 if let Some(ended) = self.link_precheck() {
                     let (status, reason) = ended;
-                    return Box::pin(self.link_end(status, reason, None, true)).await;
+                    return self.link_end(status, reason, None, true).await;
                 }
             }
             // 1. The lease: no lease, no connect.
             if self.lease.is_none() {
-                match Box::pin(self.acquire_lease()).await {
+                match self.acquire_lease().await {
                     Ok(()) => {}
                     Err(wait) => {
-                        if let Wake::Stop(reply, logout) = Box::pin(self.wait(SessionState::Backoff, wait)).await {
-                            return Box::pin(self.stopped(reply, logout)).await;
+                        if let Wake::Stop(reply, logout) = self.wait(SessionState::Backoff, wait).await {
+                            return self.stopped(reply, logout).await;
                         }
                         continue;
                     }
@@ -567,13 +570,13 @@ impl Supervisor {
                         .await;
                     }
                     Err(OpenError::Corrupt(why)) => {
-                        return Box::pin(self.terminal(SessionState::CredentialsCorrupt, why)).await;
+                        return self.terminal(SessionState::CredentialsCorrupt, why).await;
                     }
                     Err(e @ OpenError::Unavailable(_)) => {
                         self.note_error(e.to_string());
                         let delay = self.next_delay(false);
-                        if let Wake::Stop(reply, logout) = Box::pin(self.wait(SessionState::Backoff, delay)).await {
-                            return Box::pin(self.stopped(reply, logout)).await;
+                        if let Wake::Stop(reply, logout) = self.wait(SessionState::Backoff, delay).await {
+                            return self.stopped(reply, logout).await;
                         }
                         continue;
                     }
@@ -587,26 +590,22 @@ impl Supervisor {
                 // Not paired (yet): the attempt's own endings. Nothing is marked in the tenant table.
                 match ending {
                     Ending::Stop { reply, .. } => {
-                        return Box::pin(self.link_end(
-                            LinkStatus::Cancelled,
-                            "cancelled on request".into(),
-                            Some(reply),
-                            true,
-                        ))
-                        .await;
+                        return self
+                            .link_end(LinkStatus::Cancelled, "cancelled on request".into(), Some(reply), true)
+                            .await;
                     }
                     Ending::LinkExpired => {
                         let reason = "no QR code was scanned in time".to_string();
-                        return Box::pin(self.link_end(LinkStatus::Expired, reason, None, true)).await;
+                        return self.link_end(LinkStatus::Expired, reason, None, true).await;
                     }
                     Ending::Terminal { reason, .. } | Ending::TempBan { reason, .. } => {
-                        return Box::pin(self.link_end(LinkStatus::Failed, reason, None, true)).await;
+                        return self.link_end(LinkStatus::Failed, reason, None, true).await;
                     }
                     Ending::LeaseLost => {
                         // Another host owns the tenant now: what is stored is its business, not ours to delete.
-                        Box::pin(self.lose_lease()).await;
+                        self.lose_lease().await;
                         let reason = "lease lost to another host".to_string();
-                        return Box::pin(self.link_end(LinkStatus::Failed, reason, None, false)).await;
+                        return self.link_end(LinkStatus::Failed, reason, None, false).await;
                     }
                     Ending::Retry { reason, rate_limited } => {
                         // The connection went before the phone confirmed: a new one hands out new QR codes.
@@ -614,9 +613,9 @@ impl Supervisor {
                         self.link_update(|i| i.clear_qr());
                         let left = self.link.as_ref().map_or(Duration::ZERO, |l| l.deadline - Instant::now());
                         let delay = self.next_delay(rate_limited).min(left);
-                        if let Wake::Stop(reply, _) = Box::pin(self.wait(SessionState::Linking, delay)).await {
+                        if let Wake::Stop(reply, _) = self.wait(SessionState::Linking, delay).await {
                             let reason = "cancelled on request".to_string();
-                            return Box::pin(self.link_end(LinkStatus::Cancelled, reason, Some(reply), true)).await;
+                            return self.link_end(LinkStatus::Cancelled, reason, Some(reply), true).await;
                         }
                     }
                     Ending::Again => {}
@@ -624,14 +623,14 @@ impl Supervisor {
                 continue;
             }
             match ending {
-                Ending::Terminal { state, reason } => return Box::pin(self.terminal(state, reason)).await,
-                Ending::Stop { reply, logout } => return Box::pin(self.stopped(reply, logout)).await,
+                Ending::Terminal { state, reason } => return self.terminal(state, reason).await,
+                Ending::Stop { reply, logout } => return self.stopped(reply, logout).await,
                 Ending::Again | Ending::LinkExpired => {
                     self.failures = 0;
                     dropped_at.get_or_insert_with(Instant::now);
                 }
                 Ending::LeaseLost => {
-                    Box::pin(self.lose_lease()).await;
+                    self.lose_lease().await;
                     self.note_error("lease lost to another host".into());
                     dropped_at.get_or_insert_with(Instant::now);
                 }
@@ -643,8 +642,8 @@ impl Supervisor {
                         whatsapp_connected: true,
                     });
                     let wait = until.saturating_duration_since(Instant::now());
-                    if let Wake::Stop(reply, logout) = Box::pin(self.wait(SessionState::Banned, wait)).await {
-                        return Box::pin(self.stopped(reply, logout)).await;
+                    if let Wake::Stop(reply, logout) = self.wait(SessionState::Banned, wait).await {
+                        return self.stopped(reply, logout).await;
                     }
                 }
                 Ending::Retry { reason, rate_limited } => {
@@ -652,8 +651,8 @@ impl Supervisor {
                     self.note_error(reason);
                     metrics::counter!("wakeeper_connects_failed_total", "reason" => if rate_limited { "rate_limited" } else { "transient" }).increment(1);
                     let delay = self.next_delay(rate_limited);
-                    if let Wake::Stop(reply, logout) = Box::pin(self.wait(SessionState::Backoff, delay)).await {
-                        return Box::pin(self.stopped(reply, logout)).await;
+                    if let Wake::Stop(reply, logout) = self.wait(SessionState::Backoff, delay).await {
+                        return self.stopped(reply, logout).await;
                     }
                 }
             }
@@ -686,77 +685,93 @@ impl Supervisor {
     /// Ends a link attempt that never paired: the session is `stopped` with `reason`, the unpaired keys are
     /// deleted (unless another host owns the tenant now), the lease is released. Nothing is written to the
     /// tenant table: whatever it said about the tenant before still holds.
-    async fn link_end(mut self, status: LinkStatus, reason: String, reply: Option<oneshot::Sender<()>>, cleanup: bool) {
-        tracing::info!(tenant = %self.tenant, status = ?status, reason = %reason, "link attempt ended");
-        metrics::counter!("wakeeper_links_ended_total", "status" => format!("{status:?}").to_lowercase()).increment(1);
-        self.link_update(|i| {
-            i.status = status;
-            i.error = Some(reason.clone());
-            i.clear_qr();
-        });
-        self.set_state(SessionState::Stopped, Some(reason));
-        if self.backend.take().is_some() {
-            self.deps.engines.close(&self.tenant).await;
-        }
-        if cleanup && self.lease.is_some() {
-            // Let replication drain first, so no commit still in flight recreates what is deleted.
-            let _ = self.deps.engines.persist(&self.tenant, Duration::from_secs(5)).await;
-            if let Err(e) = self.deps.engines.delete(&self.tenant).await {
-                tracing::warn!(tenant = %self.tenant, error = %e, "could not delete the keys of an unpaired link attempt");
+    fn link_end(
+        mut self,
+        status: LinkStatus,
+        reason: String,
+        reply: Option<oneshot::Sender<()>>,
+        cleanup: bool,
+    ) -> BoxFuture<'static, ()> {
+        async move {
+            tracing::info!(tenant = %self.tenant, status = ?status, reason = %reason, "link attempt ended");
+            metrics::counter!("wakeeper_links_ended_total", "status" => format!("{status:?}").to_lowercase()).increment(1);
+            self.link_update(|i| {
+                i.status = status;
+                i.error = Some(reason.clone());
+                i.clear_qr();
+            });
+            self.set_state(SessionState::Stopped, Some(reason));
+            if self.backend.take().is_some() {
+                self.deps.engines.close(&self.tenant).await;
+            }
+            if cleanup && self.lease.is_some() {
+                // Let replication drain first, so no commit still in flight recreates what is deleted.
+                let _ = self.deps.engines.persist(&self.tenant, Duration::from_secs(5)).await;
+                if let Err(e) = self.deps.engines.delete(&self.tenant).await {
+                    tracing::warn!(tenant = %self.tenant, error = %e, "could not delete the keys of an unpaired link attempt");
+                }
+            }
+            self.let_go_of_lease(true).await;
+            if let Some(reply) = reply {
+                let _ = reply.send(());
             }
         }
-        self.let_go_of_lease(true).await;
-        if let Some(reply) = reply {
-            let _ = reply.send(());
-        }
+        .boxed()
     }
 
     /// The phone confirmed the link: the engine's device record is saved to the working copy, and everything
     /// the engine wrote is made durable in the credential store before the tenant is marked anywhere. Retried
     /// until it holds (a stop request ends the wait).
-    async fn link_paired(&mut self, client: &Arc<whatsapp_rust::Client>, jid: String) -> Result<(), Ending> {
-        tracing::info!(tenant = %self.tenant, "phone confirmed the link; storing the credentials");
-        let mut delay = Duration::from_millis(200);
-        loop {
-            let saved = client.persistence_manager().flush().await.map_err(|e| e.to_string());
-            let stored = match saved {
-                Ok(()) => {
-                    self.deps.engines.persist(&self.tenant, Duration::from_secs(10)).await.map_err(|e| e.to_string())
-                }
-                Err(e) => Err(format!("saving the device record: {e}")),
-            };
-            match stored {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(tenant = %self.tenant, error = %e, "credentials of the new link not stored yet; retrying");
-                    self.note_error(format!("storing the new link's credentials: {e}"));
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                cmd = self.commands.recv() => match cmd {
-                    Some(Command::PairCode { reply, .. }) => { let _ = reply.send(Err("already paired".into())); }
-                    Some(Command::Reconnect) | Some(Command::LeaseLost) | None | Some(Command::Stop { .. }) => {
-                        return Err(self.on_idle_command(cmd));
+    fn link_paired<'a>(
+        &'a mut self,
+        client: &'a Arc<whatsapp_rust::Client>,
+        jid: String,
+    ) -> BoxFuture<'a, Result<(), Ending>> {
+        async move {
+            tracing::info!(tenant = %self.tenant, "phone confirmed the link; storing the credentials");
+            let mut delay = Duration::from_millis(200);
+            loop {
+                let saved = client.persistence_manager().flush().await.map_err(|e| e.to_string());
+                let stored = match saved {
+                    Ok(()) => {
+                        self.deps.engines.persist(&self.tenant, Duration::from_secs(10)).await.map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(format!("saving the device record: {e}")),
+                };
+                match stored {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(tenant = %self.tenant, error = %e, "credentials of the new link not stored yet; retrying");
+                        self.note_error(format!("storing the new link's credentials: {e}"));
                     }
                 }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    cmd = self.commands.recv() => match cmd {
+                        Some(Command::PairCode { reply, .. }) => { let _ = reply.send(Err("already paired".into())); }
+                        Some(Command::Reconnect) | Some(Command::LeaseLost) | None | Some(Command::Stop { .. }) => {
+                            return Err(self.on_idle_command(cmd));
+                        }
+                    }
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
-            delay = (delay * 2).min(Duration::from_secs(5));
+            if let Some(l) = self.link.as_mut() {
+                l.paired = true;
+                l.just_paired = true;
+            }
+            self.link_update(|i| {
+                i.status = LinkStatus::Paired;
+                i.device_jid = Some(jid);
+                i.error = None;
+                i.clear_qr();
+            });
+            metrics::counter!("wakeeper_links_ended_total", "status" => "paired").increment(1);
+            tracing::info!(tenant = %self.tenant, "new link stored durably; the tenant is now desired");
+            self.mark_desired().await;
+            Ok(())
         }
-        if let Some(l) = self.link.as_mut() {
-            l.paired = true;
-            l.just_paired = true;
-        }
-        self.link_update(|i| {
-            i.status = LinkStatus::Paired;
-            i.device_jid = Some(jid);
-            i.error = None;
-            i.clear_qr();
-        });
-        metrics::counter!("wakeeper_links_ended_total", "status" => "paired").increment(1);
-        tracing::info!(tenant = %self.tenant, "new link stored durably; the tenant is now desired");
-        self.mark_desired().await;
-        Ok(())
+        .boxed()
     }
 
     /// Writes the desired flag now; if the store is unavailable, keeps retrying in the background.
@@ -906,7 +921,7 @@ impl Supervisor {
                     }
                     Signal::Paired { jid } => {
                         if self.linking() {
-                            if let Err(ending) = Box::pin(self.link_paired(&client, jid)).await {
+                            if let Err(ending) = self.link_paired(&client, jid).await {
                                 Box::pin(client.disconnect()).await;
                                 (&mut run).await;
                                 return ending;
@@ -973,7 +988,7 @@ impl Supervisor {
             // the 515 follows, and its saver has stopped. Store the new link now, or the next connect would
             // load the unpaired device and ask to be paired again.
             tracing::info!(tenant = %self.tenant, "the pairing finished as the server restarted the connection");
-            if let Err(ending) = Box::pin(self.link_paired(&client, jid)).await {
+            if let Err(ending) = self.link_paired(&client, jid).await {
                 return ending;
             }
         }
@@ -1056,29 +1071,32 @@ impl Supervisor {
     }
 
     /// Waits `delay` in `state`, unless told to reconnect (go now) or stop.
-    async fn wait(&mut self, state: SessionState, delay: Duration) -> Wake {
-        {
-            let mut v = self.view.lock().expect("session view lock");
-            v.backoff_ms = Some(delay.as_millis() as u64);
-        }
-        self.set_state(state, None);
-        let deadline = tokio::time::sleep(delay);
-        tokio::pin!(deadline);
-        loop {
-            return tokio::select! {
-                _ = &mut deadline => Wake::Go,
-                cmd = self.commands.recv() => match cmd {
-                    Some(Command::Reconnect) => { self.failures = 0; Wake::Go }
-                    Some(Command::LeaseLost) => { self.lose_lease().await; Wake::Go }
-                    Some(Command::Stop { reply, logout }) => Wake::Stop(reply, logout),
-                    Some(Command::PairCode { reply, .. }) => {
-                        let _ = reply.send(Err("not connected to WhatsApp right now".into()));
-                        continue;
+    fn wait(&mut self, state: SessionState, delay: Duration) -> BoxFuture<'_, Wake> {
+        async move {
+            {
+                let mut v = self.view.lock().expect("session view lock");
+                v.backoff_ms = Some(delay.as_millis() as u64);
+            }
+            self.set_state(state, None);
+            let deadline = tokio::time::sleep(delay);
+            tokio::pin!(deadline);
+            loop {
+                return tokio::select! {
+                    _ = &mut deadline => Wake::Go,
+                    cmd = self.commands.recv() => match cmd {
+                        Some(Command::Reconnect) => { self.failures = 0; Wake::Go }
+                        Some(Command::LeaseLost) => { self.lose_lease().await; Wake::Go }
+                        Some(Command::Stop { reply, logout }) => Wake::Stop(reply, logout),
+                        Some(Command::PairCode { reply, .. }) => {
+                            let _ = reply.send(Err("not connected to WhatsApp right now".into()));
+                            continue;
+                        }
+                        None => Wake::Stop(oneshot::channel().0, false),
                     }
-                    None => Wake::Stop(oneshot::channel().0, false),
-                }
-            };
+                };
+            }
         }
+        .boxed()
     }
 
     fn next_delay(&mut self, rate_limited: bool) -> Duration {
@@ -1087,28 +1105,31 @@ impl Supervisor {
     }
 
     /// Takes the lease, or says how long to wait before trying again.
-    async fn acquire_lease(&mut self) -> Result<(), Duration> {
-        let ttl = self.deps.config.lease_ttl;
-        match self
-            .deps
-            .tenants
-            .acquire_lease(&self.tenant, &self.deps.config.host_id, ttl.as_millis() as u64, lease_clock(ttl))
-            .await
-        {
-            Ok(lease) => {
-                self.install_lease(lease);
-                Ok(())
-            }
-            Err(StoreError::Conflict(Conflict::LeaseHeld { holder })) => {
-                self.note_error("lease held by another host".into());
-                let left = holder.expires_at.saturating_sub(lease_clock(ttl)).max(0) as u64;
-                Err(Duration::from_millis(left + 50 + (rand_unit() * 200.0) as u64))
-            }
-            Err(e) => {
-                self.note_error(format!("tenant store: {e}"));
-                Err(self.next_delay(false).max(Duration::from_millis(500)))
+    fn acquire_lease(&mut self) -> BoxFuture<'_, Result<(), Duration>> {
+        async move {
+            let ttl = self.deps.config.lease_ttl;
+            match self
+                .deps
+                .tenants
+                .acquire_lease(&self.tenant, &self.deps.config.host_id, ttl.as_millis() as u64, lease_clock(ttl))
+                .await
+            {
+                Ok(lease) => {
+                    self.install_lease(lease);
+                    Ok(())
+                }
+                Err(StoreError::Conflict(Conflict::LeaseHeld { holder })) => {
+                    self.note_error("lease held by another host".into());
+                    let left = holder.expires_at.saturating_sub(lease_clock(ttl)).max(0) as u64;
+                    Err(Duration::from_millis(left + 50 + (rand_unit() * 200.0) as u64))
+                }
+                Err(e) => {
+                    self.note_error(format!("tenant store: {e}"));
+                    Err(self.next_delay(false).max(Duration::from_millis(500)))
+                }
             }
         }
+        .boxed()
     }
 
     fn install_lease(&mut self, lease: Lease) {
@@ -1141,45 +1162,54 @@ impl Supervisor {
     /// Another host owns the tenant now: let go without releasing (it is not ours), and discard the local
     /// working copy, which is no longer the newest state. The next lease hydrates afresh from the store, so a
     /// stale local copy can never be pushed over the other host's newer one.
-    async fn lose_lease(&mut self) {
-        metrics::counter!("wakeeper_lease_losses_total").increment(1);
-        self.let_go_of_lease(false).await;
-        if let Err(e) = self.deps.engines.discard_local(&self.tenant).await {
-            tracing::warn!(tenant = %self.tenant, error = %e, "could not discard the local working copy");
+    fn lose_lease(&mut self) -> BoxFuture<'_, ()> {
+        async move {
+            metrics::counter!("wakeeper_lease_losses_total").increment(1);
+            self.let_go_of_lease(false).await;
+            if let Err(e) = self.deps.engines.discard_local(&self.tenant).await {
+                tracing::warn!(tenant = %self.tenant, error = %e, "could not discard the local working copy");
+            }
         }
+        .boxed()
     }
 
-    async fn terminal(mut self, state: SessionState, reason: String) {
-        // A 440 right after a takeover almost always means the old host still runs the number: say so.
-        let reason = match state {
-            SessionState::Replaced => {
-                let marker = self.deps.engines.import_marker(&self.tenant).await;
-                crate::import::replaced_reason(marker.as_deref()).unwrap_or(reason)
-            }
-            _ => reason,
-        };
-        tracing::warn!(tenant = %self.tenant, state = state.as_str(), reason = %reason, "session ended; needs a person");
-        self.set_state(state, Some(reason.clone()));
-        self.mark_now(StatusUpdate::terminal(state.tenant_status(), reason)).await;
-        self.let_go_of_lease(true).await;
+    fn terminal(mut self, state: SessionState, reason: String) -> BoxFuture<'static, ()> {
+        async move {
+            // A 440 right after a takeover almost always means the old host still runs the number: say so.
+            let reason = match state {
+                SessionState::Replaced => {
+                    let marker = self.deps.engines.import_marker(&self.tenant).await;
+                    crate::import::replaced_reason(marker.as_deref()).unwrap_or(reason)
+                }
+                _ => reason,
+            };
+            tracing::warn!(tenant = %self.tenant, state = state.as_str(), reason = %reason, "session ended; needs a person");
+            self.set_state(state, Some(reason.clone()));
+            self.mark_now(StatusUpdate::terminal(state.tenant_status(), reason)).await;
+            self.let_go_of_lease(true).await;
+        }
+        .boxed()
     }
 
-    async fn stopped(mut self, reply: oneshot::Sender<()>, logout: bool) {
-        if logout {
-            let reason = "logged out on request".to_string();
-            self.set_state(SessionState::LoggedOut, Some(reason.clone()));
-            if self.backend.take().is_some() {
-                self.deps.engines.close(&self.tenant).await;
+    fn stopped(mut self, reply: oneshot::Sender<()>, logout: bool) -> BoxFuture<'static, ()> {
+        async move {
+            if logout {
+                let reason = "logged out on request".to_string();
+                self.set_state(SessionState::LoggedOut, Some(reason.clone()));
+                if self.backend.take().is_some() {
+                    self.deps.engines.close(&self.tenant).await;
+                }
+                if let Err(e) = self.deps.engines.delete(&self.tenant).await {
+                    tracing::error!(tenant = %self.tenant, error = %e, "deleting credentials after logout failed");
+                }
+                self.mark_now(StatusUpdate::terminal(TenantStatus::LoggedOut, reason)).await;
+            } else {
+                self.set_state(SessionState::Stopped, None);
             }
-            if let Err(e) = self.deps.engines.delete(&self.tenant).await {
-                tracing::error!(tenant = %self.tenant, error = %e, "deleting credentials after logout failed");
-            }
-            self.mark_now(StatusUpdate::terminal(TenantStatus::LoggedOut, reason)).await;
-        } else {
-            self.set_state(SessionState::Stopped, None);
+            self.let_go_of_lease(true).await;
+            let _ = reply.send(());
         }
-        self.let_go_of_lease(true).await;
-        let _ = reply.send(());
+        .boxed()
     }
 
     /// Writes a status now; if the store is unavailable, keeps retrying in the background (never lost).
