@@ -212,43 +212,40 @@ mod tests {
 
     use super::*;
 
+    /// Connects the transport to `scheme://` a local listener and returns the first `N` bytes that reached it
+    /// (the listener then hangs up, so no socket can open) and whether the attempt failed.
+    async fn first_bytes_on_the_wire<const N: usize>(scheme: &str) -> ([u8; N], bool) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("{scheme}://{}/ws/chat", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut first = [0u8; N];
+            socket.read_exact(&mut first).await.unwrap();
+            first
+        });
+        let attempt = WsTransportFactory::new(url).create_transport().await;
+        // An attempt that fails before connecting (no TLS compiled in) sends nothing at all.
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("no connection reached the server")
+            .unwrap();
+        (first, attempt.is_err())
+    }
+
     /// Production's `wss://web.whatsapp.com` needs TLS under the WebSocket: the first bytes on the wire must be
     /// a TLS ClientHello, not an HTTP upgrade (nor an error that TLS is not compiled in).
     #[tokio::test]
     async fn a_wss_url_is_spoken_to_in_tls() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("wss://{}/ws/chat", listener.local_addr().unwrap());
-        let server = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut record_header = [0u8; 5];
-            socket.read_exact(&mut record_header).await.unwrap();
-            record_header
-        });
-        let factory = WsTransportFactory::new(url);
-        let attempt = factory.create_transport().await;
-        // Without TLS the attempt fails before connecting: nothing would ever arrive.
-        let header = tokio::time::timeout(std::time::Duration::from_secs(10), server)
-            .await
-            .expect("no connection reached the server")
-            .unwrap();
+        let (header, failed) = first_bytes_on_the_wire::<5>("wss").await;
         assert_eq!(header[0], 0x16, "the first record is not a TLS handshake: {header:?}");
         assert_eq!(header[1], 0x03, "not a TLS record version: {header:?}");
-        assert!(attempt.is_err(), "the server never answered the ClientHello, so no socket can open");
+        assert!(failed, "the server never answered the ClientHello, so no socket can open");
     }
 
     #[tokio::test]
     async fn a_ws_url_is_spoken_to_in_plain_http() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/ws/chat", listener.local_addr().unwrap());
-        let server = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut start = [0u8; 4];
-            socket.read_exact(&mut start).await.unwrap();
-            start
-        });
-        let factory = WsTransportFactory::new(url);
-        let (attempt, start) = tokio::join!(factory.create_transport(), server);
-        assert_eq!(&start.unwrap(), b"GET ");
-        assert!(attempt.is_err());
+        let (start, failed) = first_bytes_on_the_wire::<4>("ws").await;
+        assert_eq!(&start, b"GET ");
+        assert!(failed);
     }
 }

@@ -72,9 +72,10 @@ const MAX_ATTEMPTS: usize = 8;
 /// Documents per `ListDocuments` page.
 const PAGE_SIZE: i32 = 500;
 
-/// The longest one Firestore call may take before the store reports itself unavailable.
 /// Optimistic snapshot reads tried before a read takes the meta document's lock.
 const OPTIMISTIC_READS: usize = 3;
+
+/// The longest one Firestore call may take before the store reports itself unavailable.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Credential store on Firestore (see the module documentation for the layout).
