@@ -11,6 +11,15 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 
 use crate::domain::{RecordKey, TenantId};
+/// The data-key port, here beside the sources that implement it.
+pub use crate::ports::KeySource;
+
+/// `bytes` random bytes from the OS, as lowercase hex (ids, generated tokens).
+pub fn random_hex(bytes: usize) -> String {
+    let mut raw = vec![0u8; bytes];
+    getrandom::fill(&mut raw).expect("the OS random source works");
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -26,12 +35,6 @@ pub enum CryptoError {
     /// The key source could not produce a key.
     #[error("data key unavailable: {0}")]
     KeyUnavailable(String),
-}
-
-/// Where the 256-bit data key comes from.
-pub trait KeySource: Send + Sync {
-    /// The data key.
-    fn data_key(&self) -> Result<[u8; 32], CryptoError>;
 }
 
 /// A data key kept in a local file (32 raw bytes, mode 0600), created on first use.

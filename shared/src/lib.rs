@@ -5,25 +5,35 @@
 //! # Layout
 //! - [`domain`]: tenant ids, tenant records, credential snapshots; pure types and rules, no I/O.
 //! - [`crypto`]: AES-256-GCM sealing of every stored record and the data-key source.
-//! - [`ports`]: the storage traits (`CredentialStore`, `TenantStore`) and their error kinds.
+//! - [`ports`]: the traits the rest needs from outside: `CredentialStore`, `TenantStore`, `HostOps`, `KeySource`.
 //! - [`adapters`]: the embedded default (redb), Firestore and DynamoDB, each behind a cargo feature.
 //! - [`contract`]: the contract-test suites every adapter passes (tests and the `contract-tests` feature only).
 //! - [`host_api`]: the control API's wire types and the typed client the functions use.
-//! - [`working_copy`]: the host's local, journaled copy of a tenant's snapshot; whole-tenant export files.
-//! - [`hydrate`]: filling the working copy from the credential store, and the start-up rule.
-//! - [`sweep`]: the health sweep (reconcile carried out), the `HostOps` port, host fleets and alert sinks.
-//! - [`restore_fanout`]: the restore fan-out the restore function and CLI run.
+//! - [`fleet`]: several hosts as one (tenants routed by shard), host URL lists, the client as a `HostOps`.
+//! - [`local`] (feature `local`): the host's local copies: the journaled working copy of a tenant's snapshot,
+//!   whole-tenant export files, and hydration from the credential store (the start-up rule), behind one
+//!   `LocalCopies { data_dir, cipher }` handle.
+//! - [`sweep`]: the health sweep: the reconcile plan carried out, statuses written only when they changed.
+//! - [`restore`]: bringing desired tenants back on their hosts, in restore order, within a time budget.
+//! - [`alerts`]: what the sweep alerts about and where alerts go (log, webhook, SNS).
+//! - [`webhook`]: the one signature scheme and header names of every webhook (feature `webhook`).
+//! - [`lambda`]: what both functions share: event classification, settings, cold-start set-up.
 //! - [`emf`]: CloudWatch Embedded Metric Format lines.
 
 pub mod adapters;
+pub mod alerts;
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
 pub mod crypto;
 pub mod domain;
 pub mod emf;
+pub mod fleet;
 pub mod host_api;
-pub mod hydrate;
+pub mod lambda;
+#[cfg(feature = "local")]
+pub mod local;
 pub mod ports;
-pub mod restore_fanout;
+pub mod restore;
 pub mod sweep;
-pub mod working_copy;
+#[cfg(feature = "webhook")]
+pub mod webhook;

@@ -15,7 +15,7 @@ use wakeeper_shared::domain::{
     SessionState, SessionView, TenantId,
 };
 use wakeeper_shared::host_api::{Accepted, ErrorBody, Health, Rejected, RestoreRequest, RestoreResponse};
-use wakeeper_shared::working_copy::{WorkingCopy, export_header, export_snapshot, import_snapshot, tenant_dir};
+use wakeeper_shared::local::{WorkingCopy, export_header, export_snapshot, import_snapshot, tenant_dir};
 
 /// Cases per property: `default` in the bounded run of .ci/run; `PROPTEST_CASES / cost` when set (scripts/fuzz),
 /// where `cost` keeps the suites that write and fsync files to a comparable running time.

@@ -12,17 +12,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use wakeeper_shared::adapters::embedded::EmbeddedStore;
+use wakeeper_shared::alerts::{AlertError, AlertEvent, AlertMessage, AlertSink};
 use wakeeper_shared::crypto::Cipher;
 use wakeeper_shared::domain::reconcile::Policy;
 use wakeeper_shared::domain::{
     SessionList, SessionState, SessionView, StatusUpdate, TenantId, TenantRecord, TenantStatus,
 };
-use wakeeper_shared::ports::TenantStore;
-use wakeeper_shared::restore_fanout::{FanoutRequest, RestoreError, RestoreLimits, run_restore};
-use wakeeper_shared::sweep::{
-    AlertError, AlertEvent, AlertMessage, AlertSink, EnsureAnswer, HostError, HostFleet, HostOps, SweepMemory,
-    SweepPolicy, run_sweep,
-};
+use wakeeper_shared::fleet::HostFleet;
+use wakeeper_shared::ports::{EnsureAnswer, HostError, HostOps, TenantStore};
+use wakeeper_shared::restore::{FanoutRequest, RestoreError, RestoreLimits, run_restore};
+use wakeeper_shared::sweep::{SweepMemory, SweepPolicy, run_sweep};
 
 const NOW: i64 = 1_800_000_000_000;
 

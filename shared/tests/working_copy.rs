@@ -14,12 +14,12 @@ use wakeeper_shared::crypto::Cipher;
 use wakeeper_shared::domain::{
     ChangeBatch, CredentialSnapshot, DeviceRecord, RecordChange, RecordKey, RecordKind, TenantId,
 };
-use wakeeper_shared::hydrate::{HydrateOutcome, Hydrator, hydrate, needs_hydration};
-use wakeeper_shared::ports::{CredentialStore, StoreError};
-use wakeeper_shared::working_copy::{
+use wakeeper_shared::local::hydrate::{HydrateOutcome, Hydrator, hydrate, needs_hydration};
+use wakeeper_shared::local::{
     ExportError, WorkingCopy, WorkingCopyError, export_snapshot, import_snapshot, read_export_file, tenant_dir,
     write_export_file,
 };
+use wakeeper_shared::ports::{CredentialStore, StoreError};
 
 fn cipher() -> Cipher {
     Cipher::new(&[7; 32])

@@ -42,22 +42,16 @@ pub struct AppState {
     /// Renders `/metrics` (none in tests that do not install a recorder).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Runs the health sweep on request (`POST /v1/sweep`) and on the timer.
-    pub sweeper: Arc<crate::sweeper::Sweeper>,
+    pub sweeper: Arc<crate::sweep_timer::Sweeper>,
 }
 
 impl AppState {
     /// State for `host` with a new boot id.
     pub fn new(host: Arc<Host>, token: String) -> Self {
-        let boot_id = new_boot_id();
-        let sweeper = Arc::new(crate::sweeper::Sweeper::new(host.clone(), boot_id.clone()));
+        let boot_id = wakeeper_shared::crypto::random_hex(8);
+        let sweeper = Arc::new(crate::sweep_timer::Sweeper::new(host.clone(), boot_id.clone()));
         Self { boot_id, started: Instant::now(), host, token, metrics: None, sweeper }
     }
-}
-
-fn new_boot_id() -> String {
-    let mut raw = [0u8; 8];
-    getrandom::fill(&mut raw).expect("the OS random source works");
-    raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A refusal with its status and stable code.
@@ -185,14 +179,18 @@ async fn restore(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Resp
                 }
             })
             .collect(),
-        None => crate::restore::desired_tenants(state.host.tenants().as_ref())
-            .await
-            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE))?
-            .into_iter()
-            .map(|r| r.tenant_id)
-            .collect(),
+        None => wakeeper_shared::restore::desired_in_restore_order(
+            state.host.tenants().as_ref(),
+            crate::restore_on_start::PAGE_SIZE,
+        )
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE))?
+        .into_iter()
+        .map(|r| r.tenant_id)
+        .collect(),
     };
-    let outcomes = crate::restore::ensure_many(&state.host, ids, crate::restore::DEFAULT_CONCURRENCY).await;
+    let outcomes =
+        crate::restore_on_start::ensure_many(&state.host, ids, crate::restore_on_start::DEFAULT_CONCURRENCY).await;
     for (id, outcome) in outcomes {
         match outcome {
             Ok(e) if e.already_running => response.already_running += 1,
@@ -273,9 +271,9 @@ async fn start_link(
     let request: LinkRequest = json_body(&body)?;
     let phone = match request.phone.as_deref() {
         None => None,
-        Some(raw) => {
-            Some(crate::link::parse_phone(raw).ok_or(ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_PHONE))?)
-        }
+        Some(raw) => Some(
+            crate::session::link::parse_phone(raw).ok_or(ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_PHONE))?,
+        ),
     };
     let (handle, started) = state.host.link(&id).await.map_err(|e| match e {
         LinkError::AlreadyLinked => ApiError::new(StatusCode::CONFLICT, codes::ALREADY_LINKED),

@@ -7,17 +7,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use wakeeper_shared::adapters::embedded::EmbeddedStore;
-use wakeeper_shared::crypto::{Cipher, LocalKeyFile};
-use wakeeper_shared::ports::{CredentialStore, TenantStore};
+use wakeeper_shared::crypto::random_hex;
+use wakeeper_shared::local::LocalCopies;
 
 use crate::api::AppState;
 use crate::config::Config;
-use crate::engines::StoreEngines;
 use crate::governor::{Governor, GovernorConfig};
 use crate::host::Host;
 use crate::replicator::{Replicator, ReplicatorConfig};
 use crate::session::SessionConfig;
+use crate::stores::{Connect, Stores};
+use crate::tenant_opener::TenantOpener;
 
 /// A built host, ready to serve.
 pub struct App {
@@ -47,12 +47,6 @@ fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
     f.write_all(content.as_bytes())?;
     f.sync_all()?;
     Ok(())
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut raw = vec![0u8; bytes];
-    getrandom::fill(&mut raw).expect("the OS random source works");
-    raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The control token: from the variable, the file, or generated once into the data dir (the CLI reads the
@@ -89,48 +83,12 @@ fn host_id(config: &Config) -> anyhow::Result<String> {
 impl App {
     /// Builds every part from `config`. Fails fast on bad configuration.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))?;
-        }
-        let key_file = config.key_file.clone().unwrap_or_else(|| config.data_dir.join("keys").join("data.key"));
-        let cipher = Cipher::from_source(&LocalKeyFile::new(key_file)).context("loading the data key")?;
-
-        let embedded = match (&config.firestore_project, &config.dynamodb_table) {
-            (Some(_), Some(_)) => None,
-            _ => Some(Arc::new(
-                EmbeddedStore::open(config.data_dir.join("store.redb"), cipher.clone())
-                    .context("opening the embedded store")?,
-            )),
-        };
-        let credentials: Arc<dyn CredentialStore> = match &config.firestore_project {
-            // Connects on first use: a host started during a Firestore outage comes up and retries.
-            Some(project) => Arc::new(
-                wakeeper_shared::adapters::firestore::LazyFirestoreCredentialStore::new(
-                    project.clone(),
-                    cipher.clone(),
-                    config.firestore_prefix.clone(),
-                )
-                .context("configuring Firestore")?,
-            ),
-            None => embedded.clone().expect("embedded store opened"),
-        };
-        let tenants: Arc<dyn TenantStore> = match &config.dynamodb_table {
-            Some(table) => {
-                let client = match &config.dynamodb_endpoint {
-                    Some(url) => wakeeper_shared::adapters::dynamodb::dynamo_client_for_endpoint(url),
-                    None => aws_sdk_dynamodb::Client::new(&aws_config::load_from_env().await),
-                };
-                Arc::new(wakeeper_shared::adapters::dynamodb::DynamoTenantStore::new(client, table.clone()))
-            }
-            None => embedded.clone().expect("embedded store opened"),
-        };
+        let Stores { credentials, tenants, cipher } =
+            Stores::open(&config, Connect::OnFirstUse).await.context("opening the stores")?;
 
         let replicator = Replicator::start(credentials.clone(), ReplicatorConfig::default());
-        let engines = Arc::new(StoreEngines::new(credentials, config.data_dir.clone(), cipher, replicator.handle()));
+        let local = LocalCopies::new(config.data_dir.clone(), cipher);
+        let engines = Arc::new(TenantOpener::new(credentials, local, replicator.handle()));
         let governor = Arc::new(Governor::new(GovernorConfig {
             rate_per_sec: config.connect_rate,
             burst: config.connect_burst,
@@ -182,7 +140,7 @@ impl App {
         if self.config.restore_on_start {
             let host = self.host.clone();
             tokio::spawn(async move {
-                if let Err(e) = crate::restore::restore_all(&host).await {
+                if let Err(e) = crate::restore_on_start::restore_all(&host).await {
                     tracing::error!(error = %e, "restore on start could not read the tenant store");
                 }
             });

@@ -6,11 +6,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
-use wakeeper_shared::domain::{SessionState, SessionView, StatusUpdate, TenantId, now_millis};
+use wakeeper_shared::domain::{SessionState, SessionView, StateChange, StatusUpdate, TenantId, now_millis};
 use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
 
 use crate::governor::Governor;
-use crate::session::{self, EngineProvider, OpenError, SessionConfig, SessionDeps, SessionHandle, StateChange, Stored};
+use crate::session::{self, EngineProvider, OpenError, SessionConfig, SessionDeps, SessionHandle, Stored};
 use crate::transport::ReqwestHttpClient;
 
 /// Why `ensure` refused a tenant definitively.
@@ -160,16 +160,7 @@ impl Host {
             return Ok(Ensured { state: h.state(), already_running: true });
         }
         let deps = &self.deps;
-        let lease = match deps
-            .tenants
-            .acquire_lease(
-                tenant,
-                &deps.config.host_id,
-                deps.config.lease_ttl.as_millis() as u64,
-                session::lease_clock(deps.config.lease_ttl),
-            )
-            .await
-        {
+        let lease = match session::take_lease(deps, tenant).await {
             Ok(l) => Some(l),
             Err(StoreError::Conflict(Conflict::LeaseHeld { .. })) | Err(_) => None,
         };
@@ -184,15 +175,7 @@ impl Host {
                     };
                     let _ = deps.tenants.release_lease(tenant, l).await;
                     let reason = e.to_string();
-                    if let Err(we) = deps
-                        .tenants
-                        .write_status(
-                            tenant,
-                            &StatusUpdate::terminal(state.tenant_status(), reason.clone()),
-                            now_millis(),
-                        )
-                        .await
-                    {
+                    if let Err(we) = self.write_terminal(tenant, state, reason.clone()).await {
                         tracing::warn!(tenant = %tenant, error = %we, "could not mark tenant");
                     }
                     self.insert(tenant, session::finished(tenant.clone(), state, reason));
@@ -258,16 +241,7 @@ impl Host {
                 Err(e) => return Err(LinkError::Unavailable(e.to_string())),
             }
         }
-        let lease = match deps
-            .tenants
-            .acquire_lease(
-                tenant,
-                &deps.config.host_id,
-                deps.config.lease_ttl.as_millis() as u64,
-                session::lease_clock(deps.config.lease_ttl),
-            )
-            .await
-        {
+        let lease = match session::take_lease(deps, tenant).await {
             Ok(l) => l,
             Err(StoreError::Conflict(Conflict::LeaseHeld { .. })) => return Err(LinkError::LeaseHeld),
             Err(e) => return Err(LinkError::Unavailable(e.to_string())),
@@ -292,6 +266,12 @@ impl Host {
         }
         let _ = deps.tenants.release_lease(tenant, &lease).await;
         Err(LinkError::ShuttingDown)
+    }
+
+    /// Marks the tenant in a terminal `state` in the tenant table.
+    async fn write_terminal(&self, tenant: &TenantId, state: SessionState, reason: String) -> Result<bool, StoreError> {
+        let update = StatusUpdate::terminal(state.tenant_status(), reason);
+        self.deps.tenants.write_status(tenant, &update, now_millis()).await
     }
 
     fn insert(&self, tenant: &TenantId, handle: SessionHandle) {
@@ -334,13 +314,7 @@ impl Host {
             other => {
                 self.deps.engines.delete(tenant).await?;
                 let reason = "logged out on request".to_string();
-                self.deps
-                    .tenants
-                    .write_status(
-                        tenant,
-                        &StatusUpdate::terminal(SessionState::LoggedOut.tenant_status(), reason.clone()),
-                        now_millis(),
-                    )
+                self.write_terminal(tenant, SessionState::LoggedOut, reason.clone())
                     .await
                     .map_err(|e| OpenError::Unavailable(e.to_string()))?;
                 let known = other.is_some();

@@ -4,14 +4,17 @@
 //!
 //! # Layout
 //! - [`app`]: builds a whole host from its configuration and serves it.
-//! - [`config`]: flags and `WAKEEPER_*` variables.
+//! - [`cli`]: the command line: a flag per setting, the sub-commands.
+//! - [`config`]: the settings, built from a lookup of `WAKEEPER_*` names (the environment, flags or a map).
+//! - [`stores`]: opens the data key and the credential and tenant stores the configuration names.
 //! - [`api`]: the HTTP surface (`/health`, control API, metrics, dashboard).
 //! - [`host`]: every tenant's session and the operations on them (ensure, stop, reconnect, shutdown).
-//! - [`session`]: the per-tenant supervisor: lease, engine store, one client per connect attempt, backoff.
-//! - [`restore`]: restore every desired tenant, most recently healthy first.
-//! - [`engines`]: opens a tenant's engine store (hydrate, then the engine's backend over the working copy).
-//! - [`sweeper`]: the health sweep run inside the host on a timer (one-machine use).
-//! - [`link`]: what a link attempt of a new number shows (QR code as SVG, pairing code, outcome).
+//! - [`session`]: the per-tenant supervisor: lease, engine store, one client per connect attempt, backoff,
+//!   and linking a new number ([`session::link`]: QR code as SVG, pairing code, outcome).
+//! - [`restore_on_start`]: restore every desired tenant on start, in the shared restore order.
+//! - [`tenant_opener`]: opens a tenant for its session: the start-up rule on its working copy, opened once,
+//!   then the engine store over it.
+//! - [`sweep_timer`]: the health sweep run inside the host on a timer (one-machine use).
 //! - [`governor`]: the host-wide pacing of connect attempts.
 //! - [`webhooks`]: signed state-change and alert events to the configured URLs.
 //! - [`messages`]: received messages into the outbox before the engine acks them; validated sends, typing.
@@ -19,24 +22,29 @@
 //! - [`transport`]: the engine's WebSocket transport and HTTP client.
 //! - [`engine_store`]: the engine's `Backend` over a tenant's local working copy.
 //! - [`replicator`]: ordered, batched replication of engine writes to the credential store.
+//!
+//! The library surface is what `main`, the bench and the tests drive: `app`, `cli`, `config`, `api`, `host`,
+//! `session`, `governor`, `engine_store`, `replicator`, `transport`, `import` and [`run`]; the rest is
+//! `pub(crate)`.
 
 pub mod api;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod engine_store;
-pub mod engines;
 pub mod governor;
 pub mod host;
 pub mod import;
-pub mod link;
-pub mod messages;
-pub mod outbox;
+pub(crate) mod messages;
+pub(crate) mod outbox;
 pub mod replicator;
-pub mod restore;
+pub(crate) mod restore_on_start;
 pub mod session;
-pub mod sweeper;
+pub(crate) mod stores;
+pub(crate) mod sweep_timer;
+pub(crate) mod tenant_opener;
 pub mod transport;
-pub mod webhooks;
+pub(crate) mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;

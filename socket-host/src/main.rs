@@ -1,6 +1,6 @@
-use clap::Parser;
 use socket_host::app::App;
-use socket_host::config::{Cli, Command, LogFormat};
+use socket_host::cli::{Cli, Command};
+use socket_host::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -9,7 +9,7 @@ async fn main() -> anyhow::Result<()> {
     init_tracing(cli.config.log_format);
     #[cfg(feature = "test-peer")]
     tracing::warn!("TEST BUILD: server certificate verification is disabled (feature test-peer); never deploy this");
-    match cli.command.unwrap_or(Command::Serve) {
+    match cli.command {
         Command::Serve => {
             let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
             let listener = tokio::net::TcpListener::bind(cli.config.listen).await?;

@@ -21,8 +21,7 @@ use std::time::Duration;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-
-use crate::webhooks::{SIGNATURE_HEADER, sign};
+use wakeeper_shared::webhook::{EVENT_ID_HEADER, SIGNATURE_HEADER, sign};
 
 /// The file name of the outbox inside the data dir.
 pub const OUTBOX_FILE: &str = "outbox.redb";
@@ -30,8 +29,6 @@ pub const OUTBOX_FILE: &str = "outbox.redb";
 pub const DEFAULT_MAX_EVENTS: u64 = 100_000;
 /// Longest wait between two delivery attempts of one event to one URL.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
-/// Header carrying the event id (the idempotency key), as on state events.
-pub const EVENT_ID_HEADER: &str = "X-Wakeeper-Event-Id";
 /// The same id under the conventional name.
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 

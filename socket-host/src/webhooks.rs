@@ -1,8 +1,8 @@
 //! Webhooks: every session state change, and alerts, POSTed as signed JSON to the configured URLs.
 //!
 //! Delivery never blocks a session: state changes arrive over a broadcast channel and go into a bounded queue
-//! per URL, each drained by its own task with retries and backoff. The body is signed with HMAC-SHA256 in
-//! `X-Wakeeper-Signature: sha256=<hex>`; `X-Wakeeper-Event-Id` is an idempotency key.
+//! per URL, each drained by its own task with retries and backoff. The body is signed as every wakeeper
+//! webhook is ([`wakeeper_shared::webhook`]: `X-Wakeeper-Signature: sha256=<hex>`, `X-Wakeeper-Event-Id`).
 //!
 //! Alerts: a tenant whose consecutive failures go past [`ALERT_AFTER_FAILURES`] raises `alert.failing`; the
 //! same tenant reaching `open` again raises `alert.recovered`.
@@ -11,33 +11,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use serde::Serialize;
-use sha2::Sha256;
 use tokio::sync::{Mutex, Notify, broadcast};
-use wakeeper_shared::domain::{SessionState, TenantId};
-
-use crate::session::StateChange;
+use wakeeper_shared::domain::{SessionState, StateChange, TenantId};
+use wakeeper_shared::webhook::{EVENT_ID_HEADER, SIGNATURE_HEADER, sign};
 
 /// Failures in a row after which an alert fires.
 pub const ALERT_AFTER_FAILURES: u32 = 3;
 /// Events kept per URL while it is unreachable; the oldest are dropped past this (counted and logged).
 pub const QUEUE_LIMIT: usize = 10_000;
-/// The signature header.
-pub const SIGNATURE_HEADER: &str = "X-Wakeeper-Signature";
-
-/// `sha256=<hex of HMAC-SHA256(secret, body)>`.
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(body);
-    let tag = mac.finalize().into_bytes();
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("sha256=");
-    for b in tag {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
-}
 
 /// One event as delivered.
 #[derive(Debug, Clone, Serialize)]
@@ -166,7 +148,7 @@ async fn deliver(url: String, q: Arc<Queue>, http: reqwest::Client, secret: Arc<
                 .post(&url)
                 .header("content-type", "application/json")
                 .header(SIGNATURE_HEADER, sign(&secret, &body))
-                .header("X-Wakeeper-Event-Id", &id)
+                .header(EVENT_ID_HEADER, &id)
                 .body(body.clone())
                 .send()
                 .await;
@@ -200,13 +182,6 @@ mod tests {
             consecutive_failures: failures,
             at_ms: 0,
         }
-    }
-
-    #[test]
-    fn signature_is_hmac_sha256_hex() {
-        // RFC 4231 test case 2.
-        let sig = sign(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(sig, "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
     }
 
     #[test]

@@ -17,14 +17,11 @@
 //! 5. DynamoDB unreachable from the middle of a health sweep on, while half the fleet is refused by the server:
 //!    tenants wrongly marked, time to a clean sweep after recovery, statuses and failure counts left wrong.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -32,13 +29,15 @@ use wa_sim::{MintOptions, Refusal, RefusePoint, Target};
 use wakeeper_shared::adapters::dynamodb::{DynamoTenantStore, dynamo_client_for_endpoint};
 use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::adapters::firestore::FirestoreCredentialStore;
+use wakeeper_shared::alerts::{AlertError, AlertMessage, AlertSink};
 use wakeeper_shared::domain::reconcile::Policy;
 use wakeeper_shared::domain::{RecordKind, SessionList, SessionState, TenantId, TenantStatus, now_millis};
+use wakeeper_shared::fleet::HostFleet;
+use wakeeper_shared::local::WorkingCopy;
 use wakeeper_shared::ports::{CredentialStore, StoreError, TenantStore};
-use wakeeper_shared::sweep::{
-    AlertError, AlertMessage, AlertSink, HostFleet, SweepError, SweepMemory, SweepPolicy, SweepReport, run_sweep,
-};
-use wakeeper_shared::working_copy::WorkingCopy;
+use wakeeper_shared::sweep::{SweepError, SweepMemory, SweepPolicy, SweepReport, run_sweep};
+use wakeeper_testkit::tenant as tid;
+use wakeeper_testkit::*;
 
 // ---- the host under test ----------------------------------------------------------------------------------------
 
@@ -50,97 +49,43 @@ fn host_bin() -> std::path::PathBuf {
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_socket-host").into())
 }
 
-/// A host process, like the support module's `TestHost`, but from [`host_bin`], and checked to be a `test-peer`
-/// build (any other build cannot log in to the fake server, and every count would be wrong for that reason).
-struct ChaosHost {
-    child: Option<std::process::Child>,
-    client: wakeeper_shared::host_api::HostClient,
-    /// The control API's base URL.
-    base: String,
-    log: std::path::PathBuf,
-}
+/// The host under test: a [`TestHost`] of [`host_bin`] with the session module's debug log, checked to be a
+/// `test-peer` build once ready (any other build cannot log in to the fake server, and every count would be wrong
+/// for that reason).
+struct ChaosHost(TestHost);
+
+/// The chaos suite's host log filter, unless `WAKEEPER_TEST_HOST_LOG` says otherwise.
+const CHAOS_HOST_LOG: &str = "info,socket_host::session=debug,whatsapp_rust=warn,wacore=warn";
 
 impl ChaosHost {
     fn spawn(dirs: &Dirs, wa_url: &str, host_id: &str, extra: &[(&str, String)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let log = dirs.root.path().join(format!("host-{host_id}-{port}.log"));
-        let mut cmd = std::process::Command::new(host_bin());
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("WAKEEPER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("WAKEEPER_DATA_DIR", dirs.data())
-            .env("WAKEEPER_KEY_FILE", dirs.key_file())
-            .env("WAKEEPER_CONTROL_TOKEN", TOKEN)
-            .env("WAKEEPER_HOST_ID", host_id)
-            .env("WAKEEPER_WA_URL", wa_url)
-            .env(
-                "WAKEEPER_LOG",
-                std::env::var("WAKEEPER_TEST_HOST_LOG")
-                    .unwrap_or_else(|_| "info,socket_host::session=debug,whatsapp_rust=warn,wacore=warn".into()),
-            )
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("host binary starts");
-        let base = format!("http://127.0.0.1:{port}");
-        let client =
-            wakeeper_shared::host_api::HostClient::new(&base, TOKEN, Duration::from_secs(10)).unwrap().with_attempts(1);
-        Self { child: Some(child), client, base, log }
+        let bin = host_bin();
+        let launch = Launch { bin: &bin, under: &[], default_log: CHAOS_HOST_LOG };
+        Self(TestHost::launch(launch, dirs, wa_url, host_id, extra))
     }
 
     /// Waits until `/health` answers, and checks the binary is a test-peer build.
     async fn ready(&self) {
-        let client = self.client.clone();
-        wait_until(Duration::from_secs(30), "host /health", || {
-            let c = client.clone();
-            async move { c.health().await.ok() }
-        })
-        .await;
+        self.0.ready().await;
         assert!(
-            std::fs::read_to_string(&self.log).unwrap_or_default().contains("TEST BUILD"),
+            std::fs::read_to_string(&self.0.log).unwrap_or_default().contains("TEST BUILD"),
             "{} is not a test-peer build (was it rebuilt without the feature meanwhile?); use scripts/chaos, which \
              runs a private copy",
             host_bin().display()
         );
     }
+}
 
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit up to `limit`.
-    fn terminate(&mut self, limit: Duration) {
-        let mut c = self.child.take().expect("host running");
-        let started = std::time::Instant::now();
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-        loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                assert!(status.success(), "host exited with {status}; log: {}", self.log_tail());
-                return;
-            }
-            if started.elapsed() > limit {
-                let _ = c.kill();
-                panic!("host did not exit within {limit:?} of SIGTERM; log: {}", self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+impl std::ops::Deref for ChaosHost {
+    type Target = TestHost;
+    fn deref(&self) -> &TestHost {
+        &self.0
     }
 }
 
-impl Drop for ChaosHost {
-    fn drop(&mut self) {
-        self.kill9();
+impl std::ops::DerefMut for ChaosHost {
+    fn deref_mut(&mut self) -> &mut TestHost {
+        &mut self.0
     }
 }
 

@@ -2,12 +2,11 @@
 //! against the fake server and the QR code of a link attempt as an image; screenshots are kept under the
 //! test's output directory.
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
-use support::*;
+use wakeeper_testkit::tenant as tid;
+use wakeeper_testkit::*;
 
 fn chromium() -> Option<&'static str> {
     if std::path::Path::new("/usr/bin/chromium").exists() {
@@ -51,7 +50,7 @@ async fn dashboard_shows_the_sessions_in_headless_chromium() {
     let dirs = Dirs::new();
     let tenants = [tid("trattoria-roma"), tid("sushi-bar"), tid("taqueria")];
     seed_embedded(&dirs, &wa, &tenants).await;
-    let host = TestHost::spawn(&dirs, &wa.url(), "host-a", &[]);
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &[]);
     host.ready().await;
     host.all_open(3, Duration::from_secs(30)).await;
 

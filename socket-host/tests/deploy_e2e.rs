@@ -2,14 +2,13 @@
 //! container starts right after. The host must exit within its deadline with every lease released and
 //! replication flushed, and the next host must take every tenant at once with no double connection.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
 use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::domain::{SessionState, TenantId};
 use wakeeper_shared::ports::TenantStore;
+use wakeeper_testkit::tenant as tid;
+use wakeeper_testkit::*;
 
 const NOBODY: u32 = 65534;
 
@@ -28,7 +27,7 @@ async fn sigterm_during_restore_releases_everything_and_the_next_host_takes_over
         ("WAKEEPER_LEASE_TTL_S", "60".to_string()),
         ("WAKEEPER_SHUTDOWN_DEADLINE_S", "10".to_string()),
     ];
-    let mut old = spawn_unprivileged(&dirs, &wa.url(), "old-container", NOBODY, &env);
+    let mut old = spawn_unprivileged(socket_host_bin!(), &dirs, &wa.url(), "old-container", NOBODY, &env);
     old.ready().await;
     let client = old.client.clone();
     wait_until(Duration::from_secs(30), "restore under way", || {
@@ -63,7 +62,7 @@ async fn sigterm_during_restore_releases_everything_and_the_next_host_takes_over
         }
     }
 
-    let new = spawn_unprivileged(&dirs, &wa.url(), "new-container", NOBODY, &env[..2]);
+    let new = spawn_unprivileged(socket_host_bin!(), &dirs, &wa.url(), "new-container", NOBODY, &env[..2]);
     new.ready().await;
     new.all_open(200, Duration::from_secs(30)).await;
     let doubled: Vec<_> =

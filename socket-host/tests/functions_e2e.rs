@@ -6,24 +6,23 @@
 //! reconnected, counted or marked here was done by the functions' logic. Invoking a built function through
 //! `cargo lambda watch` + `cargo lambda invoke` with a recorded Scheduler event is `scripts/invoke-local`.
 
-mod support;
-
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use support::*;
 use wa_sim::{Refusal, RefusePoint, Target};
 use wakeeper_shared::adapters::dynamodb::{DynamoTenantStore, dynamo_client_for_endpoint};
 use wakeeper_shared::adapters::firestore::FirestoreCredentialStore;
+use wakeeper_shared::alerts::{AlertError, AlertEvent, AlertMessage, AlertSink};
 use wakeeper_shared::domain::reconcile::Policy;
 use wakeeper_shared::domain::{SessionState, TenantId, TenantRecord, TenantStatus, now_millis};
+use wakeeper_shared::fleet::HostFleet;
 use wakeeper_shared::host_api::HostClient;
 use wakeeper_shared::ports::{CredentialStore, TenantStore};
-use wakeeper_shared::restore_fanout::{FanoutRequest, RestoreLimits, run_restore};
-use wakeeper_shared::sweep::{
-    AlertError, AlertEvent, AlertMessage, AlertSink, HostFleet, SweepMemory, SweepPolicy, SweepReport, run_sweep,
-};
+use wakeeper_shared::restore::{FanoutRequest, RestoreLimits, run_restore};
+use wakeeper_shared::sweep::{SweepMemory, SweepPolicy, SweepReport, run_sweep};
+use wakeeper_testkit::tenant as tid;
+use wakeeper_testkit::*;
 
 const PROJECT: &str = "wakeeper-test";
 
@@ -145,7 +144,7 @@ async fn restore_after_a_host_restart_then_a_healthy_fleet_costs_nothing_and_an_
     let env = cloud.host_env();
     let limits = RestoreLimits::default();
 
-    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &env);
+    let mut host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &env);
     host.ready().await;
     assert!(host.client.sessions().await.unwrap().sessions.is_empty(), "the host's own restore is off");
     let first =
@@ -163,7 +162,7 @@ async fn restore_after_a_host_restart_then_a_healthy_fleet_costs_nothing_and_an_
     let logins_before = wa.summary().logins;
     host.terminate(Duration::from_secs(30));
     dirs.wipe_data();
-    let host = TestHost::spawn(&dirs, &wa.url(), "host-a", &env);
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &env);
     host.ready().await;
     assert!(host.client.sessions().await.unwrap().sessions.is_empty());
     let hosts = fleet(&host);
@@ -226,7 +225,7 @@ async fn a_tenant_stuck_in_backoff_alerts_on_the_fourth_sweep_and_a_reconnect_br
     let wa = sim.handle();
     let (stuck, fine) = (tid("stuck"), tid("fine"));
     cloud.seed(&wa, &[stuck.clone(), fine.clone()], true).await;
-    let host = TestHost::spawn(&dirs, &wa.url(), "host-a", &cloud.host_env());
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &cloud.host_env());
     host.ready().await;
     let hosts = fleet(&host);
     let r = run_restore(cloud.tenants.as_ref(), &hosts, &FanoutRequest::default(), &RestoreLimits::default(), plenty)
@@ -321,7 +320,7 @@ async fn the_sweep_reconnects_a_half_open_session_long_before_the_keepalive_woul
     let wa = sim.handle();
     let id = tid("half");
     cloud.seed(&wa, std::slice::from_ref(&id), true).await;
-    let host = TestHost::spawn(&dirs, &wa.url(), "host-a", &cloud.host_env());
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &cloud.host_env());
     host.ready().await;
     let hosts = fleet(&host);
     run_restore(cloud.tenants.as_ref(), &hosts, &FanoutRequest::default(), &RestoreLimits::default(), plenty)

@@ -5,8 +5,6 @@
 //! and the imported tenant is brought online by the real host against the fake WhatsApp server. Node and npm are
 //! required: without them these tests fail loudly, unless `WAKEEPER_SKIP_NODE_TESTS=1`.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -18,11 +16,12 @@ use serde_json::Value;
 use socket_host::engine_store::EngineStore;
 use socket_host::replicator::Replica;
 use socket_host::transport::{ReqwestHttpClient, WsTransportFactory};
-use support::*;
 use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::domain::{CredentialSnapshot, RecordKind, SessionState, TenantId, TenantStatus};
+use wakeeper_shared::local::WorkingCopy;
 use wakeeper_shared::ports::{CredentialStore, TenantStore};
-use wakeeper_shared::working_copy::WorkingCopy;
+use wakeeper_testkit::tenant as tid;
+use wakeeper_testkit::*;
 use whatsapp_rust::bot::Bot;
 use whatsapp_rust::wacore::message_processing::EncType;
 use whatsapp_rust::wacore_binary::Jid;
@@ -231,7 +230,7 @@ async fn imported_baileys_session_connects_without_pairing() {
     assert_eq!(record.status, Some(TenantStatus::Connecting));
 
     // The real host brings it online: no QR code, no 401, the Baileys noise key on the wire.
-    let host = TestHost::spawn(&dirs, &handle.url(), "host-a", &[]);
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, &handle.url(), "host-a", &[]);
     host.ready().await;
     host.wait_state(&tenant, SessionState::Open, Duration::from_secs(60)).await;
     let seen = handle.device(&jid).expect("the server saw the device");

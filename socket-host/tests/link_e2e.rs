@@ -5,15 +5,14 @@
 //! the credential store; the host is SIGKILLed and its local state wiped; the next host connects the tenant
 //! with no pairing (same device, same noise key).
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
 use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::domain::{SessionState, TenantId};
 use wakeeper_shared::host_api::{ClientError, HostClient, LinkRequest, LinkStatus, LinkView};
 use wakeeper_shared::ports::{CredentialStore, StoreError, TenantStore};
+use wakeeper_testkit::tenant as tid;
+use wakeeper_testkit::*;
 
 /// A client whose timeout covers the host's wait for the first QR code.
 fn link_client(host: &TestHost) -> HostClient {
@@ -46,7 +45,7 @@ async fn linking_a_new_number_survives_sigkill_and_a_lost_disk() {
     let dirs = Dirs::new();
     let id = tid("new-trattoria");
     let cancelled = tid("changed-its-mind");
-    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &[]);
+    let mut host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &[]);
     host.ready().await;
 
     let first = start_link(&host, &id).await;
@@ -98,7 +97,7 @@ async fn linking_a_new_number_survives_sigkill_and_a_lost_disk() {
     // The local working copies are gone (the store of the one-machine default lives beside them and stays).
     std::fs::remove_dir_all(dirs.data().join("tenants")).unwrap();
 
-    let host2 = TestHost::spawn(&dirs, &wa.url(), "host-a", &[]);
+    let host2 = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &[]);
     host2.ready().await;
     // Restored on start (desired), with no pairing.
     wait_open(&host2, &id).await;
@@ -121,7 +120,7 @@ async fn a_new_link_is_in_firestore_when_it_opens_and_a_fresh_container_restores
     let sim = wa_sim::Sim::start_local().await.unwrap();
     let wa = sim.handle();
     let id = tid("new-sushi-bar");
-    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &cloud.host_env(&[]));
+    let mut host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &cloud.host_env(&[]));
     host.ready().await;
 
     let view = start_link(&host, &id).await;
@@ -136,7 +135,7 @@ async fn a_new_link_is_in_firestore_when_it_opens_and_a_fresh_container_restores
 
     host.kill9();
     dirs.wipe_data();
-    let host2 = TestHost::spawn(&dirs, &wa.url(), "host-a", &cloud.host_env(&[]));
+    let host2 = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &cloud.host_env(&[]));
     host2.ready().await;
     wait_open(&host2, &id).await;
     let obs = wa.device(&jid).unwrap();

@@ -9,8 +9,6 @@
 //!   check: the negative control.
 //! - With the webhook receiver down (and the host restarted meanwhile), every message arrives once it is back.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -20,13 +18,14 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use support::*;
 use wa_sim::ReceiptKind;
 use wakeeper_shared::adapters::firestore::FirestoreCredentialStore;
 use wakeeper_shared::domain::{CredentialSnapshot, RecordKind, SessionState, TenantId};
 use wakeeper_shared::host_api::{EnsureOutcome, SendMessageRequest};
+use wakeeper_shared::local::WorkingCopy;
 use wakeeper_shared::ports::{Conflict, CredentialStore, StoreError};
-use wakeeper_shared::working_copy::WorkingCopy;
+use wakeeper_testkit::tenant as tid;
+use wakeeper_testkit::*;
 
 const SECRET: &str = "message-webhook-secret";
 const STEP: Duration = Duration::from_secs(30);
@@ -68,7 +67,7 @@ impl Receiver {
                 async move {
                     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                     let signed =
-                        header("x-wakeeper-signature") == socket_host::webhooks::sign(SECRET.as_bytes(), &body);
+                        header("x-wakeeper-signature") == wakeeper_shared::webhook::sign(SECRET.as_bytes(), &body);
                     let event = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
                     sink.lock().unwrap().push(Delivery { signed, idempotency_key: header("idempotency-key"), event });
                     StatusCode::OK
@@ -174,7 +173,7 @@ async fn a_contact_writes_the_bot_answers() {
     let id = tid("trattoria-1");
     seed_embedded(&dirs, &wa, std::slice::from_ref(&id)).await;
     let receiver = Receiver::start().await;
-    let host = TestHost::spawn(&dirs, &wa.url(), "host-a", &hook_env(&receiver));
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &hook_env(&receiver));
     host.ready().await;
     host.wait_state(&id, SessionState::Open, STEP).await;
     let phone = "4915111110001";
@@ -226,7 +225,7 @@ async fn restore_then_talk(partial: bool) -> Option<Result<(), String>> {
         env
     };
     let receiver = Receiver::start().await;
-    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &env(&receiver));
+    let mut host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &env(&receiver));
     host.ready().await;
     assert!(matches!(host.client.ensure(&id).await.unwrap(), EnsureOutcome::Accepted(_)));
     host.wait_state(&id, SessionState::Open, STEP).await;
@@ -262,7 +261,7 @@ async fn restore_then_talk(partial: bool) -> Option<Result<(), String>> {
         replace_as_old_host(&creds, &id, &snap).await;
     }
 
-    let host2 = TestHost::spawn(&dirs, &wa.url(), "host-a", &env(&receiver));
+    let host2 = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &env(&receiver));
     host2.ready().await;
     assert!(matches!(host2.client.ensure(&id).await.unwrap(), EnsureOutcome::Accepted(_)));
     host2.wait_state(&id, SessionState::Open, STEP).await;
@@ -323,7 +322,7 @@ async fn messages_wait_in_the_outbox_while_the_bot_is_down() {
     let id = tid("bistro-1");
     seed_embedded(&dirs, &wa, std::slice::from_ref(&id)).await;
     let mut receiver = Receiver::start().await;
-    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &hook_env(&receiver));
+    let mut host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &hook_env(&receiver));
     host.ready().await;
     host.wait_state(&id, SessionState::Open, STEP).await;
     let phone = "4915133330001";
@@ -341,7 +340,7 @@ async fn messages_wait_in_the_outbox_while_the_bot_is_down() {
         if i == 2 {
             // The host dies in the middle of it; the outbox in its data dir survives.
             host.kill9();
-            host = TestHost::spawn(&dirs, &wa.url(), "host-a", &hook_env(&receiver));
+            host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &hook_env(&receiver));
             host.ready().await;
             host.wait_state(&id, SessionState::Open, STEP).await;
         }

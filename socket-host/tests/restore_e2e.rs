@@ -3,16 +3,15 @@
 //! The first proof of the project: a tenant's whole credential state goes to the Firestore emulator, the host
 //! is SIGKILLed and its disk wiped, and a new host connects that tenant again with no pairing.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::*;
 use wakeeper_shared::adapters::firestore::FirestoreCredentialStore;
 use wakeeper_shared::domain::SessionState;
 use wakeeper_shared::host_api::EnsureOutcome;
 use wakeeper_shared::ports::CredentialStore;
+use wakeeper_testkit::tenant as tid;
+use wakeeper_testkit::*;
 
 const PROJECT: &str = "wakeeper-test";
 
@@ -35,7 +34,7 @@ async fn tenant_restored_from_firestore_after_sigkill_and_disk_wipe() {
         ("WAKEEPER_FIRESTORE_PROJECT", PROJECT.to_string()),
         ("WAKEEPER_FIRESTORE_PREFIX", prefix.clone()),
     ];
-    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &env);
+    let mut host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &env);
     host.ready().await;
     assert!(matches!(host.client.ensure(&id).await.unwrap(), EnsureOutcome::Accepted(_)));
     host.wait_state(&id, SessionState::Open, Duration::from_secs(30)).await;
@@ -54,7 +53,7 @@ async fn tenant_restored_from_firestore_after_sigkill_and_disk_wipe() {
     dirs.wipe_data();
     assert!(!dirs.data().exists());
 
-    let host2 = TestHost::spawn(&dirs, &wa.url(), "host-a", &env);
+    let host2 = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &env);
     host2.ready().await;
     assert!(matches!(host2.client.ensure(&id).await.unwrap(), EnsureOutcome::Accepted(_)));
     host2.wait_state(&id, SessionState::Open, Duration::from_secs(30)).await;

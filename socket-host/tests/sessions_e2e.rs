@@ -1,16 +1,15 @@
 //! End-to-end tests of the supervised sessions (issue 5): the host binary, the real engine, the fake server.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::*;
 use wa_sim::{StreamErrorKind, Target};
 use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::domain::{RecordKey, SessionState, TenantId, TenantStatus};
 use wakeeper_shared::host_api::EnsureOutcome;
 use wakeeper_shared::ports::{CredentialStore, TenantStore};
+use wakeeper_testkit::tenant as tid;
+use wakeeper_testkit::*;
 
 fn ids(prefix: &str, n: usize) -> Vec<TenantId> {
     (0..n).map(|i| tid(&format!("{prefix}-{i:04}"))).collect()
@@ -30,13 +29,13 @@ async fn two_hundred_tenants_come_back_after_sigkill_without_pairing() {
     let tenants = ids("resto", 200);
     seed_embedded(&dirs, &wa, &tenants).await;
 
-    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &[]);
+    let mut host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &[]);
     host.ready().await;
     host.all_open(200, Duration::from_secs(120)).await;
     let logins_before = wa.summary().logins;
     host.kill9();
 
-    let host = TestHost::spawn(&dirs, &wa.url(), "host-a", &[]);
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &[]);
     host.ready().await;
     let list = host.all_open(200, Duration::from_secs(120)).await;
     assert_eq!(list.sessions.len(), 200);
@@ -57,6 +56,7 @@ async fn all_sockets_dropped_at_once_reconnect_within_the_governor_limit() {
     seed_embedded(&dirs, &wa, &tenants).await;
     let (rate, burst) = (40u32, 10u32);
     let host = TestHost::spawn(
+        socket_host_bin!(),
         &dirs,
         &wa.url(),
         "host-a",
@@ -99,7 +99,7 @@ async fn terminal_faults_end_one_tenant_each_and_leave_the_rest_open() {
     seed_embedded(&dirs, &wa, &tenants).await;
     let jid = |i: usize| wa.device_jid(&tenants[i]).unwrap();
 
-    let mut host = TestHost::spawn(&dirs, &wa.url(), "host-a", &[]);
+    let mut host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &[]);
     host.ready().await;
     host.all_open(6, Duration::from_secs(30)).await;
 
@@ -177,7 +177,7 @@ async fn missing_and_corrupt_credentials_are_marked_and_others_unaffected() {
         store.replace(&partial, &snap, 0).await.unwrap();
         store.set_desired(&partial, true).await.unwrap();
     }
-    let host = TestHost::spawn(&dirs, &wa.url(), "host-a", &[]);
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &[]);
     host.ready().await;
     host.all_open(3, Duration::from_secs(30)).await;
     host.wait_state(&missing, SessionState::CredentialsMissing, Duration::from_secs(20)).await;
@@ -200,6 +200,7 @@ async fn half_open_socket_is_detected_and_replaced_without_any_sweep() {
     seed_embedded(&dirs, &wa, &tenants).await;
     // The in-host sweep is off: only the session's own keepalive can notice.
     let host = TestHost::spawn(
+        socket_host_bin!(),
         &dirs,
         &wa.url(),
         "host-a",
@@ -242,7 +243,7 @@ async fn first_440_after_a_takeover_names_the_old_host() {
         store.replace(&imported, &snap, 0).await.unwrap();
         store.set_desired(&imported, true).await.unwrap();
     }
-    let host = TestHost::spawn(&dirs, &wa.url(), "host-a", &[]);
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &[]);
     host.ready().await;
     host.all_open(2, Duration::from_secs(30)).await;
     for t in [&imported, &native] {

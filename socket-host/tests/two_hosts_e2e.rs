@@ -1,12 +1,11 @@
 //! Two hosts with different ids over the same stores (issue 5): each tenant is connected by exactly one host at
 //! any moment, and when one host dies its tenants move to the other once their leases expire.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
 use wakeeper_shared::domain::{SessionState, TenantId};
+use wakeeper_testkit::tenant as tid;
+use wakeeper_testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_owner_per_tenant_and_failover_after_lease_expiry() {
@@ -25,8 +24,8 @@ async fn one_owner_per_tenant_and_failover_after_lease_expiry() {
     stores.seed(&wa, &tenants).await;
 
     let ttl = [("WAKEEPER_LEASE_TTL_S", "6".to_string())];
-    let mut a = TestHost::spawn(&dirs_a, &wa.url(), "host-a", &stores.host_env(&ttl));
-    let b = TestHost::spawn(&dirs_b, &wa.url(), "host-b", &stores.host_env(&ttl));
+    let mut a = TestHost::spawn(socket_host_bin!(), &dirs_a, &wa.url(), "host-a", &stores.host_env(&ttl));
+    let b = TestHost::spawn(socket_host_bin!(), &dirs_b, &wa.url(), "host-b", &stores.host_env(&ttl));
     a.ready().await;
     b.ready().await;
 

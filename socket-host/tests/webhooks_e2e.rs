@@ -1,8 +1,6 @@
 //! Webhooks end to end: the host's signed state-change events reach a local receiver, an alert fires after the
 //! fourth consecutive failure, and a recovery event follows once the tenant is open again.
 
-mod support;
-
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,9 +8,10 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::http::HeaderMap;
 use axum::routing::post;
-use support::*;
 use wa_sim::{Refusal, RefusePoint, Target};
 use wakeeper_shared::domain::SessionState;
+use wakeeper_testkit::tenant as tid;
+use wakeeper_testkit::*;
 
 const SECRET: &str = "webhook-secret-for-tests";
 
@@ -29,7 +28,7 @@ async fn receiver() -> (String, Received) {
                 let sig = headers.get("x-wakeeper-signature").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                 let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
                 // Keep the raw body's signature check result with the event.
-                let valid = sig == socket_host::webhooks::sign(SECRET.as_bytes(), &body);
+                let valid = sig == wakeeper_shared::webhook::sign(SECRET.as_bytes(), &body);
                 sink.lock().unwrap().push((if valid { "valid".into() } else { sig }, json));
                 "ok"
             }
@@ -50,6 +49,7 @@ async fn signed_state_events_and_failure_alert_then_recovery() {
     seed_embedded(&dirs, &wa, &[flaky.clone(), steady.clone()]).await;
     let (url, got) = receiver().await;
     let host = TestHost::spawn(
+        socket_host_bin!(),
         &dirs,
         &wa.url(),
         "host-a",

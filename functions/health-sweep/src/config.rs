@@ -1,5 +1,6 @@
 //! The health-sweep function's settings, read once at cold start from `WAKEEPER_*` variables (a lookup
-//! function, so tests pass a map). A missing or malformed setting fails the cold start, not an invocation.
+//! function, so tests pass a map). A missing or malformed setting fails the cold start, not an invocation. The
+//! hosts' and the table's settings are read as both functions read them ([`wakeeper_shared::lambda::config`]).
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
@@ -19,50 +20,12 @@
 //! | `WAKEEPER_SWEEP_CONCURRENCY` | `16` | host calls and writes in flight at once |
 //! | `WAKEEPER_LOG` | `info` | log filter |
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use wakeeper_shared::domain::reconcile::Policy;
-use wakeeper_shared::sweep::{SweepPolicy, parse_host_urls};
-
-/// A secret given either as its value or as where to fetch it. Never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Secret {
-    /// The value itself.
-    Value(String),
-    /// A Secrets Manager secret id (ARN) whose string is the value.
-    SecretArn(String),
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Secret::Value(_) => f.write_str("Secret::Value(<redacted>)"),
-            Secret::SecretArn(arn) => write!(f, "Secret::SecretArn({arn})"),
-        }
-    }
-}
-
-impl Secret {
-    /// The secret named by variable `value_var` or `arn_var` (not both); `None` when neither is set.
-    pub fn from_lookup(
-        get: &impl Fn(&str) -> Option<String>,
-        value_var: &str,
-        arn_var: &str,
-    ) -> anyhow::Result<Option<Self>> {
-        let value = get(value_var).filter(|v| !v.trim().is_empty());
-        let arn = get(arn_var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        match (value, arn) {
-            (Some(_), Some(_)) => bail!("set {value_var} or {arn_var}, not both"),
-            (Some(v), None) => Ok(Some(Secret::Value(v.trim().to_owned()))),
-            (None, Some(a)) if a.starts_with("arn:") => Ok(Some(Secret::SecretArn(a))),
-            (None, Some(_)) => bail!("{arn_var} must be a Secrets Manager ARN"),
-            (None, None) => Ok(None),
-        }
-    }
-}
+use wakeeper_shared::lambda::{ConfigError, HostsConfig, Secret, TableConfig, number};
+use wakeeper_shared::sweep::SweepPolicy;
 
 /// Where alerts go besides the log.
 #[derive(Debug, Clone, Default)]
@@ -76,45 +39,33 @@ pub struct AlertConfig {
 /// Everything the function needs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Control-API base URLs in shard order.
-    pub host_urls: Vec<String>,
-    /// The control API's bearer token.
-    pub token: Secret,
+    /// The hosts: URLs in shard order, the control token, the per-attempt timeout.
+    pub hosts: HostsConfig,
     /// The tenant table.
-    pub table: String,
-    /// DynamoDB endpoint override (local runs).
-    pub dynamodb_endpoint: Option<String>,
-    /// Per-attempt timeout of a control-API call.
-    pub host_timeout: Duration,
+    pub table: TableConfig,
     /// Where alerts go.
     pub alerts: AlertConfig,
     /// The sweep's knobs.
     pub policy: SweepPolicy,
 }
 
-fn number<T: FromStr>(get: &impl Fn(&str) -> Option<String>, var: &str, default: T) -> anyhow::Result<T> {
-    match get(var).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) {
-        None => Ok(default),
-        Some(v) => v.parse().ok().with_context(|| format!("{var} must be a non-negative whole number")),
-    }
-}
-
 impl Config {
     /// Reads every setting through `get` (`std::env::var` in the function).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
-        let urls = get("WAKEEPER_HOST_URLS").context("WAKEEPER_HOST_URLS is required")?;
-        let host_urls = parse_host_urls(&urls).map_err(|e| anyhow::anyhow!("WAKEEPER_HOST_URLS: {e}"))?;
-        let token = Secret::from_lookup(&get, "WAKEEPER_CONTROL_TOKEN", "WAKEEPER_CONTROL_TOKEN_SECRET_ARN")?
-            .context("WAKEEPER_CONTROL_TOKEN or WAKEEPER_CONTROL_TOKEN_SECRET_ARN is required")?;
-        let table = get("WAKEEPER_DYNAMODB_TABLE")
-            .filter(|t| !t.trim().is_empty())
-            .context("WAKEEPER_DYNAMODB_TABLE is required")?;
-        let dynamodb_endpoint = get("WAKEEPER_DYNAMODB_ENDPOINT").filter(|e| !e.trim().is_empty());
-        let host_timeout = Duration::from_secs(number(&get, "WAKEEPER_HOST_TIMEOUT_S", 10u64)?.max(1));
+        let hosts = HostsConfig::from_lookup(&get)?;
+        let table = TableConfig::from_lookup(&get)?;
+        let alerts = AlertConfig::from_lookup(&get)?;
+        let policy = sweep_policy(&get)?;
+        Ok(Self { hosts, table, alerts, policy })
+    }
+}
 
+impl AlertConfig {
+    /// Reads the webhook and topic settings through `get`.
+    fn from_lookup(get: &impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
         let webhook_url = get("WAKEEPER_ALERT_WEBHOOK_URL").map(|u| u.trim().to_owned()).filter(|u| !u.is_empty());
         let webhook_secret =
-            Secret::from_lookup(&get, "WAKEEPER_ALERT_WEBHOOK_SECRET", "WAKEEPER_ALERT_WEBHOOK_SECRET_ARN")?;
+            Secret::from_lookup(get, "WAKEEPER_ALERT_WEBHOOK_SECRET", "WAKEEPER_ALERT_WEBHOOK_SECRET_ARN")?;
         let webhook = match (webhook_url, webhook_secret) {
             (Some(url), Some(secret)) => {
                 if !(url.starts_with("https://") || url.starts_with("http://")) {
@@ -130,33 +81,24 @@ impl Config {
         if topic_arn.as_deref().is_some_and(|t| !t.starts_with("arn:")) {
             bail!("WAKEEPER_ALERT_TOPIC_ARN must be an SNS topic ARN");
         }
-
-        let defaults = SweepPolicy::default();
-        let silent_s = number(&get, "WAKEEPER_SWEEP_SILENT_AFTER_S", defaults.silent_after.map_or(0, |d| d.as_secs()))?;
-        let policy = SweepPolicy {
-            reconcile: Policy {
-                stuck_after_ms: number(&get, "WAKEEPER_SWEEP_STUCK_AFTER_S", defaults.reconcile.stuck_after_ms / 1000)?
-                    .saturating_mul(1000),
-                alert_after_failures: number(
-                    &get,
-                    "WAKEEPER_SWEEP_ALERT_AFTER",
-                    defaults.reconcile.alert_after_failures,
-                )?,
-            },
-            silent_after: (silent_s > 0).then(|| Duration::from_secs(silent_s)),
-            concurrency: number(&get, "WAKEEPER_SWEEP_CONCURRENCY", defaults.concurrency)?.max(1),
-            ..defaults
-        };
-        Ok(Self {
-            host_urls,
-            token,
-            table,
-            dynamodb_endpoint,
-            host_timeout,
-            alerts: AlertConfig { webhook, topic_arn },
-            policy,
-        })
+        Ok(Self { webhook, topic_arn })
     }
+}
+
+/// The sweep's knobs, each defaulting to the shared [`SweepPolicy`]'s.
+fn sweep_policy(get: &impl Fn(&str) -> Option<String>) -> Result<SweepPolicy, ConfigError> {
+    let defaults = SweepPolicy::default();
+    let silent_s = number(get, "WAKEEPER_SWEEP_SILENT_AFTER_S", defaults.silent_after.map_or(0, |d| d.as_secs()))?;
+    Ok(SweepPolicy {
+        reconcile: Policy {
+            stuck_after_ms: number(get, "WAKEEPER_SWEEP_STUCK_AFTER_S", defaults.reconcile.stuck_after_ms / 1000)?
+                .saturating_mul(1000),
+            alert_after_failures: number(get, "WAKEEPER_SWEEP_ALERT_AFTER", defaults.reconcile.alert_after_failures)?,
+        },
+        silent_after: (silent_s > 0).then(|| Duration::from_secs(silent_s)),
+        concurrency: number(get, "WAKEEPER_SWEEP_CONCURRENCY", defaults.concurrency)?.max(1),
+        ..defaults
+    })
 }
 
 #[cfg(test)]

@@ -2,22 +2,21 @@
 //! when the host could not be reached, after alerting).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use lambda_runtime::{Error, LambdaEvent};
 use serde_json::Value;
 use tokio::sync::{Mutex, OnceCell};
 use tracing::info;
-use wakeeper_shared::adapters::dynamodb::{DynamoTenantStore, dynamo_client_for_endpoint};
+use wakeeper_shared::alerts::{AlertFanout, AlertSink, LogAlerts, WebhookAlerts};
 use wakeeper_shared::domain::now_millis;
+use wakeeper_shared::fleet::HostFleet;
 use wakeeper_shared::host_api::HostClient;
+use wakeeper_shared::lambda::{HostsConfig, Invocation, aws_config_if, classify_event, resolve_secret};
 use wakeeper_shared::ports::TenantStore;
-use wakeeper_shared::restore_fanout::{Invocation, classify_event};
-use wakeeper_shared::sweep::{AlertFanout, AlertSink, HostFleet, LogAlerts, SweepMemory, SweepPolicy, run_sweep};
+use wakeeper_shared::sweep::{SweepMemory, SweepPolicy, run_sweep};
 
-use crate::alerts::WebhookAlerts;
-use crate::config::{AlertConfig, Config, Secret};
+use crate::config::{AlertConfig, Config};
 
 /// The function's name: the EMF dimension and the log field.
 pub const FUNCTION: &str = "health-sweep";
@@ -45,9 +44,7 @@ struct Clients {
 
 /// What building [`Clients`] needs.
 struct ClientSettings {
-    host_urls: Vec<String>,
-    token: Secret,
-    host_timeout: Duration,
+    hosts: HostsConfig,
     alerts: AlertConfig,
     sdk: Option<aws_config::SdkConfig>,
 }
@@ -55,20 +52,19 @@ struct ClientSettings {
 impl ClientSettings {
     /// Whether building the clients fetches a secret (and so waits for the first invocation).
     fn fetches(&self) -> bool {
-        matches!(self.token, Secret::SecretArn(_)) || matches!(self.alerts.webhook, Some((_, Secret::SecretArn(_))))
+        self.hosts.token.needs_aws() || self.alerts.webhook.as_ref().is_some_and(|(_, secret)| secret.needs_aws())
     }
 
     async fn build(&self) -> anyhow::Result<Clients> {
-        let token = crate::secrets::resolve(&self.token, self.sdk.as_ref()).await.context("control token")?;
-        let hosts = HostFleet::from_urls(&self.host_urls, &token, self.host_timeout)?;
+        let hosts = self.hosts.fleet(self.sdk.as_ref()).await?;
         let mut sinks: Vec<Box<dyn AlertSink>> = vec![Box::new(LogAlerts)];
         if let Some((url, secret)) = &self.alerts.webhook {
-            let secret = crate::secrets::resolve(secret, self.sdk.as_ref()).await.context("webhook secret")?;
+            let secret = resolve_secret(secret, self.sdk.as_ref()).await.context("webhook secret")?;
             sinks.push(Box::new(WebhookAlerts::new(url.clone(), &secret)?));
         }
         if let Some(topic) = &self.alerts.topic_arn {
             #[cfg(feature = "sns")]
-            sinks.push(Box::new(crate::alerts::SnsAlerts::new(
+            sinks.push(Box::new(wakeeper_shared::alerts::SnsAlerts::new(
                 self.sdk.as_ref().expect("loaded for a topic"),
                 topic.clone(),
             )));
@@ -84,34 +80,15 @@ impl State {
     /// Builds the DynamoDB client, and the other clients too when no secret has to be fetched for them. Talks
     /// to AWS only when it must, and never over the network.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let needs_aws = config.dynamodb_endpoint.is_none()
-            || matches!(config.token, Secret::SecretArn(_))
-            || matches!(config.alerts.webhook, Some((_, Secret::SecretArn(_))))
-            || config.alerts.topic_arn.is_some();
-        let sdk = if needs_aws { Some(aws_config::load_from_env().await) } else { None };
-        let dynamo = match (&config.dynamodb_endpoint, &sdk) {
-            (Some(url), _) => dynamo_client_for_endpoint(url),
-            (None, Some(sdk)) => aws_sdk_dynamodb::Client::new(sdk),
-            (None, None) => unreachable!("an AWS configuration is loaded when no endpoint is set"),
-        };
-        let settings = ClientSettings {
-            host_urls: config.host_urls,
-            token: config.token,
-            host_timeout: config.host_timeout,
-            alerts: config.alerts,
-            sdk,
-        };
+        let settings = ClientSettings { hosts: config.hosts, alerts: config.alerts, sdk: None };
+        let needs_aws = config.table.needs_aws() || settings.fetches() || settings.alerts.topic_arn.is_some();
+        let settings = ClientSettings { sdk: aws_config_if(needs_aws).await, ..settings };
+        let tenants = Arc::new(config.table.tenant_store(settings.sdk.as_ref()));
         // Nothing to fetch: build the clients now, so a bad URL or setting fails the cold start.
         let clients =
             if settings.fetches() { OnceCell::new() } else { OnceCell::new_with(Some(settings.build().await?)) };
-        info!(table = %config.table, secrets_fetched_later = settings.fetches(), "health-sweep configured");
-        Ok(Self {
-            tenants: Arc::new(DynamoTenantStore::new(dynamo, config.table)),
-            clients,
-            settings,
-            policy: config.policy,
-            memory: Mutex::new(SweepMemory::default()),
-        })
+        info!(table = %config.table.name, secrets_fetched_later = settings.fetches(), "health-sweep configured");
+        Ok(Self { tenants, clients, settings, policy: config.policy, memory: Mutex::new(SweepMemory::default()) })
     }
 
     /// The clients: built at cold start, or by the first invocation that needs a secret fetched (a failed fetch
@@ -123,7 +100,7 @@ impl State {
 
 /// One invocation. Accepts a Scheduler event or an empty direct invoke; a tenant list means nothing to a sweep
 /// and is refused.
-pub async fn handle(state: &State, event: LambdaEvent<Value>) -> Result<Value, Error> {
+pub async fn handle(state: Arc<State>, event: LambdaEvent<Value>) -> Result<Value, Error> {
     match classify_event(&event.payload)? {
         Invocation::Scheduled { schedule, time } => {
             info!(
@@ -156,13 +133,6 @@ pub async fn handle(state: &State, event: LambdaEvent<Value>) -> Result<Value, E
         return Err(format!("host unreachable, nothing marked ({} alert sent): {why}", report.alerts).into());
     }
     Ok(serde_json::to_value(&report)?)
-}
-
-/// JSON logs on stdout (one object a line, fields flattened for Logs Insights), filtered by `WAKEEPER_LOG`.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WAKEEPER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().json().flatten_event(true).with_current_span(false).with_env_filter(filter).init();
 }
 
 #[cfg(test)]

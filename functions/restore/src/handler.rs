@@ -3,22 +3,19 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
 use lambda_runtime::{Error, LambdaEvent};
 use serde_json::Value;
 use tokio::sync::OnceCell;
 use tracing::info;
-use wakeeper_shared::adapters::dynamodb::{DynamoTenantStore, dynamo_client_for_endpoint};
 use wakeeper_shared::domain::now_millis;
 use wakeeper_shared::emf::Emf;
+use wakeeper_shared::fleet::HostFleet;
 use wakeeper_shared::host_api::HostClient;
+use wakeeper_shared::lambda::{HostsConfig, Invocation, Secret, aws_config_if, classify_event};
 use wakeeper_shared::ports::TenantStore;
-use wakeeper_shared::restore_fanout::{
-    FanoutRequest, Invocation, RestoreError, RestoreLimits, classify_event, run_restore,
-};
-use wakeeper_shared::sweep::HostFleet;
+use wakeeper_shared::restore::{FanoutRequest, RestoreError, RestoreLimits, run_restore};
 
-use crate::config::{Config, Secret};
+use crate::config::Config;
 
 /// The function's name: the EMF dimension and the log field.
 pub const FUNCTION: &str = "restore";
@@ -31,54 +28,29 @@ pub const FUNCTION: &str = "restore";
 pub struct State {
     tenants: Arc<dyn TenantStore>,
     hosts: OnceCell<HostFleet<HostClient>>,
-    fleet: FleetSettings,
-    limits: RestoreLimits,
-}
-
-/// What the first invocation needs to build the host clients when the token is not known at cold start.
-struct FleetSettings {
-    urls: Vec<String>,
-    token: Secret,
-    timeout: Duration,
+    host_settings: HostsConfig,
     sdk: Option<aws_config::SdkConfig>,
-}
-
-impl FleetSettings {
-    async fn build(&self) -> anyhow::Result<HostFleet<HostClient>> {
-        let token = crate::secrets::resolve(&self.token, self.sdk.as_ref()).await.context("control token")?;
-        Ok(HostFleet::from_urls(&self.urls, &token, self.timeout)?)
-    }
+    limits: RestoreLimits,
 }
 
 impl State {
     /// Builds the clients. Talks to AWS only when it must (the real DynamoDB), and never over the network.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let needs_aws = config.dynamodb_endpoint.is_none() || matches!(config.token, Secret::SecretArn(_));
-        let sdk = if needs_aws { Some(aws_config::load_from_env().await) } else { None };
-        let dynamo = match (&config.dynamodb_endpoint, &sdk) {
-            (Some(url), _) => dynamo_client_for_endpoint(url),
-            (None, Some(sdk)) => aws_sdk_dynamodb::Client::new(sdk),
-            (None, None) => unreachable!("an AWS configuration is loaded when no endpoint is set"),
-        };
-        let fleet = FleetSettings { urls: config.host_urls, token: config.token, timeout: config.host_timeout, sdk };
+        let sdk = aws_config_if(config.table.needs_aws() || config.hosts.token.needs_aws()).await;
+        let tenants = Arc::new(config.table.tenant_store(sdk.as_ref()));
         // A token given as its value costs nothing: build the clients now, so a bad URL fails the cold start.
-        let hosts = match fleet.token {
-            Secret::Value(_) => OnceCell::new_with(Some(fleet.build().await?)),
+        let hosts = match config.hosts.token {
+            Secret::Value(_) => OnceCell::new_with(Some(config.hosts.fleet(sdk.as_ref()).await?)),
             Secret::SecretArn(_) => OnceCell::new(),
         };
-        info!(hosts = fleet.urls.len(), table = %config.table, "restore function configured");
-        Ok(Self {
-            tenants: Arc::new(DynamoTenantStore::new(dynamo, config.table)),
-            hosts,
-            fleet,
-            limits: config.limits,
-        })
+        info!(hosts = config.hosts.urls.len(), table = %config.table.name, "restore function configured");
+        Ok(Self { tenants, hosts, host_settings: config.hosts, sdk, limits: config.limits })
     }
 
     /// The host clients: built at cold start, or by the first invocation that needs the token fetched (a failed
     /// fetch fails that invocation; the next one tries again).
     async fn hosts(&self) -> anyhow::Result<&HostFleet<HostClient>> {
-        self.hosts.get_or_try_init(|| self.fleet.build()).await
+        Ok(self.hosts.get_or_try_init(|| self.host_settings.fleet(self.sdk.as_ref())).await?)
     }
 }
 
@@ -100,7 +72,7 @@ fn emit(emf: &Emf) {
 }
 
 /// One invocation: a Scheduler event restores every desired tenant; `{"tenant_ids": [...]}` those tenants.
-pub async fn handle(state: &State, event: LambdaEvent<Value>) -> Result<Value, Error> {
+pub async fn handle(state: Arc<State>, event: LambdaEvent<Value>) -> Result<Value, Error> {
     let (payload, context) = event.into_parts();
     let request = match classify_event(&payload)? {
         Invocation::Scheduled { schedule, time } => {
@@ -151,13 +123,6 @@ pub async fn handle(state: &State, event: LambdaEvent<Value>) -> Result<Value, E
             Err(Box::new(e))
         }
     }
-}
-
-/// JSON logs on stdout (one object a line, fields flattened for Logs Insights), filtered by `WAKEEPER_LOG`.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WAKEEPER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().json().flatten_event(true).with_current_span(false).with_env_filter(filter).init();
 }
 
 #[cfg(test)]

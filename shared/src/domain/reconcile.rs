@@ -173,17 +173,7 @@ mod tests {
     }
 
     fn sess(s: &str, state: SessionState, since: UnixMillis) -> SessionView {
-        SessionView {
-            tenant_id: id(s),
-            state,
-            since_ms: since,
-            connected_since_ms: None,
-            last_frame_ago_ms: None,
-            reconnects: 0,
-            consecutive_failures: 0,
-            backoff_ms: None,
-            last_error: None,
-        }
+        SessionView::new(id(s), state, since)
     }
 
     fn list(boot: &str, sessions: Vec<SessionView>) -> SessionList {

@@ -105,6 +105,40 @@ pub struct SessionView {
     pub last_error: Option<String>,
 }
 
+impl SessionView {
+    /// A session that entered `state` at `since_ms` and has nothing else to show yet.
+    pub fn new(tenant_id: TenantId, state: SessionState, since_ms: UnixMillis) -> Self {
+        Self {
+            tenant_id,
+            state,
+            since_ms,
+            connected_since_ms: None,
+            last_frame_ago_ms: None,
+            reconnects: 0,
+            consecutive_failures: 0,
+            backoff_ms: None,
+            last_error: None,
+        }
+    }
+}
+
+/// A session changed state: what the host publishes to its webhooks, metrics and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateChange {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// Previous state.
+    pub from: SessionState,
+    /// New state.
+    pub to: SessionState,
+    /// Why, in words (never a secret).
+    pub reason: Option<String>,
+    /// Consecutive failures at the time of the change.
+    pub consecutive_failures: u32,
+    /// When.
+    pub at_ms: UnixMillis,
+}
+
 /// `GET /v1/sessions`: every session of a host, with the host's boot id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionList {

@@ -20,22 +20,20 @@ pub mod rtdb;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
-use wakeeper_shared::adapters::embedded::EmbeddedStore;
-use wakeeper_shared::crypto::{Cipher, LocalKeyFile};
 use wakeeper_shared::domain::{
     RecordChange, RecordKey, RecordKind, StatusUpdate, TenantId, TenantStatus, UnixMillis, now_millis,
 };
-use wakeeper_shared::ports::{Conflict, CredentialStore, StoreError, TenantStore};
-use wakeeper_shared::working_copy::WorkingCopy;
+use wakeeper_shared::local::LocalCopies;
+use wakeeper_shared::ports::{Conflict, StoreError};
 
 pub use baileys::MARKER_KEY;
 use baileys::{AuthFiles, BaileysError};
 
 use crate::config::Config;
+use crate::stores::{Connect, Stores, StoresError};
 
 /// `socket-host import ...`.
 #[derive(Debug, Clone, Subcommand)]
@@ -172,12 +170,11 @@ pub fn replaced_reason(marker: Option<&[u8]>) -> Option<String> {
     ))
 }
 
-/// The takeover marker in the tenant's local working copy under `data_dir`, if any. Blocking (reads and decrypts
+/// The takeover marker in the tenant's local working copy, if any. Blocking (reads and decrypts
 /// the copy; run it in `spawn_blocking`). Safe next to an open engine store: it only reads, and a torn journal
 /// tail is skipped. For a supervisor that has no engine call to read `other` records with.
-pub fn read_marker(data_dir: &std::path::Path, tenant: &TenantId, cipher: &Cipher) -> Option<Vec<u8>> {
-    let wc = WorkingCopy::open(data_dir, tenant.clone(), cipher.clone()).ok()?;
-    wc.load().ok().flatten()?.records.remove(&marker_key())
+pub fn read_marker(local: &LocalCopies, tenant: &TenantId) -> Option<Vec<u8>> {
+    local.open(tenant).ok()?.load().ok().flatten()?.records.remove(&marker_key())
 }
 
 /// Runs an import sub-command, writing its report to `out`.
@@ -188,55 +185,12 @@ pub async fn run(config: &Config, cmd: &ImportCommand, out: &mut dyn Write) -> R
     }
 }
 
-struct Stores {
-    credentials: Arc<dyn CredentialStore>,
-    tenants: Arc<dyn TenantStore>,
-    cipher: Cipher,
-}
-
 /// The stores `serve` would use, opened the same way.
 async fn open_stores(config: &Config) -> Result<Stores, ImportError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| ImportError::Config(format!("creating data dir {}: {e}", config.data_dir.display())))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
-    }
-    let key_file = config.key_file.clone().unwrap_or_else(|| config.data_dir.join("keys").join("data.key"));
-    let cipher = Cipher::from_source(&LocalKeyFile::new(key_file))
-        .map_err(|e| ImportError::Config(format!("loading the data key: {e}")))?;
-    let embedded = match (&config.firestore_project, &config.dynamodb_table) {
-        (Some(_), Some(_)) => None,
-        _ => Some(Arc::new(EmbeddedStore::open(config.data_dir.join("store.redb"), cipher.clone()).map_err(|e| {
-            ImportError::Store(format!(
-                "opening the embedded store ({e}); it is opened by one process at a time: stop the host first"
-            ))
-        })?)),
-    };
-    let credentials: Arc<dyn CredentialStore> = match &config.firestore_project {
-        Some(project) => Arc::new(
-            wakeeper_shared::adapters::firestore::FirestoreCredentialStore::new(
-                project.clone(),
-                cipher.clone(),
-                config.firestore_prefix.clone(),
-            )
-            .await
-            .map_err(store_err("connecting to Firestore"))?,
-        ),
-        None => embedded.clone().expect("embedded store opened"),
-    };
-    let tenants: Arc<dyn TenantStore> = match &config.dynamodb_table {
-        Some(table) => {
-            let client = match &config.dynamodb_endpoint {
-                Some(url) => wakeeper_shared::adapters::dynamodb::dynamo_client_for_endpoint(url),
-                None => aws_sdk_dynamodb::Client::new(&aws_config::load_from_env().await),
-            };
-            Arc::new(wakeeper_shared::adapters::dynamodb::DynamoTenantStore::new(client, table.clone()))
-        }
-        None => embedded.clone().expect("embedded store opened"),
-    };
-    Ok(Stores { credentials, tenants, cipher })
+    Stores::open(config, Connect::Now).await.map_err(|e| match e {
+        StoresError::DataDir { .. } | StoresError::DataKey(_) => ImportError::Config(e.to_string()),
+        StoresError::Embedded(_) | StoresError::Firestore(_) => ImportError::Store(e.to_string()),
+    })
 }
 
 /// Lease owner name of an import, so a host's logs say who held the tenant.
@@ -325,12 +279,8 @@ async fn write_snapshot(
     // local copy is pushed up) nor a stale replica can bring the old state back over the import.
     let stored = stores.credentials.generation(tenant).await.map_err(store_err("reading"))?.unwrap_or(0);
     let local = {
-        let (dir, t, cipher) = (config.data_dir.clone(), tenant.clone(), stores.cipher.clone());
-        tokio::task::spawn_blocking(move || WorkingCopy::open(&dir, t, cipher).ok().and_then(|wc| wc.generation()))
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(0)
+        let local = LocalCopies::new(config.data_dir.clone(), stores.cipher.clone());
+        local.with_copy(tenant, |copy| Ok(copy.generation())).await.ok().flatten().unwrap_or(0)
     };
     snapshot.generation = stored.max(local) + 1;
     stores.credentials.replace(tenant, snapshot, epoch).await.map_err(store_err("writing the snapshot"))?;
@@ -370,6 +320,9 @@ fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use wakeeper_shared::crypto::Cipher;
+    use wakeeper_shared::local::WorkingCopy;
+
     use super::*;
 
     #[test]
@@ -389,15 +342,16 @@ mod tests {
     fn the_marker_is_read_from_the_working_copy() {
         let dir = tempfile::tempdir().unwrap();
         let (tenant, cipher) = (TenantId::parse("t1").unwrap(), Cipher::new(&[3; 32]));
-        assert_eq!(read_marker(dir.path(), &tenant, &cipher), None, "no working copy");
+        let local = LocalCopies::new(dir.path(), cipher.clone());
+        assert_eq!(read_marker(&local, &tenant), None, "no working copy");
         let mut snapshot = wakeeper_shared::domain::CredentialSnapshot { generation: 4, ..Default::default() };
         snapshot.records.insert(RecordKey::new(RecordKind::Session, "a@c.us.0"), vec![1]);
         let mut wc = WorkingCopy::open(dir.path(), tenant.clone(), cipher.clone()).unwrap();
         wc.write_base(&snapshot).unwrap();
-        assert_eq!(read_marker(dir.path(), &tenant, &cipher), None, "no marker");
+        assert_eq!(read_marker(&local, &tenant), None, "no marker");
         wc.append(&[RecordChange { key: marker_key(), value: Some(b"{}".to_vec()) }]).unwrap();
-        assert_eq!(read_marker(dir.path(), &tenant, &cipher), Some(b"{}".to_vec()));
+        assert_eq!(read_marker(&local, &tenant), Some(b"{}".to_vec()));
         wc.append(&[marker_removal()]).unwrap();
-        assert_eq!(read_marker(dir.path(), &tenant, &cipher), None, "removed");
+        assert_eq!(read_marker(&local, &tenant), None, "removed");
     }
 }

@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, 
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use whatsapp_rust::buffa::Message as _;
+use whatsapp_rust::bytes::BytesMut;
 use whatsapp_rust::wacore_binary::builder::NodeBuilder;
 use whatsapp_rust::wacore_binary::{Jid, Node};
 use whatsapp_rust::waproto::whatsapp as wa;
@@ -412,101 +413,141 @@ impl std::fmt::Display for End {
 async fn stanza_loop(
     shared: &Shared,
     jid: &str,
-    mut link: Link,
-    mut channel: Channel,
+    link: Link,
+    channel: Channel,
     mut commands: mpsc::UnboundedReceiver<Command>,
     outbox: &mut mpsc::UnboundedReceiver<Node>,
 ) -> End {
-    let mut half_open = false;
-    let mut delayed_pongs: VecDeque<(Instant, String)> = VecDeque::new();
+    let mut conn = LoggedIn { shared, jid, link, channel, half_open: false, delayed_pongs: VecDeque::new() };
     loop {
-        let next_pong = delayed_pongs.front().map(|(at, _)| *at);
-        tokio::select! {
+        let next_pong = conn.delayed_pongs.front().map(|(at, _)| *at);
+        let step = tokio::select! {
             biased;
-            command = commands.recv() => {
-                let kind = match command {
-                    None | Some(Command::Drop) => return End::Dropped,
-                    Some(Command::HalfOpen) => {
-                        half_open = true;
-                        delayed_pongs.clear();
-                        continue;
-                    }
-                    Some(Command::StreamError(kind)) => {
-                        shared.update(|s| s.rec.stream_error(jid, false));
-                        kind
-                    }
-                    Some(Command::Superseded) => {
-                        shared.update(|s| s.rec.stream_error(jid, true));
-                        StreamErrorKind::Replaced
-                    }
-                };
-                if !half_open {
-                    let _ = send(&mut link, &mut channel, &stream_error(kind)).await;
-                    link.close().await;
-                }
-                return End::StreamError(kind);
-            }
+            command = commands.recv() => conn.on_command(command).await,
             _ = sleep_until(next_pong.unwrap_or_else(Instant::now)), if next_pong.is_some() => {
-                if let Some((_, id)) = delayed_pongs.pop_front()
-                    && let Err(e) = send(&mut link, &mut channel, &iq::pong(&id)).await
-                {
-                    return End::Error(e);
-                }
+                conn.send_delayed_pong().await
             }
-            node = outbox.recv(), if !half_open => {
+            node = outbox.recv(), if !conn.half_open => {
                 // Messages and receipts the relay routed to this device.
-                let Some(node) = node else { return End::Dropped };
-                if let Err(e) = send(&mut link, &mut channel, &node).await {
-                    return End::Error(e);
+                match node {
+                    Some(node) => conn.send(&node).await,
+                    None => Err(End::Dropped),
                 }
             }
-            frame = link.next_frame() => {
-                let mut frame = match frame {
-                    Ok(f) => f,
-                    Err(WireError::Closed) => return End::ClientClosed,
-                    Err(e) => return End::Error(e),
-                };
-                if half_open {
-                    // Read and discard: to the client this is indistinguishable from a peer that stopped
-                    // reading (its kernel acknowledges either way), and we still notice when it hangs up.
-                    continue;
-                }
-                if let Err(e) = channel.open(&mut frame) {
-                    return End::Error(e);
-                }
-                let handled = crate::wire::with_node(&frame, |node| {
-                    let routed = matches!(&*node.tag, "message" | "receipt" | "ack").then(|| relay::inbound(node)).flatten();
-                    (iq::handle(shared, jid, node), routed)
-                });
-                let (outcome, routed) = match handled {
-                    Ok(o) => o,
-                    Err(e) => return End::Error(e),
-                };
-                let replies = match outcome {
-                    Outcome::Nothing => Vec::new(),
-                    Outcome::Reply(nodes) => nodes,
-                    Outcome::Ping(id) => {
-                        shared.update(|s| s.rec.ping(jid));
-                        let mode = shared.lock().effective(Some(jid)).pong.unwrap_or_default();
-                        match mode {
-                            PongMode::Normal => vec![iq::pong(&id)],
-                            PongMode::Drop => continue,
-                            PongMode::Delay { delay } => {
-                                delayed_pongs.push_back((Instant::now() + delay, id));
-                                continue;
-                            }
-                        }
-                    }
-                };
-                for node in &replies {
-                    if let Err(e) = send(&mut link, &mut channel, node).await {
-                        return End::Error(e);
-                    }
-                }
-                // After the server's ack, as WhatsApp acks a message before the recipient sees it.
-                if let Some(routed) = routed {
-                    relay::handle(shared, jid, routed).await;
-                }
+            frame = conn.link.next_frame() => conn.on_frame(frame).await,
+        };
+        if let Err(end) = step {
+            return conn.finish(end).await;
+        }
+    }
+}
+
+/// A logged-in connection as the stanza loop serves it: its socket and transport cipher, whether a fault made
+/// it half-open, and the pongs a fault delays. Each step returns `Err` with how the connection ended.
+struct LoggedIn<'a> {
+    shared: &'a Shared,
+    jid: &'a str,
+    link: Link,
+    channel: Channel,
+    half_open: bool,
+    delayed_pongs: VecDeque<(Instant, String)>,
+}
+
+impl LoggedIn<'_> {
+    async fn send(&mut self, node: &Node) -> Result<(), End> {
+        send(&mut self.link, &mut self.channel, node).await.map_err(End::Error)
+    }
+
+    /// A fault command for this connection (or the simulator going away: `None`); a stream error ends it (see
+    /// [`LoggedIn::finish`]).
+    async fn on_command(&mut self, command: Option<Command>) -> Result<(), End> {
+        let jid = self.jid;
+        let kind = match command {
+            None | Some(Command::Drop) => return Err(End::Dropped),
+            Some(Command::HalfOpen) => {
+                self.half_open = true;
+                self.delayed_pongs.clear();
+                return Ok(());
+            }
+            Some(Command::StreamError(kind)) => {
+                self.shared.update(|s| s.rec.stream_error(jid, false));
+                kind
+            }
+            Some(Command::Superseded) => {
+                self.shared.update(|s| s.rec.stream_error(jid, true));
+                StreamErrorKind::Replaced
+            }
+        };
+        Err(End::StreamError(kind))
+    }
+
+    /// How the connection ended; a stream error is sent to the client first (unless the connection is
+    /// half-open), then the socket closed.
+    async fn finish(mut self, end: End) -> End {
+        if let End::StreamError(kind) = &end
+            && !self.half_open
+        {
+            let _ = send(&mut self.link, &mut self.channel, &stream_error(*kind)).await;
+            self.link.close().await;
+        }
+        end
+    }
+
+    async fn send_delayed_pong(&mut self) -> Result<(), End> {
+        match self.delayed_pongs.pop_front() {
+            Some((_, id)) => self.send(&iq::pong(&id)).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A frame from the client: decrypted, answered (IQs, pings), and routed (messages, receipts, acks).
+    async fn on_frame(&mut self, frame: Result<BytesMut, WireError>) -> Result<(), End> {
+        let mut frame = match frame {
+            Ok(f) => f,
+            Err(WireError::Closed) => return Err(End::ClientClosed),
+            Err(e) => return Err(End::Error(e)),
+        };
+        if self.half_open {
+            // Read and discard: to the client this is indistinguishable from a peer that stopped
+            // reading (its kernel acknowledges either way), and we still notice when it hangs up.
+            return Ok(());
+        }
+        self.channel.open(&mut frame).map_err(End::Error)?;
+        let (shared, jid) = (self.shared, self.jid);
+        let (outcome, routed) = crate::wire::with_node(&frame, |node| {
+            let routed = matches!(&*node.tag, "message" | "receipt" | "ack").then(|| relay::inbound(node)).flatten();
+            (iq::handle(shared, jid, node), routed)
+        })
+        .map_err(End::Error)?;
+        let replies = match outcome {
+            Outcome::Nothing => Vec::new(),
+            Outcome::Reply(nodes) => nodes,
+            Outcome::Ping(id) => match self.pong(id) {
+                Some(pong) => vec![pong],
+                None => return Ok(()),
+            },
+        };
+        for node in &replies {
+            self.send(node).await?;
+        }
+        // After the server's ack, as WhatsApp acks a message before the recipient sees it.
+        if let Some(routed) = routed {
+            relay::handle(shared, jid, routed).await;
+        }
+        Ok(())
+    }
+
+    /// The answer to a keepalive ping as the pong setting says: now, never, or later (queued; `None` then).
+    fn pong(&mut self, id: String) -> Option<Node> {
+        let jid = self.jid;
+        self.shared.update(|s| s.rec.ping(jid));
+        let mode = self.shared.lock().effective(Some(jid)).pong.unwrap_or_default();
+        match mode {
+            PongMode::Normal => Some(iq::pong(&id)),
+            PongMode::Drop => None,
+            PongMode::Delay { delay } => {
+                self.delayed_pongs.push_back((Instant::now() + delay, id));
+                None
             }
         }
     }

@@ -1,12 +1,10 @@
 //! The engine's connect sequence against the simulator leaves no warning behind: every IQ it sends gets an
 //! answer its parsers accept. Its own test binary, so the captured engine log holds only these clients.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{TestClient, tenant, warnings};
 use wa_sim::{MintOptions, Sim, Target};
+use wakeeper_testkit::{TestClient, tenant, warnings};
 use whatsapp_rust::prelude::Event;
 
 const CONNECT: Duration = Duration::from_secs(20);

@@ -3,14 +3,12 @@
 //! the device sends it, and records delivery and retry receipts. Its own test binary, so the captured
 //! engine warnings belong to these clients only.
 
-mod support;
-
 use std::time::Duration;
 
 use serde_json::json;
-use support::{TestClient, tenant, warnings};
 use wa_sim::loadgen::control_request;
 use wa_sim::{MintOptions, MintedDevice, ReceiptKind, Sim, SimConfig};
+use wakeeper_testkit::{TestClient, tenant, warnings};
 use whatsapp_rust::prelude::Event;
 use whatsapp_rust::wacore_binary::Jid;
 

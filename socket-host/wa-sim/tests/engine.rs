@@ -1,12 +1,10 @@
 //! The real whatsapp-rust engine against the simulator over 127.0.0.1: logins and every fault the host
 //! must survive. Waits are on engine events and simulator counters with deadlines, never bare sleeps.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{TestClient, tenant};
 use wa_sim::{Refusal, RefusePoint, Sim, StreamErrorKind, Target};
+use wakeeper_testkit::{TestClient, tenant};
 use whatsapp_rust::prelude::Event;
 use whatsapp_rust::wacore::types::events::ConnectFailureReason;
 

@@ -1,13 +1,11 @@
 //! The link flow: a client that was never paired shows QR codes, the "phone" scans one through the
 //! simulator, and the client ends up logged in with credentials the simulator knows.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{TestClient, tenant};
 use wa_sim::{MintOptions, Sim};
 use wakeeper_shared::domain::CredentialSnapshot;
+use wakeeper_testkit::{TestClient, tenant};
 use whatsapp_rust::prelude::Event;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

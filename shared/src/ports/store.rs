@@ -1,0 +1,138 @@
+//! The storage ports: the credential store and the tenant table, and the error kinds of both.
+
+use async_trait::async_trait;
+
+use crate::domain::{ChangeBatch, CredentialSnapshot, Lease, StatusUpdate, TenantId, TenantRecord, UnixMillis};
+
+/// What went wrong in a store, as a kind the caller can branch on. Messages never carry secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The thing asked for does not exist (e.g. a tenant with no stored credentials).
+    #[error("not found")]
+    NotFound,
+    /// Stored data exists but cannot be used (undecryptable, malformed, partial). Definitive.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// A write lost a race or was fenced: a stale epoch, a lease held by another owner.
+    #[error("conflict: {0}")]
+    Conflict(Conflict),
+    /// The store could not be reached or failed transiently. Retry later; never a reason to mark a tenant.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The request itself was malformed (e.g. too many writes in one batch).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+/// The kinds of [`StoreError::Conflict`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    /// The writer's epoch is older than one the store has already accepted: another host owns the tenant.
+    #[error("stale epoch {presented} (store has seen {current})")]
+    StaleEpoch {
+        /// The epoch the writer presented.
+        presented: u64,
+        /// The newest epoch the store has accepted.
+        current: u64,
+    },
+    /// The lease is held by another owner until it expires.
+    #[error("lease held by another host")]
+    LeaseHeld {
+        /// The holder's lease.
+        holder: Lease,
+    },
+    /// The lease presented is no longer the current one (expired and taken, or released).
+    #[error("lease lost")]
+    LeaseLost,
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A page of results and the token for the next page (`None` at the end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The items of this page.
+    pub items: Vec<T>,
+    /// Pass to the next call to continue; `None` when there is no more.
+    pub next: Option<String>,
+}
+
+/// Durable store of every tenant's credential snapshot (Firestore in the cloud, redb on one machine).
+/// Values are sealed with [`crate::crypto::Cipher`] before they leave the process.
+#[async_trait]
+pub trait CredentialStore: Send + Sync {
+    /// The tenant's whole snapshot. `NotFound` when nothing is stored; `Corrupt` when anything stored
+    /// does not decrypt or decode; `Unavailable` on an outage.
+    async fn read(&self, tenant: &TenantId) -> Result<CredentialSnapshot, StoreError>;
+
+    /// The stored generation, without reading the records. `None` when nothing is stored.
+    async fn generation(&self, tenant: &TenantId) -> Result<Option<u64>, StoreError>;
+
+    /// Commits a batch atomically. A batch whose epoch is below the newest accepted epoch is refused with
+    /// `Conflict(StaleEpoch)`. A batch whose generation is not above the stored one was already applied
+    /// (a retry) and is acknowledged without change. At most [`crate::domain::MAX_WRITES_PER_COMMIT`]
+    /// changes per batch.
+    async fn write(&self, tenant: &TenantId, batch: &ChangeBatch) -> Result<(), StoreError>;
+
+    /// Replaces the whole stored snapshot (imports, pushing up a newer local copy), fenced like `write`.
+    async fn replace(&self, tenant: &TenantId, snapshot: &CredentialSnapshot, epoch: u64) -> Result<(), StoreError>;
+
+    /// Deletes everything stored for the tenant (logout). Deleting nothing is not an error.
+    async fn delete(&self, tenant: &TenantId) -> Result<(), StoreError>;
+
+    /// Every tenant that has stored credentials.
+    async fn list_tenants(&self) -> Result<Vec<TenantId>, StoreError>;
+}
+
+/// The tenant table (DynamoDB in the cloud, redb on one machine): desired state, status, failures, leases.
+#[async_trait]
+pub trait TenantStore: Send + Sync {
+    /// One page of the tenants whose desired flag is set, in a stable order.
+    async fn list_desired(&self, page_token: Option<String>, limit: usize) -> Result<Page<TenantRecord>, StoreError>;
+
+    /// One tenant's record.
+    async fn get(&self, tenant: &TenantId) -> Result<Option<TenantRecord>, StoreError>;
+
+    /// Creates or overwrites a record's desired flag, keeping its status, counters and lease
+    /// (imports, operators). Creates the record when absent.
+    async fn set_desired(&self, tenant: &TenantId, desired: bool) -> Result<(), StoreError>;
+
+    /// Writes the status only if it differs from the stored one; returns whether a write happened.
+    /// A `Connected` status also stamps `last_healthy_at` (only when written).
+    async fn write_status(&self, tenant: &TenantId, update: &StatusUpdate, now: UnixMillis)
+    -> Result<bool, StoreError>;
+
+    /// Adds one to the consecutive failure count and returns the new count.
+    async fn record_failure(&self, tenant: &TenantId) -> Result<u32, StoreError>;
+
+    /// Resets the failure count and stamps `last_healthy_at`; writes nothing when the count is already 0.
+    /// Returns whether a write happened.
+    async fn reset_failures(&self, tenant: &TenantId, now: UnixMillis) -> Result<bool, StoreError>;
+
+    /// Takes the lease for `owner` if it is free, expired, or already `owner`'s; the epoch always rises.
+    /// `Conflict(LeaseHeld)` when another owner holds a live lease.
+    async fn acquire_lease(
+        &self,
+        tenant: &TenantId,
+        owner: &str,
+        ttl_ms: u64,
+        now: UnixMillis,
+    ) -> Result<Lease, StoreError>;
+
+    /// Extends a held lease (same epoch). `Conflict(LeaseLost)` when it is no longer the current lease.
+    async fn renew_lease(
+        &self,
+        tenant: &TenantId,
+        lease: &Lease,
+        ttl_ms: u64,
+        now: UnixMillis,
+    ) -> Result<Lease, StoreError>;
+
+    /// Gives a held lease up at once (expiry set to 0, epoch kept). Releasing a lost lease is not an error.
+    async fn release_lease(&self, tenant: &TenantId, lease: &Lease) -> Result<(), StoreError>;
+}

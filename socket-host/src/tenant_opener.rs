@@ -1,0 +1,115 @@
+//! Opens a tenant for its session (the production [`EngineProvider`]): the start-up rule (hydrate from the
+//! credential store, or push a newer local copy up) on the tenant's working copy, opened once, then the engine
+//! store over that same copy, replicating under the lease's epoch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use wakeeper_shared::domain::TenantId;
+use wakeeper_shared::local::{HydrateOutcome, Hydrator, LocalCopies, WorkingCopy};
+use wakeeper_shared::ports::{CredentialStore, StoreError};
+use whatsapp_rust::store::traits::Backend;
+
+use crate::engine_store::{EngineStore, EngineStoreError};
+use crate::replicator::{Replica, ReplicatorHandle};
+use crate::session::{EngineProvider, OpenError, Stored};
+
+/// The production [`EngineProvider`].
+pub struct TenantOpener {
+    store: Arc<dyn CredentialStore>,
+    hydrator: Hydrator,
+    replicator: ReplicatorHandle,
+    local: LocalCopies,
+}
+
+impl TenantOpener {
+    /// Opens tenants from `store` into the working copies of `local`, replicated by `replicator`.
+    pub fn new(store: Arc<dyn CredentialStore>, local: LocalCopies, replicator: ReplicatorHandle) -> Self {
+        Self { hydrator: Hydrator::over(store.clone(), local.clone()), store, replicator, local }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> OpenError {
+    OpenError::Unavailable(e.to_string())
+}
+
+/// The engine store over `copy` (blocking work, off the async workers).
+async fn engine_store(copy: WorkingCopy, replica: Replica) -> Result<Arc<dyn Backend>, OpenError> {
+    let opened = tokio::task::spawn_blocking(move || {
+        EngineStore::open(copy, replica).map_err(|e| match e {
+            // A record that does not decode is bad credentials; a disk hiccup is not.
+            EngineStoreError::Malformed(_) => OpenError::Corrupt(e.to_string()),
+            other => unavailable(other),
+        })
+    })
+    .await
+    .map_err(unavailable)??;
+    Ok(opened as Arc<dyn Backend>)
+}
+
+#[async_trait]
+impl EngineProvider for TenantOpener {
+    async fn open(&self, tenant: &TenantId, epoch: u64) -> Result<Arc<dyn Backend>, OpenError> {
+        let ready = self.hydrator.prepare_copy(tenant, epoch).await.map_err(|outcome| match outcome {
+            HydrateOutcome::Missing => OpenError::Missing,
+            HydrateOutcome::Corrupt(why) => OpenError::Corrupt(why),
+            HydrateOutcome::Unavailable(why) | HydrateOutcome::Fenced(why) => OpenError::Unavailable(why),
+            other => OpenError::Unavailable(format!("{other:?}")),
+        })?;
+        engine_store(ready.copy, self.replicator.attach(tenant.clone(), epoch)).await
+    }
+
+    async fn stored(&self, tenant: &TenantId) -> Result<Stored, OpenError> {
+        match self.store.read(tenant).await {
+            Ok(snapshot) if snapshot.check_restorable().is_ok() => Ok(Stored::Restorable),
+            Ok(_) | Err(StoreError::Corrupt(_)) => Ok(Stored::Unusable),
+            Err(StoreError::NotFound) => Ok(Stored::Missing),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn open_new(&self, tenant: &TenantId, epoch: u64) -> Result<Arc<dyn Backend>, OpenError> {
+        // What was stored cannot bring a device back (the caller checked), and the new device's generations
+        // start again from zero: a stale snapshot left in the store would make them look already applied.
+        self.store.delete(tenant).await.map_err(unavailable)?;
+        let copy = self
+            .local
+            .with_copy(tenant, |mut copy| {
+                copy.delete()?;
+                Ok(copy)
+            })
+            .await
+            .map_err(unavailable)?;
+        engine_store(copy, self.replicator.attach(tenant.clone(), epoch)).await
+    }
+
+    async fn persist(&self, tenant: &TenantId, within: Duration) -> Result<(), OpenError> {
+        let deadline = tokio::time::Instant::now() + within;
+        if !self.replicator.flush_tenant(tenant, deadline).await {
+            return Err(unavailable("replication to the credential store did not finish in time"));
+        }
+        let snapshot = self.store.read(tenant).await.map_err(|e| match e {
+            StoreError::Corrupt(why) => OpenError::Corrupt(why),
+            other => unavailable(other),
+        })?;
+        snapshot.check_restorable().map(|_| ()).map_err(|e| OpenError::Corrupt(e.to_string()))
+    }
+
+    async fn delete(&self, tenant: &TenantId) -> Result<(), OpenError> {
+        self.store.delete(tenant).await.map_err(unavailable)?;
+        self.discard_local(tenant).await?;
+        self.replicator.forget(tenant);
+        Ok(())
+    }
+
+    async fn import_marker(&self, tenant: &TenantId) -> Option<Vec<u8>> {
+        let local = self.local.clone();
+        let tenant = tenant.clone();
+        tokio::task::spawn_blocking(move || crate::import::read_marker(&local, &tenant)).await.ok().flatten()
+    }
+
+    async fn discard_local(&self, tenant: &TenantId) -> Result<(), OpenError> {
+        self.local.with_copy(tenant, |mut copy| copy.delete()).await.map_err(unavailable)
+    }
+}
