@@ -32,6 +32,7 @@ import makeWASocket, {
     generateSignalPubKey,
     proto
 } from 'baileys';
+import { muteConsole, silent } from '../baileys/quiet.mjs';
 
 function parseArgs(argv) {
     const out = { phase: argv[0], concurrency: 10, settleMs: 5000, timeoutS: 600 };
@@ -56,16 +57,7 @@ function parseArgs(argv) {
     return out;
 }
 
-// Baileys wants a pino-like logger; the benchmark keeps it silent.
-const silent = {
-    level: 'silent',
-    child() { return silent; },
-    trace() {}, debug() {}, info() {}, warn() {}, error() {}, fatal() {}
-};
-// libsignal narrates on the console; stdout carries the result line only.
-console.info = () => {};
-console.log = () => {};
-console.warn = () => {};
+muteConsole();
 const progress = msg => process.stderr.write(`baileys-bench: ${msg}\n`);
 
 async function control(base, method, path, body) {

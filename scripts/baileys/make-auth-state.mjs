@@ -37,6 +37,7 @@ import {
     newLTHashState,
     WA_ADV_ACCOUNT_SIG_PREFIX
 } from 'baileys';
+import { muteConsole, silent } from './quiet.mjs';
 
 function parseArgs(argv) {
     const out = { signal: false };
@@ -62,17 +63,7 @@ function parseArgs(argv) {
     return out;
 }
 
-// Baileys wants a pino-like logger; these fixtures stay quiet.
-const silent = {
-    level: 'silent',
-    child() { return silent; },
-    trace() {}, debug() {}, info() {}, warn() {}, error() {}, fatal() {}
-};
-
-// libsignal-node narrates session changes on the console; keep stdout for our own output.
-console.info = () => {};
-console.log = () => {};
-console.warn = () => {};
+muteConsole();
 
 const hex = buf => Buffer.from(buf).toString('hex');
 

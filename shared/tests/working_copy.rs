@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use wakeeper_shared::adapters::embedded::EmbeddedStore;
+use wakeeper_shared::contract::restorable_device;
 use wakeeper_shared::crypto::Cipher;
 use wakeeper_shared::domain::{
     ChangeBatch, CredentialSnapshot, DeviceRecord, RecordChange, RecordKey, RecordKind, TenantId,
@@ -37,19 +38,9 @@ fn del(kind: RecordKind, key: &str) -> RecordChange {
     RecordChange { key: RecordKey::new(kind, key), value: None }
 }
 
+/// The workspace's restorable device under a push name the leak checks below look for.
 fn device() -> DeviceRecord {
-    DeviceRecord {
-        registration_id: 4321,
-        noise_key: vec![1; 64],
-        identity_key: vec![2; 64],
-        signed_pre_key: vec![3; 64],
-        signed_pre_key_id: 1,
-        signed_pre_key_signature: vec![4; 64],
-        adv_secret_key: vec![5; 32],
-        account: Some(vec![6; 80]),
-        push_name: "Pizzeria".into(),
-        rest: serde_json::Map::new(),
-    }
+    DeviceRecord { push_name: "Pizzeria".into(), ..restorable_device() }
 }
 
 fn restorable(generation: u64, extra: usize) -> CredentialSnapshot {

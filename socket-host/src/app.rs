@@ -84,7 +84,7 @@ impl App {
     /// Builds every part from `config`. Fails fast on bad configuration.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let Stores { credentials, tenants, cipher } =
-            Stores::open(&config, Connect::OnFirstUse).await.context("opening the stores")?;
+            Stores::from_config(&config, Connect::OnFirstUse).await.context("opening the stores")?;
 
         let replicator = Replicator::start(credentials.clone(), ReplicatorConfig::default());
         let local = LocalCopies::new(config.data_dir.clone(), cipher);

@@ -375,7 +375,7 @@ mod tests {
         assert_eq!((c.connect_rate, c.connect_burst, c.connect_in_flight), (200.0, 500, 64));
         assert_eq!((c.lease_ttl_s, c.shutdown_deadline_s), (30, 20));
         assert!(c.restore_on_start);
-        assert_eq!(c.outbox_max, crate::outbox::DEFAULT_MAX_EVENTS);
+        assert_eq!(c.outbox_max, 100_000);
         assert_eq!((c.silent_after_s, c.sweep_interval_s), (45, 120));
         assert!(c.control_token.is_none() && c.firestore_project.is_none() && c.webhook_urls.is_empty());
     }

@@ -25,8 +25,6 @@ use wakeeper_shared::webhook::{EVENT_ID_HEADER, SIGNATURE_HEADER, sign};
 
 /// The file name of the outbox inside the data dir.
 pub const OUTBOX_FILE: &str = "outbox.redb";
-/// Default bound on stored events (`WAKEEPER_OUTBOX_MAX`).
-pub const DEFAULT_MAX_EVENTS: u64 = 100_000;
 /// Longest wait between two delivery attempts of one event to one URL.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// The same id under the conventional name.

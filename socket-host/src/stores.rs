@@ -55,7 +55,7 @@ pub struct Stores {
 impl Stores {
     /// Creates the data dir (mode 0700), loads the data key and opens the configured stores; the embedded store
     /// (`<data dir>/store.redb`) serves whichever of the two has no cloud store configured.
-    pub async fn open(config: &Config, firestore_connect: Connect) -> Result<Self, StoresError> {
+    pub async fn from_config(config: &Config, firestore_connect: Connect) -> Result<Self, StoresError> {
         private_dir(&config.data_dir)?;
         let key_file = config.key_file.clone().unwrap_or_else(|| config.data_dir.join("keys").join("data.key"));
         let cipher =

@@ -80,16 +80,9 @@ impl Sweeper {
             tick.tick().await; // the restore on start covers the first moments
             loop {
                 tick.tick().await;
-                match self.sweep().await {
-                    Ok(r) => tracing::info!(
-                        healthy = r.healthy,
-                        unhealthy = r.unhealthy,
-                        reconnects = r.reconnect_requested,
-                        started = r.missing_started,
-                        status_writes = r.status_writes,
-                        "sweep"
-                    ),
-                    Err(e) => tracing::warn!(error = %e, "sweep failed"),
+                // `run_sweep` logs its own report; only a failure to run at all is told here.
+                if let Err(e) = self.sweep().await {
+                    tracing::warn!(error = %e, "sweep failed");
                 }
             }
         });

@@ -103,14 +103,9 @@ fn sweep_policy(get: &impl Fn(&str) -> Option<String>) -> Result<SweepPolicy, Co
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
+    use wakeeper_shared::lambda::config::lookup_in;
 
     use super::*;
-
-    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        move |k| map.get(k).cloned()
-    }
 
     const BASE: &[(&str, &str)] = &[
         ("WAKEEPER_HOST_URLS", "https://host.internal"),
@@ -120,7 +115,7 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_shared_policy() {
-        let c = Config::from_lookup(lookup(BASE)).unwrap();
+        let c = Config::from_lookup(lookup_in(BASE)).unwrap();
         assert_eq!(c.policy, SweepPolicy::default());
         assert!(c.alerts.webhook.is_none() && c.alerts.topic_arn.is_none());
         assert!(!format!("{c:?}").contains("local-token"));
@@ -137,7 +132,7 @@ mod tests {
             ("WAKEEPER_SWEEP_ALERT_AFTER", "5"),
             ("WAKEEPER_SWEEP_SILENT_AFTER_S", "0"),
         ]);
-        let c = Config::from_lookup(lookup(&pairs)).unwrap();
+        let c = Config::from_lookup(lookup_in(&pairs)).unwrap();
         assert_eq!(c.policy.reconcile, Policy { stuck_after_ms: 60_000, alert_after_failures: 5 });
         assert_eq!(c.policy.silent_after, None);
         let (url, secret) = c.alerts.webhook.unwrap();
@@ -150,9 +145,9 @@ mod tests {
     fn a_webhook_without_a_secret_is_refused() {
         let mut pairs = BASE.to_vec();
         pairs.push(("WAKEEPER_ALERT_WEBHOOK_URL", "https://alerts.example/hook"));
-        assert!(Config::from_lookup(lookup(&pairs)).unwrap_err().to_string().contains("SECRET"));
+        assert!(Config::from_lookup(lookup_in(&pairs)).unwrap_err().to_string().contains("SECRET"));
         let mut pairs = BASE.to_vec();
         pairs.push(("WAKEEPER_ALERT_TOPIC_ARN", "wakeeper-alerts"));
-        assert!(Config::from_lookup(lookup(&pairs)).is_err());
+        assert!(Config::from_lookup(lookup_in(&pairs)).is_err());
     }
 }

@@ -45,16 +45,10 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use wakeeper_shared::lambda::Secret;
+    use wakeeper_shared::lambda::config::lookup_in;
 
     use super::*;
-
-    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        move |k| map.get(k).cloned()
-    }
 
     const BASE: &[(&str, &str)] = &[
         ("WAKEEPER_HOST_URLS", "http://10.0.0.1:8080,http://10.0.0.2:8080"),
@@ -64,7 +58,7 @@ mod tests {
 
     #[test]
     fn reads_a_complete_configuration_with_defaults() {
-        let c = Config::from_lookup(lookup(BASE)).unwrap();
+        let c = Config::from_lookup(lookup_in(BASE)).unwrap();
         assert_eq!(c.hosts.urls.len(), 2);
         assert!(matches!(c.hosts.token, Secret::SecretArn(_)));
         assert_eq!(c.table.name, "tenants");
@@ -77,21 +71,21 @@ mod tests {
     fn refuses_what_is_missing_or_ambiguous() {
         for missing in ["WAKEEPER_HOST_URLS", "WAKEEPER_CONTROL_TOKEN_SECRET_ARN", "WAKEEPER_DYNAMODB_TABLE"] {
             let pairs: Vec<_> = BASE.iter().copied().filter(|(k, _)| *k != missing).collect();
-            let err = Config::from_lookup(lookup(&pairs)).unwrap_err().to_string();
+            let err = Config::from_lookup(lookup_in(&pairs)).unwrap_err().to_string();
             assert!(err.contains("required"), "{missing}: {err}");
         }
         let mut both = BASE.to_vec();
         both.push(("WAKEEPER_CONTROL_TOKEN", "plain-token-value"));
-        let err = Config::from_lookup(lookup(&both)).unwrap_err().to_string();
+        let err = Config::from_lookup(lookup_in(&both)).unwrap_err().to_string();
         assert!(err.contains("not both") && !err.contains("plain-token-value"), "{err}");
         let mut bad = BASE.to_vec();
         bad.push(("WAKEEPER_RESTORE_CONCURRENCY", "many"));
-        assert!(Config::from_lookup(lookup(&bad)).is_err());
+        assert!(Config::from_lookup(lookup_in(&bad)).is_err());
     }
 
     #[test]
     fn a_token_value_is_never_printed() {
-        let c = Config::from_lookup(lookup(&[
+        let c = Config::from_lookup(lookup_in(&[
             ("WAKEEPER_HOST_URLS", "http://127.0.0.1:1"),
             ("WAKEEPER_CONTROL_TOKEN", "s3cr3t-token"),
             ("WAKEEPER_DYNAMODB_TABLE", "t"),

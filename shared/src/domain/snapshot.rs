@@ -313,25 +313,10 @@ pub const MAX_WRITES_PER_COMMIT: usize = 500;
 mod tests {
     use super::*;
 
-    pub(crate) fn sample_device() -> DeviceRecord {
-        DeviceRecord {
-            registration_id: 1234,
-            noise_key: vec![1; 64],
-            identity_key: vec![2; 64],
-            signed_pre_key: vec![3; 64],
-            signed_pre_key_id: 1,
-            signed_pre_key_signature: vec![4; 64],
-            adv_secret_key: vec![5; 32],
-            account: Some(vec![6; 100]),
-            push_name: "Pizzeria".into(),
-            rest: serde_json::Map::from_iter([("pn".to_string(), serde_json::json!("5511999990000:7@s.whatsapp.net"))]),
-        }
-    }
-
     #[test]
     fn complete_snapshot_is_restorable() {
         let mut s = CredentialSnapshot::default();
-        s.set_device(&sample_device());
+        s.set_device(&crate::contract::restorable_device());
         let d = s.check_restorable().unwrap();
         assert_eq!(d.pn(), Some("5511999990000"));
         let mut object_form = d.clone();
@@ -357,7 +342,7 @@ mod tests {
             ("account", |d| d.account = None),
         ];
         for (field, breaker) in cases {
-            let mut d = sample_device();
+            let mut d = crate::contract::restorable_device();
             breaker(&mut d);
             let mut s = CredentialSnapshot::default();
             s.set_device(&d);

@@ -21,6 +21,14 @@ pub fn number<T: FromStr>(get: &impl Fn(&str) -> Option<String>, var: &str, defa
     }
 }
 
+/// A lookup over fixed `(variable, value)` pairs, for tests and tools that hold settings in hand rather than in
+/// the process environment.
+pub fn lookup_in(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+    let map: std::collections::HashMap<String, String> =
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    move |k| map.get(k).cloned()
+}
+
 /// A secret given either as its value or as where to fetch it. Never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Secret {
@@ -127,28 +135,21 @@ impl TableConfig {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
-
-    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        move |k| map.get(k).cloned()
-    }
 
     #[test]
     fn numbers_default_when_blank_and_refuse_words() {
-        let get = lookup(&[("N", " 7 "), ("BLANK", "  "), ("WORD", "seven")]);
+        let get = lookup_in(&[("N", " 7 "), ("BLANK", "  "), ("WORD", "seven")]);
         assert_eq!(number(&get, "N", 1u32).unwrap(), 7);
         assert_eq!(number(&get, "BLANK", 1u32).unwrap(), 1);
         assert_eq!(number(&get, "UNSET", 2u32).unwrap(), 2);
         assert_eq!(number(&get, "WORD", 1u32).unwrap_err().0, "WORD must be a non-negative whole number");
-        assert!(number(&lookup(&[("N", "-1")]), "N", 1u32).is_err());
+        assert!(number(&lookup_in(&[("N", "-1")]), "N", 1u32).is_err());
     }
 
     #[test]
     fn a_secret_is_a_value_or_an_arn_and_its_value_never_prints() {
-        let get = lookup(&[("V", " s3cr3t "), ("A", "arn:aws:secretsmanager:r:1:secret:x"), ("BAD", "name")]);
+        let get = lookup_in(&[("V", " s3cr3t "), ("A", "arn:aws:secretsmanager:r:1:secret:x"), ("BAD", "name")]);
         let value = Secret::from_lookup(&get, "V", "UNSET").unwrap().unwrap();
         assert_eq!(value, Secret::Value("s3cr3t".into()));
         assert!(!format!("{value:?}").contains("s3cr3t") && !value.needs_aws());
