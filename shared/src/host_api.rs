@@ -373,6 +373,15 @@ mod client {
             }
         }
 
+        /// `DELETE /v1/sessions/{id}?logout=true`: unlink the device, delete its credentials, mark it logged
+        /// out. Refused with 409 `lease_held` by a host that does not hold the tenant's lease.
+        pub async fn logout(&self, tenant: &TenantId) -> Result<(), ClientError> {
+            match self.call(reqwest::Method::DELETE, &format!("/v1/sessions/{tenant}?logout=true"), None).await? {
+                (s, _) if s.is_success() => Ok(()),
+                (s, b) => Err(Self::refused(s, &b)),
+            }
+        }
+
         /// `POST /v1/sessions/{id}/messages`: queue a text on the tenant's open session. Tried once: a send
         /// is not idempotent, so an unreachable host is reported rather than retried.
         pub async fn send_message(

@@ -37,6 +37,13 @@ async fn tenant_store_contract() {
     contract::tenant_store_suite(Arc::new(open(dir.path()))).await;
 }
 
+/// The randomized writers' model check of the fence (short here; `scripts/fuzz` runs it long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_model_check() {
+    let dir = tempfile::tempdir().unwrap();
+    contract::writers_model_check(&open(dir.path()), contract::ModelRun::from_env(30, 200)).await;
+}
+
 /// The suites must hold on a store that already has data (as a long-lived emulator does), and across a reopen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contracts_hold_again_on_a_used_and_reopened_file() {

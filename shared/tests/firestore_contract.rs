@@ -88,6 +88,13 @@ async fn credential_store_contract() {
     contract::credential_store_suite(Arc::new(store)).await;
 }
 
+/// The randomized writers' model check of the fence (short here; `scripts/fuzz` runs it long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_model_check() {
+    let Some(store) = store().await else { return };
+    contract::writers_model_check(&store, contract::ModelRun::from_env(3, 60)).await;
+}
+
 /// The suite must hold again on a store that already holds data, as a long-lived database does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contract_holds_again_on_a_used_collection() {
@@ -125,6 +132,7 @@ async fn documents_follow_the_documented_layout() {
     };
     assert_eq!(int("generation"), 3);
     assert_eq!(int("max_epoch"), 2);
+    assert_eq!(int("write_epoch"), 2, "the writer's epoch is kept beside its generation");
     let set = match meta.fields.get("set").and_then(|v| v.value_type.clone()) {
         Some(ValueType::StringValue(s)) => s,
         other => panic!("meta field set: {other:?}"),
@@ -214,7 +222,7 @@ async fn replace_beyond_one_commit_is_whole_and_leaves_no_garbage() {
         other => panic!("set field: {other:?}"),
     };
     assert_eq!(list_names(&db, &meta_name, &format!("records-{live_set}")).await.len(), 801);
-    store.delete(&t).await.unwrap();
+    store.delete(&t, 1).await.unwrap();
     let leftovers = list_names(&db, &meta_name, &format!("records-{live_set}")).await;
     assert!(leftovers.is_empty(), "delete removes every record document, {} left", leftovers.len());
 }
@@ -359,7 +367,8 @@ async fn an_unreachable_firestore_is_unavailable() {
         ("generation", store.generation(&t).await.map(|_| ())),
         ("write", store.write(&t, &two).await),
         ("replace", store.replace(&t, &CredentialSnapshot::default(), 1).await),
-        ("delete", store.delete(&t).await),
+        ("claim", store.claim(&t, 2).await),
+        ("delete", store.delete(&t, 1).await),
         ("list_tenants", store.list_tenants().await.map(|_| ())),
     ];
     for (op, result) in results {

@@ -470,8 +470,11 @@ impl CredentialStore for Faulty {
     async fn replace(&self, tenant: &TenantId, snapshot: &CredentialSnapshot, epoch: u64) -> Result<(), StoreError> {
         self.inner.replace(tenant, snapshot, epoch).await
     }
-    async fn delete(&self, tenant: &TenantId) -> Result<(), StoreError> {
-        self.inner.delete(tenant).await
+    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+        self.inner.claim(tenant, epoch).await
+    }
+    async fn delete(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+        self.inner.delete(tenant, epoch).await
     }
     async fn list_tenants(&self) -> Result<Vec<TenantId>, StoreError> {
         self.inner.list_tenants().await

@@ -25,6 +25,7 @@ use wakeeper_shared::host_api::{
 use wakeeper_shared::host_api::{LinkRequest, LinkStatus};
 
 use crate::host::{EnsureError, Host, LinkError};
+use crate::session::OpenError;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -142,6 +143,7 @@ async fn delete_session(
     if params.logout {
         return match state.host.logout(&id).await {
             Ok(_) => Ok(StatusCode::NO_CONTENT),
+            Err(OpenError::LeaseHeld) => Err(ApiError::new(StatusCode::CONFLICT, codes::LEASE_HELD)),
             Err(e) => {
                 tracing::warn!(tenant = %id, error = %e, "logout failed");
                 Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE))

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
-use wakeeper_shared::domain::{SessionState, SessionView, StateChange, StatusUpdate, TenantId, now_millis};
+use wakeeper_shared::domain::{Lease, SessionState, SessionView, StateChange, StatusUpdate, TenantId, now_millis};
 use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
 
 use crate::governor::Governor;
@@ -173,15 +173,15 @@ impl Host {
                         OpenError::Missing => (SessionState::CredentialsMissing, EnsureError::CredentialsMissing),
                         _ => (SessionState::CredentialsCorrupt, EnsureError::CredentialsCorrupt),
                     };
-                    let _ = deps.tenants.release_lease(tenant, l).await;
                     let reason = e.to_string();
-                    if let Err(we) = self.write_terminal(tenant, state, reason.clone()).await {
+                    if let Err(we) = self.write_terminal(tenant, l, state, reason.clone()).await {
                         tracing::warn!(tenant = %tenant, error = %we, "could not mark tenant");
                     }
+                    let _ = deps.tenants.release_lease(tenant, l).await;
                     self.insert(tenant, session::finished(tenant.clone(), state, reason));
                     return Err(err);
                 }
-                Err(OpenError::Unavailable(_)) => {}
+                Err(OpenError::Unavailable(_) | OpenError::LeaseHeld) => {}
             }
         }
         // Two racing ensures: the first insert wins, the loser lets its lease and backend go. A shutdown that began
@@ -268,10 +268,16 @@ impl Host {
         Err(LinkError::ShuttingDown)
     }
 
-    /// Marks the tenant in a terminal `state` in the tenant table.
-    async fn write_terminal(&self, tenant: &TenantId, state: SessionState, reason: String) -> Result<bool, StoreError> {
+    /// Marks the tenant in a terminal `state` in the tenant table, as the holder of `lease`.
+    async fn write_terminal(
+        &self,
+        tenant: &TenantId,
+        lease: &Lease,
+        state: SessionState,
+        reason: String,
+    ) -> Result<bool, StoreError> {
         let update = StatusUpdate::terminal(state.tenant_status(), reason);
-        self.deps.tenants.write_status(tenant, &update, now_millis()).await
+        self.deps.tenants.write_status_as_holder(tenant, lease, &update, now_millis()).await
     }
 
     fn insert(&self, tenant: &TenantId, handle: SessionHandle) {
@@ -307,16 +313,33 @@ impl Host {
     pub async fn logout(&self, tenant: &TenantId) -> Result<bool, OpenError> {
         let handle = self.sessions.read().expect("sessions lock").get(tenant).cloned();
         match handle {
-            Some(h) if !h.is_finished() => {
+            Some(h) if h.holds_lease() => {
                 h.logout().await;
                 Ok(true)
             }
             other => {
-                self.deps.engines.delete(tenant).await?;
+                // Nothing runs here, so act only as the lease holder: a session another host runs keeps its
+                // credentials, and this host answers that the lease is held.
+                let lease = session::take_lease(&self.deps, tenant).await.map_err(|e| match e {
+                    StoreError::Conflict(Conflict::LeaseHeld { .. }) => OpenError::LeaseHeld,
+                    e => OpenError::Unavailable(e.to_string()),
+                })?;
+                if let Some(waiting) = other.as_ref().filter(|h| !h.is_finished()) {
+                    // A session here that waited for the lease must not take it after the logout.
+                    waiting.stop().await;
+                }
                 let reason = "logged out on request".to_string();
-                self.write_terminal(tenant, SessionState::LoggedOut, reason.clone())
-                    .await
-                    .map_err(|e| OpenError::Unavailable(e.to_string()))?;
+                let done = async {
+                    self.deps.engines.delete(tenant, lease.epoch).await?;
+                    self.write_terminal(tenant, &lease, SessionState::LoggedOut, reason.clone())
+                        .await
+                        .map_err(|e| OpenError::Unavailable(e.to_string()))
+                }
+                .await;
+                if let Err(e) = self.deps.tenants.release_lease(tenant, &lease).await {
+                    tracing::warn!(tenant = %tenant, error = %e, "lease release failed; it will expire");
+                }
+                done?;
                 let known = other.is_some();
                 self.insert(tenant, session::finished(tenant.clone(), SessionState::LoggedOut, reason));
                 Ok(known)

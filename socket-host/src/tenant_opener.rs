@@ -72,7 +72,7 @@ impl EngineProvider for TenantOpener {
     async fn open_new(&self, tenant: &TenantId, epoch: u64) -> Result<Arc<dyn Backend>, OpenError> {
         // What was stored cannot bring a device back (the caller checked), and the new device's generations
         // start again from zero: a stale snapshot left in the store would make them look already applied.
-        self.store.delete(tenant).await.map_err(unavailable)?;
+        self.store.delete(tenant, epoch).await.map_err(unavailable)?;
         let copy = self
             .local
             .with_copy(tenant, |mut copy| {
@@ -96,8 +96,14 @@ impl EngineProvider for TenantOpener {
         snapshot.check_restorable().map(|_| ()).map_err(|e| OpenError::Corrupt(e.to_string()))
     }
 
-    async fn delete(&self, tenant: &TenantId) -> Result<(), OpenError> {
-        self.store.delete(tenant).await.map_err(unavailable)?;
+    async fn delete(&self, tenant: &TenantId, epoch: u64) -> Result<(), OpenError> {
+        // A batch still queued or in flight would land after the delete under the same epoch and bring the
+        // tenant back: let them finish first, or delete nothing.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        if !self.replicator.flush_tenant(tenant, deadline).await {
+            return Err(unavailable("replication to the credential store did not drain before the delete"));
+        }
+        self.store.delete(tenant, epoch).await.map_err(unavailable)?;
         self.discard_local(tenant).await?;
         self.replicator.forget(tenant);
         Ok(())

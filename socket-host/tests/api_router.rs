@@ -37,7 +37,7 @@ impl EngineProvider for FakeEngines {
             _ => Ok(Arc::new(whatsapp_rust::wacore::store::InMemoryBackend::new())),
         }
     }
-    async fn delete(&self, tenant: &TenantId) -> Result<(), OpenError> {
+    async fn delete(&self, tenant: &TenantId, _epoch: u64) -> Result<(), OpenError> {
         self.deleted.lock().unwrap().push(tenant.clone());
         Ok(())
     }

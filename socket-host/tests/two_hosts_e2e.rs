@@ -65,3 +65,52 @@ async fn one_owner_per_tenant_and_failover_after_lease_expiry() {
     drop(b);
     sim.shutdown().await;
 }
+
+/// Logout runs only on the lease holder (issue 17): on the other host it answers 409 `lease_held` and changes
+/// nothing; on the holder it unlinks the device on the WhatsApp side and deletes the credentials for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logout_only_on_the_lease_holder_and_for_good() {
+    use wakeeper_shared::host_api::ClientError;
+    use wakeeper_shared::ports::{CredentialStore, StoreError, TenantStore};
+
+    let sim = wa_sim::Sim::start_local().await.unwrap();
+    let wa = sim.handle();
+    let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
+    let key = {
+        let _ = dirs_a.cipher();
+        std::fs::read(dirs_a.key_file()).unwrap()
+    };
+    std::fs::create_dir_all(dirs_b.key_file().parent().unwrap()).unwrap();
+    std::fs::write(dirs_b.key_file(), key).unwrap();
+    let Some(stores) = CloudStores::fresh("logout", dirs_a.cipher()).await else { return };
+    let t = tid("resto-logout");
+    stores.seed(&wa, std::slice::from_ref(&t)).await;
+
+    let holder = TestHost::spawn(socket_host_bin!(), &dirs_a, &wa.url(), "host-a", &stores.host_env(&[]));
+    holder.ready().await;
+    holder.wait_state(&t, SessionState::Open, Duration::from_secs(30)).await;
+    let other = TestHost::spawn(socket_host_bin!(), &dirs_b, &wa.url(), "host-b", &stores.host_env(&[]));
+    other.ready().await;
+    let device = || wa.observations().devices.into_values().find(|d| d.tenant.as_deref() == Some(t.as_str()));
+
+    match other.client.logout(&t).await {
+        Err(ClientError::Refused { status: 409, code }) => assert_eq!(code, "lease_held"),
+        other => panic!("logout on the host without the lease: want 409 lease_held, got {other:?}"),
+    }
+    assert!(stores.creds.read(&t).await.is_ok(), "the refused logout deleted nothing");
+    assert!(!device().expect("the device is registered").revoked, "the refused logout unlinked nothing");
+    let open = holder.client.sessions().await.unwrap().sessions.into_iter().find(|s| s.tenant_id == t);
+    assert_eq!(open.map(|s| s.state), Some(SessionState::Open), "the holder's session is untouched");
+
+    holder.client.logout(&t).await.expect("logout on the holder");
+    assert!(device().expect("the device is still known").revoked, "the holder's logout unlinked the device");
+    let gone = || async { matches!(stores.creds.read(&t).await, Err(StoreError::NotFound)) };
+    assert!(gone().await, "the credentials are deleted when the logout answers");
+    // Long enough for any replication still queued anywhere to have landed (it flushes every 250 ms).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(gone().await, "nothing brought the credentials back");
+    let record = stores.tenants.get(&t).await.unwrap().expect("the tenant's record");
+    assert_eq!(record.status, Some(wakeeper_shared::domain::TenantStatus::LoggedOut));
+    drop((holder, other));
+    sim.shutdown().await;
+}

@@ -15,6 +15,9 @@ pub async fn credential_store_suite<S: CredentialStore + SwapRecords + 'static>(
     cred_tenants_with_prefix_ids_are_isolated(&*store).await;
     cred_swapped_ciphertexts_are_corrupt(&*store).await;
     cred_record_copied_to_another_tenant_is_corrupt(&*store).await;
+    cred_claim_fences_the_old_owner_before_any_write(&*store).await;
+    cred_claim_of_a_tenant_with_nothing_stored(&*store).await;
+    cred_delete_is_fenced_and_not_undone(&*store).await;
     cred_newest_epoch_wins_under_concurrent_writers(store).await;
 }
 
@@ -126,6 +129,82 @@ pub async fn cred_stale_epoch_is_refused(store: &dyn CredentialStore) {
     assert_snapshot_eq(&read_ok(store, &t, "after the fenced write").await, &want, "fenced write changes nothing");
 }
 
+/// Writer A commits epoch 1 generations 1-5; B claims epoch 2 (no write) and reads. From the claim on, A's
+/// batches are refused and change nothing, while B's generation 6 applies: a new owner's batch is never taken
+/// for a retry of the old owner's.
+pub async fn cred_claim_fences_the_old_owner_before_any_write(store: &dyn CredentialStore) {
+    let t = fresh_tenant();
+    for g in 1..=5 {
+        write_ok(store, &t, &batch(g, 1, vec![put(RecordKind::Session, &format!("a{g}.0"), secret("a"))]), "A").await;
+    }
+    store.claim(&t, 2).await.expect("B claims epoch 2");
+    let hydrated = read_ok(store, &t, "B hydrates after its claim").await;
+    assert_eq!(hydrated.generation, 5, "a claim writes no records and keeps the generation");
+
+    let late = batch(6, 1, vec![put(RecordKind::Session, "a6.0", secret("a-late"))]);
+    assert_stale_epoch(store.write(&t, &late).await, 1, 2, "A's generation 6 after B's claim");
+    assert_snapshot_eq(&read_ok(store, &t, "after A's late batch").await, &hydrated, "a fenced batch changes nothing");
+
+    let b6 = vec![put(RecordKind::Session, "b6.0", secret("b"))];
+    write_ok(store, &t, &batch(6, 2, b6.clone()), "B's generation 6").await;
+    let want = applied(6, &hydrated, &b6);
+    assert_snapshot_eq(&read_ok(store, &t, "after B's batch").await, &want, "the new owner's batch applies");
+    // A new owner that numbers from an older copy still comes after everything of older epochs.
+    let b_low = vec![put(RecordKind::Session, "b-low.0", secret("b-low"))];
+    store.claim(&t, 3).await.expect("a third owner claims epoch 3");
+    write_ok(store, &t, &batch(2, 3, b_low.clone()), "epoch 3 at a lower generation").await;
+    let want = applied(2, &want, &b_low);
+    assert_snapshot_eq(&read_ok(store, &t, "after epoch 3").await, &want, "a newer epoch applies at any generation");
+
+    assert_stale_epoch(store.write(&t, &batch(7, 2, Vec::new())).await, 2, 3, "epoch 2 after the claim of 3");
+    assert_stale_epoch(store.claim(&t, 2).await, 2, 3, "claiming an older epoch");
+    store.claim(&t, 3).await.expect("claiming the current epoch again is not an error");
+    assert_snapshot_eq(&read_ok(store, &t, "at the end").await, &want, "claims and refusals change no record");
+}
+
+/// A claim of a tenant with nothing stored stores nothing visible (no snapshot, no generation, not listed),
+/// yet fences older epochs from creating one.
+pub async fn cred_claim_of_a_tenant_with_nothing_stored(store: &dyn CredentialStore) {
+    let t = fresh_tenant();
+    store.claim(&t, 4).await.expect("claim of a tenant with nothing stored");
+    match store.read(&t).await {
+        Err(StoreError::NotFound) => {}
+        other => panic!("read after a bare claim: want NotFound, got {other:?}"),
+    }
+    assert_eq!(store.generation(&t).await.expect("generation"), None, "a bare claim stores no generation");
+    assert!(!store.list_tenants().await.expect("list").contains(&t), "a bare claim is not a stored tenant");
+    let old = batch(1, 3, vec![put(RecordKind::Session, "x.0", secret("old"))]);
+    assert_stale_epoch(store.write(&t, &old).await, 3, 4, "an older epoch after a bare claim");
+    assert!(matches!(store.read(&t).await, Err(StoreError::NotFound)), "the refused batch created nothing");
+    let first = vec![put(RecordKind::Session, "y.0", secret("new"))];
+    write_ok(store, &t, &batch(1, 4, first.clone()), "the claimer's first batch").await;
+    let got = read_ok(store, &t, "after the first batch").await;
+    assert_snapshot_eq(&got, &applied(1, &CredentialSnapshot::default(), &first), "the claimer's batch applies");
+}
+
+/// A delete of an older epoch is refused and changes nothing; the holder's delete removes everything, and no
+/// late batch or replace of an older epoch brings the tenant back.
+pub async fn cred_delete_is_fenced_and_not_undone(store: &dyn CredentialStore) {
+    let t = fresh_tenant();
+    write_ok(store, &t, &batch(1, 1, vec![put(RecordKind::Session, "a.0", secret("one"))]), "epoch 1").await;
+    store.claim(&t, 2).await.expect("claim of epoch 2");
+    let before = read_ok(store, &t, "before the deletes").await;
+    assert_stale_epoch(store.delete(&t, 1).await, 1, 2, "a delete of epoch 1 after the claim of 2");
+    assert_snapshot_eq(
+        &read_ok(store, &t, "after the refused delete").await,
+        &before,
+        "a refused delete changes nothing",
+    );
+
+    store.delete(&t, 2).await.expect("the holder's delete");
+    assert_stale_epoch(store.write(&t, &batch(2, 1, Vec::new())).await, 1, 2, "a late batch after the delete");
+    let mut late_snapshot = CredentialSnapshot { generation: 9, ..Default::default() };
+    late_snapshot.set_device(&restorable_device());
+    assert_stale_epoch(store.replace(&t, &late_snapshot, 1).await, 1, 2, "a late replace after the delete");
+    assert!(matches!(store.read(&t).await, Err(StoreError::NotFound)), "nothing brought the tenant back");
+    assert!(!store.list_tenants().await.expect("list").contains(&t), "a deleted tenant stays unlisted");
+}
+
 /// Exactly [`MAX_WRITES_PER_COMMIT`] changes commit (as one generation); one more is `Invalid` and stores nothing.
 pub async fn cred_batch_size_limit(store: &dyn CredentialStore) {
     let t = fresh_tenant();
@@ -149,14 +228,14 @@ pub async fn cred_batch_size_limit(store: &dyn CredentialStore) {
 pub async fn cred_delete_then_not_found(store: &dyn CredentialStore) {
     let t = fresh_tenant();
     write_ok(store, &t, &batch(1, 1, varied_changes()), "before delete").await;
-    store.delete(&t).await.expect("delete of a stored tenant");
+    store.delete(&t, 1).await.expect("delete of a stored tenant");
     match store.read(&t).await {
         Err(StoreError::NotFound) => {}
         other => panic!("read after delete: want NotFound, got {other:?}"),
     }
     assert_eq!(store.generation(&t).await.expect("generation"), None, "generation after delete");
-    store.delete(&t).await.expect("deleting an already deleted tenant is not an error");
-    store.delete(&fresh_tenant()).await.expect("deleting a tenant that never had credentials is not an error");
+    store.delete(&t, 1).await.expect("deleting an already deleted tenant is not an error");
+    store.delete(&fresh_tenant(), 1).await.expect("deleting a tenant that never had credentials is not an error");
 
     // A tenant can be written again after a delete (re-linked), starting from nothing.
     let again = vec![put(RecordKind::Session, "b.0", secret("relinked"))];
@@ -171,7 +250,7 @@ pub async fn cred_list_tenants_tracks_writes_and_deletes(store: &dyn CredentialS
     for t in [&a, &b, &c] {
         write_ok(store, t, &batch(1, 1, vec![put(RecordKind::Session, "x.0", secret("l"))]), "listing setup").await;
     }
-    store.delete(&b).await.expect("delete");
+    store.delete(&b, 1).await.expect("delete");
     let listed = store.list_tenants().await.expect("list_tenants");
     let count = |t: &TenantId| listed.iter().filter(|x| *x == t).count();
     assert_eq!(count(&a), 1, "a written tenant is listed exactly once");
@@ -232,7 +311,7 @@ pub async fn cred_tenants_with_prefix_ids_are_isolated(store: &dyn CredentialSto
     for (t, want) in ids.iter().zip(&wants) {
         assert_snapshot_eq(&read_ok(store, t, "isolation").await, want, &format!("{t} sees only its own records"));
     }
-    store.delete(&ids[0]).await.expect("delete");
+    store.delete(&ids[0], 1).await.expect("delete");
     for (t, want) in ids.iter().zip(&wants).skip(1) {
         assert_snapshot_eq(&read_ok(store, t, "after deleting a prefix").await, want, &format!("{t} untouched"));
     }

@@ -142,6 +142,8 @@ fn assert_stale_epoch(result: Result<(), StoreError>, presented: u64, current: u
 
 mod credentials;
 mod tenants;
+mod writers;
 
 pub use credentials::*;
 pub use tenants::*;
+pub use writers::{ModelRun, writers_model_check};

@@ -13,9 +13,42 @@ pub async fn tenant_store_suite(store: Arc<dyn TenantStore>) {
     tenant_write_status_only_when_changed(&*store).await;
     tenant_terminal_status_clears_the_desired_flag(&*store).await;
     tenant_failure_counter(&*store).await;
+    tenant_only_the_lease_holder_marks(&*store).await;
     tenant_lease_lifecycle(&*store).await;
     tenant_lease_release_frees_at_once(&*store).await;
     tenant_concurrent_acquisition_has_one_winner(store).await;
+}
+
+/// A status write as a holder lands only while the stored lease is that holding (same owner and epoch, a
+/// renewal in between or not): the host that lost the lease to another writes nothing and is told so.
+pub async fn tenant_only_the_lease_holder_marks(store: &dyn TenantStore) {
+    let t = fresh_tenant();
+    store.set_desired(&t, true).await.expect("set_desired");
+    let now = now_millis();
+    let connected = StatusUpdate { status: TenantStatus::Connected, reason: None, whatsapp_connected: true };
+    let replaced = StatusUpdate::terminal(TenantStatus::Replaced, "stream replaced (440)");
+    let never = Lease { owner: "host-a".into(), epoch: 1, expires_at: now + 10_000 };
+    match store.write_status_as_holder(&t, &never, &connected, now).await {
+        Err(StoreError::Conflict(Conflict::LeaseLost)) => {}
+        other => panic!("a holder write with no lease stored: want LeaseLost, got {other:?}"),
+    }
+    let a = store.acquire_lease(&t, "host-a", 10_000, now).await.expect("A takes the lease");
+    assert!(store.write_status_as_holder(&t, &a, &connected, now).await.expect("A marks"), "the holder writes");
+    let renewed = store.renew_lease(&t, &a, 10_000, now + 1).await.expect("A renews");
+    assert!(
+        !store.write_status_as_holder(&t, &a, &connected, now + 2).await.expect("A again"),
+        "the holder's unchanged status is not written again"
+    );
+    store.release_lease(&t, &renewed).await.expect("A releases");
+    let b = store.acquire_lease(&t, "host-b", 10_000, now + 3).await.expect("B takes the released lease");
+    match store.write_status_as_holder(&t, &a, &replaced, now + 4).await {
+        Err(StoreError::Conflict(Conflict::LeaseLost)) => {}
+        other => panic!("A marks after B took the lease: want LeaseLost, got {other:?}"),
+    }
+    let record = store.get(&t).await.expect("get").expect("record");
+    assert_eq!(record.status, Some(TenantStatus::Connected), "the former holder's mark is not written");
+    assert!(record.whatsapp_connected, "the former holder did not un-desire the tenant");
+    assert!(store.write_status_as_holder(&t, &b, &replaced, now + 5).await.expect("B marks"), "B is the holder");
 }
 
 /// A tenant never written has no record.

@@ -89,6 +89,11 @@ impl Lease {
     pub fn is_live(&self, now: UnixMillis) -> bool {
         self.expires_at > now
     }
+
+    /// Whether `other` is this lease as held by the same owner in the same epoch (renewals change neither).
+    pub fn same_holding(&self, other: &Lease) -> bool {
+        self.owner == other.owner && self.epoch == other.epoch
+    }
 }
 
 /// The status part of a tenant record, compared to decide whether a write is needed.

@@ -216,6 +216,9 @@ impl Hydrator {
     /// [`Hydrator::prepare`], handing the tenant's working copy on, still open, when it is ready: the copy is
     /// opened once for the whole start-up rule and the engine store that follows.
     pub async fn prepare_copy(&self, tenant: &TenantId, epoch: u64) -> Result<Ready, HydrateOutcome> {
+        // The fence first: from this commit on the previous owner's batches are refused, so nothing it still
+        // sends lands behind what is read below.
+        self.store.claim(tenant, epoch).await.map_err(from_store_error)?;
         let remote = self.store.generation(tenant).await.map_err(from_store_error)?;
         let copy = self.local.open_async(tenant).await.map_err(local_unavailable)?;
         let local = match local_generation(&copy) {

@@ -73,17 +73,25 @@ pub trait CredentialStore: Send + Sync {
     /// The stored generation, without reading the records. `None` when nothing is stored.
     async fn generation(&self, tenant: &TenantId) -> Result<Option<u64>, StoreError>;
 
-    /// Commits a batch atomically. A batch whose epoch is below the newest accepted epoch is refused with
-    /// `Conflict(StaleEpoch)`. A batch whose generation is not above the stored one was already applied
-    /// (a retry) and is acknowledged without change. At most [`crate::domain::MAX_WRITES_PER_COMMIT`]
-    /// changes per batch.
+    /// Commits a batch atomically, ordered by `(epoch, generation)`. A batch whose epoch is below the fence
+    /// (the newest epoch claimed or written) is refused with `Conflict(StaleEpoch)`. A batch of the same epoch
+    /// as the stored generation's writer whose generation is not above it is that writer's retry after a lost
+    /// acknowledgement, acknowledged without change; every other batch is applied, so two owners' generations
+    /// never collide. At most [`crate::domain::MAX_WRITES_PER_COMMIT`] changes per batch.
     async fn write(&self, tenant: &TenantId, batch: &ChangeBatch) -> Result<(), StoreError>;
 
     /// Replaces the whole stored snapshot (imports, pushing up a newer local copy), fenced like `write`.
     async fn replace(&self, tenant: &TenantId, snapshot: &CredentialSnapshot, epoch: u64) -> Result<(), StoreError>;
 
-    /// Deletes everything stored for the tenant (logout). Deleting nothing is not an error.
-    async fn delete(&self, tenant: &TenantId) -> Result<(), StoreError>;
+    /// Advances the tenant's fence to `epoch` without touching its records: from this commit on, every write
+    /// of an older epoch is refused. A new owner claims before it reads, so nothing the old owner still sends
+    /// lands behind what the new owner hydrated. Claiming the current fence again is not an error;
+    /// `Conflict(StaleEpoch)` when a newer epoch has claimed or written already.
+    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError>;
+
+    /// Deletes everything stored for the tenant (logout), fenced like `write`; the fence stays behind, so
+    /// no late batch of an older epoch brings the tenant back. Deleting nothing is not an error.
+    async fn delete(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError>;
 
     /// Every tenant that has stored credentials.
     async fn list_tenants(&self) -> Result<Vec<TenantId>, StoreError>;
@@ -106,6 +114,17 @@ pub trait TenantStore: Send + Sync {
     /// A `Connected` status also stamps `last_healthy_at` (only when written).
     async fn write_status(&self, tenant: &TenantId, update: &StatusUpdate, now: UnixMillis)
     -> Result<bool, StoreError>;
+
+    /// `write_status` on behalf of a lease holder: written only while the tenant's lease is still `holder`'s
+    /// (same owner and epoch), so a host that lost the tenant never marks it. `Conflict(LeaseLost)`, and
+    /// nothing written, otherwise.
+    async fn write_status_as_holder(
+        &self,
+        tenant: &TenantId,
+        holder: &Lease,
+        update: &StatusUpdate,
+        now: UnixMillis,
+    ) -> Result<bool, StoreError>;
 
     /// Adds one to the consecutive failure count and returns the new count.
     async fn record_failure(&self, tenant: &TenantId) -> Result<u32, StoreError>;

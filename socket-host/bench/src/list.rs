@@ -63,6 +63,15 @@ impl TenantStore for MemoryTenants {
     async fn write_status(&self, _t: &TenantId, _u: &StatusUpdate, _now: UnixMillis) -> Result<bool, StoreError> {
         Ok(false)
     }
+    async fn write_status_as_holder(
+        &self,
+        _t: &TenantId,
+        _holder: &Lease,
+        _u: &StatusUpdate,
+        _now: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        Ok(false)
+    }
     async fn record_failure(&self, _t: &TenantId) -> Result<u32, StoreError> {
         Ok(1)
     }
@@ -100,7 +109,7 @@ impl EngineProvider for IdleEngines {
     async fn open(&self, _tenant: &TenantId, _epoch: u64) -> Result<Arc<dyn Backend>, OpenError> {
         Ok(Arc::new(whatsapp_rust::wacore::store::InMemoryBackend::new()))
     }
-    async fn delete(&self, _tenant: &TenantId) -> Result<(), OpenError> {
+    async fn delete(&self, _tenant: &TenantId, _epoch: u64) -> Result<(), OpenError> {
         Ok(())
     }
 }

@@ -2,6 +2,7 @@
 //! the session ends, or lost to another host). No lease, no connect.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -47,6 +48,7 @@ impl Supervisor {
     /// Holds `lease` and keeps it renewed (replacing any keeper of an earlier one).
     pub(super) fn install_lease(&mut self, lease: Lease) {
         self.lease = Some(lease.clone());
+        self.holds_lease.store(true, Ordering::Release);
         if let Some(k) = self.lease_keeper.take() {
             k.abort();
         }
@@ -59,6 +61,7 @@ impl Supervisor {
 
     /// Stops renewing the lease and closes the engine store; `release` gives the lease back in the store.
     pub(super) async fn let_go_of_lease(&mut self, release: bool) {
+        self.holds_lease.store(false, Ordering::Release);
         if let Some(k) = self.lease_keeper.take() {
             k.abort();
         }

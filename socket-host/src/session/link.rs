@@ -224,10 +224,8 @@ impl Supervisor {
             if self.backend.take().is_some() {
                 self.deps.engines.close(&self.tenant).await;
             }
-            if cleanup && self.lease.is_some() {
-                // Let replication drain first, so no commit still in flight recreates what is deleted.
-                let _ = self.deps.engines.persist(&self.tenant, Duration::from_secs(5)).await;
-                if let Err(e) = self.deps.engines.delete(&self.tenant).await {
+            if cleanup && let Some(epoch) = self.lease.as_ref().map(|l| l.epoch) {
+                if let Err(e) = self.deps.engines.delete(&self.tenant, epoch).await {
                     tracing::warn!(tenant = %self.tenant, error = %e, "could not delete the keys of an unpaired link attempt");
                 }
             }

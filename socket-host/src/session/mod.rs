@@ -58,6 +58,9 @@ pub enum OpenError {
     /// A store could not be reached; try again later.
     #[error("credential store unavailable: {0}")]
     Unavailable(String),
+    /// Another host holds the tenant's lease: only it may act on the tenant's credentials.
+    #[error("lease held by another host")]
+    LeaseHeld,
 }
 
 /// Opens a tenant's engine store (hydrating its working copy first when needed).
@@ -67,8 +70,9 @@ pub trait EngineProvider: Send + Sync {
     async fn open(&self, tenant: &TenantId, epoch: u64) -> Result<Arc<dyn Backend>, OpenError>;
     /// Called when the session lets go of its backend (stop, terminal state, lease lost).
     async fn close(&self, _tenant: &TenantId) {}
-    /// Deletes every stored credential of the tenant (logout): the remote store, then the local copy.
-    async fn delete(&self, tenant: &TenantId) -> Result<(), OpenError>;
+    /// Deletes every stored credential of the tenant (logout) under lease `epoch`: lets the tenant's
+    /// replication drain, then the remote store (fenced), then the local copy.
+    async fn delete(&self, tenant: &TenantId, epoch: u64) -> Result<(), OpenError>;
     /// The import marker of a tenant taken over from another system (e.g. Baileys), if its state carries one.
     async fn import_marker(&self, _tenant: &TenantId) -> Option<Vec<u8>> {
         None
@@ -203,6 +207,7 @@ fn start(
         probe: Arc::new(LinkProbe::default()),
         commands: tx.clone(),
         finished: Arc::new(AtomicBool::new(false)),
+        holds_lease: Arc::new(AtomicBool::new(lease.is_some())),
         client: client.clone(),
         sends: Some(sends),
         link: link.clone(),
@@ -214,6 +219,7 @@ fn start(
         probe: handle.probe.clone(),
         commands: rx,
         self_tx: tx,
+        holds_lease: handle.holds_lease.clone(),
         lease,
         lease_keeper: None,
         backend,
@@ -241,6 +247,7 @@ pub fn finished(tenant: TenantId, state: SessionState, reason: String) -> Sessio
         probe: Arc::new(LinkProbe::default()),
         commands: tx,
         finished: Arc::new(AtomicBool::new(true)),
+        holds_lease: Arc::new(AtomicBool::new(false)),
         client: Arc::default(),
         sends: None,
         link: None,

@@ -28,6 +28,8 @@ use crate::transport::LinkProbe;
 pub(super) struct Supervisor {
     pub(super) tenant: TenantId,
     pub(super) deps: Arc<SessionDeps>,
+    /// Shared with the handle: whether `lease` is held.
+    pub(super) holds_lease: Arc<std::sync::atomic::AtomicBool>,
     pub(super) view: Arc<Mutex<SessionView>>,
     pub(super) probe: Arc<LinkProbe>,
     pub(super) commands: mpsc::UnboundedReceiver<Command>,
@@ -49,6 +51,9 @@ pub(super) enum Exit {
     Terminal { state: SessionState, reason: String },
     /// Asked to stop (and maybe to log out).
     Stopped { reply: oneshot::Sender<()>, logout: bool },
+    /// The lease came free, but its last holder had ended the tenant (logged out, replaced, ...) and it is
+    /// no longer desired: end in that state, writing nothing over the holder's mark.
+    EndedByHolder { state: SessionState, reason: String },
 }
 
 /// After a step of the supervisor: go round again, or end the session.
@@ -92,10 +97,13 @@ impl Supervisor {
         {
             return Err(Flow::Break(Exit::LinkEnded { status, reason, reply: None, cleanup: true }));
         }
-        if self.lease.is_none()
-            && let Err(wait) = self.acquire_lease().await
-        {
-            return Err(self.wait_then(SessionState::Backoff, wait).await);
+        if self.lease.is_none() {
+            if let Err(wait) = self.acquire_lease().await {
+                return Err(self.wait_then(SessionState::Backoff, wait).await);
+            }
+            if let Some((state, reason)) = self.ended_by_holder().await {
+                return Err(Flow::Break(Exit::EndedByHolder { state, reason }));
+            }
         }
         if self.backend.is_none() {
             let epoch = self.lease.as_ref().map(|l| l.epoch).unwrap_or_default();
@@ -108,7 +116,7 @@ impl Supervisor {
                 Err(OpenError::Corrupt(reason)) => {
                     return Err(Flow::Break(Exit::Terminal { state: SessionState::CredentialsCorrupt, reason }));
                 }
-                Err(e @ OpenError::Unavailable(_)) => {
+                Err(e @ (OpenError::Unavailable(_) | OpenError::LeaseHeld)) => {
                     self.note_error(e.to_string());
                     let delay = self.next_delay(false);
                     return Err(self.wait_then(SessionState::Backoff, delay).await);
@@ -167,7 +175,26 @@ impl Supervisor {
             Exit::LinkEnded { status, reason, reply, cleanup } => self.link_end(status, reason, reply, cleanup),
             Exit::Terminal { state, reason } => self.terminal(state, reason),
             Exit::Stopped { reply, logout } => self.stopped(reply, logout),
+            Exit::EndedByHolder { state, reason } => self.ended_as_marked(state, reason),
         }
+    }
+
+    /// The terminal mark the lease's last holder left, when the tenant is no longer desired: a session that
+    /// waited for the lease must not take the tenant up again (a logout deleted its credentials on purpose).
+    async fn ended_by_holder(&self) -> Option<(SessionState, String)> {
+        let record = self.deps.tenants.get(&self.tenant).await.ok()??;
+        let status = record.status.filter(|s| s.is_terminal() && !record.whatsapp_connected)?;
+        let state = SessionState::ALL.into_iter().find(|s| s.tenant_status() == status)?;
+        Some((state, record.reason.unwrap_or_else(|| status.as_str().to_string())))
+    }
+
+    fn ended_as_marked(mut self, state: SessionState, reason: String) -> BoxFuture<'static, ()> {
+        async move {
+            tracing::info!(tenant = %self.tenant, state = state.as_str(), "tenant was ended by the lease's last holder");
+            self.set_state(state, Some(reason));
+            self.let_go_of_lease(true).await;
+        }
+        .boxed()
     }
 
     /// Waits `delay` in `state` (see [`Self::wait`]); a stop request ends the session.
@@ -224,7 +251,7 @@ impl Supervisor {
             };
             tracing::warn!(tenant = %self.tenant, state = state.as_str(), reason = %reason, "session ended; needs a person");
             self.set_state(state, Some(reason.clone()));
-            self.write_now(TenantWrite::Status(StatusUpdate::terminal(state.tenant_status(), reason))).await;
+            self.write_now(self.status(StatusUpdate::terminal(state.tenant_status(), reason))).await;
             self.let_go_of_lease(true).await;
         }
         .boxed()
@@ -238,10 +265,14 @@ impl Supervisor {
                 if self.backend.take().is_some() {
                     self.deps.engines.close(&self.tenant).await;
                 }
-                if let Err(e) = self.deps.engines.delete(&self.tenant).await {
+                let deleted = match &self.lease {
+                    Some(lease) => self.deps.engines.delete(&self.tenant, lease.epoch).await,
+                    None => Err(OpenError::LeaseHeld),
+                };
+                if let Err(e) = deleted {
                     tracing::error!(tenant = %self.tenant, error = %e, "deleting credentials after logout failed");
                 }
-                self.write_now(TenantWrite::Status(StatusUpdate::terminal(TenantStatus::LoggedOut, reason))).await;
+                self.write_now(self.status(StatusUpdate::terminal(TenantStatus::LoggedOut, reason))).await;
             } else {
                 self.set_state(SessionState::Stopped, None);
             }
@@ -253,7 +284,12 @@ impl Supervisor {
 
     /// Writes a status in the background, retrying until the store takes it (a mark is never lost).
     fn mark(&self, update: StatusUpdate) {
-        TenantWrite::Status(update).in_background(self.deps.tenants.clone(), self.tenant.clone());
+        self.status(update).in_background(self.deps.tenants.clone(), self.tenant.clone());
+    }
+
+    /// A status write as the holder of the lease this session holds now.
+    fn status(&self, update: StatusUpdate) -> TenantWrite {
+        TenantWrite::Status { update, holder: self.lease.clone() }
     }
 
     pub(super) fn opened(&mut self) {

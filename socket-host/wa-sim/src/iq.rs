@@ -94,6 +94,11 @@ fn iq(shared: &Shared, jid: &str, node: &NodeRef<'_>) -> Outcome {
         ("privacy", "get", _) => privacy(&id),
         ("usync", _, "usync") => usync(shared, &id, first.expect("child exists")),
         ("w:sync:app:state", "set", "sync") => app_state(&id, first.expect("child exists")),
+        ("md", "set", "remove-companion-device") => {
+            // The companion logs itself out: the phone forgets it, so its credentials never log in again.
+            shared.update(|s| with_device(s, jid, |d| d.revoked = true));
+            result(&id).build()
+        }
         _ => {
             tracing::debug!(xmlns = %xmlns, kind = %kind, child = %child, "answering unhandled iq with an empty result");
             result(&id).build()

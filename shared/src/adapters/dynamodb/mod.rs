@@ -186,6 +186,101 @@ impl DynamoTenantStore {
             .expression_attribute_values(":ep", n(lease.epoch))
     }
 
+    /// A status write, when `holder` is given only while the stored lease is still that holding.
+    async fn status_write(
+        &self,
+        tenant: &TenantId,
+        holder: Option<&Lease>,
+        update: &StatusUpdate,
+        now: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let current = self.get(tenant).await?;
+        if let Some(h) = holder
+            && !current.as_ref().and_then(|r| r.lease.as_ref()).is_some_and(|l| l.same_holding(h))
+        {
+            return Err(StoreError::Conflict(Conflict::LeaseLost));
+        }
+        if current.as_ref().is_some_and(|r| !r.differs_from(update)) {
+            return Ok(false);
+        }
+        let status_changed = current.as_ref().is_none_or(|r| r.status != Some(update.status));
+
+        let mut set = vec!["#st = :st", "#wc = :wc"];
+        let mut remove = Vec::new();
+        if status_changed {
+            set.push("#sca = :now");
+        }
+        if update.status == TenantStatus::Connected {
+            set.push("#lha = :now");
+        }
+        match update.reason {
+            Some(_) => set.push("#rs = :rs"),
+            None => remove.push("#rs"),
+        }
+        if update.whatsapp_connected {
+            set.push("#ds = :ds");
+        } else {
+            remove.push("#ds");
+        }
+        let mut expr = format!("SET {}", set.join(", "));
+        if !remove.is_empty() {
+            expr.push_str(&format!(" REMOVE {}", remove.join(", ")));
+        }
+        // Written only when something differs from what is stored now (another writer may have got there).
+        let reason_differs = match update.reason {
+            Some(_) => "attribute_not_exists(#rs) OR #rs <> :rs",
+            None => "attribute_exists(#rs)",
+        };
+        let mut condition = format!(
+            "(attribute_not_exists(#st) OR #st <> :st OR attribute_not_exists(#wc) OR #wc <> :wc OR {reason_differs})"
+        );
+        if holder.is_some() {
+            condition.push_str(" AND #lo = :lo AND #le = :le");
+        }
+
+        let mut req = self
+            .update(tenant)
+            .update_expression(expr)
+            .condition_expression(condition)
+            .expression_attribute_names("#st", STATUS)
+            .expression_attribute_names("#wc", WHATSAPP_CONNECTED)
+            .expression_attribute_names("#rs", REASON)
+            .expression_attribute_values(":st", s(update.status.as_str()))
+            .expression_attribute_values(":wc", AttributeValue::Bool(update.whatsapp_connected));
+        if status_changed {
+            req = req.expression_attribute_names("#sca", STATUS_CHANGED_AT);
+        }
+        if update.status == TenantStatus::Connected {
+            req = req.expression_attribute_names("#lha", LAST_HEALTHY_AT);
+        }
+        if status_changed || update.status == TenantStatus::Connected {
+            req = req.expression_attribute_values(":now", n(now));
+        }
+        if let Some(reason) = &update.reason {
+            req = req.expression_attribute_values(":rs", s(reason));
+        }
+        req = req.expression_attribute_names("#ds", DESIRED_SHARD);
+        if update.whatsapp_connected {
+            req = req.expression_attribute_values(":ds", n(tenant.shard(DESIRED_SHARDS)));
+        }
+        if let Some(h) = holder {
+            req = req
+                .expression_attribute_names("#lo", LEASE_OWNER)
+                .expression_attribute_names("#le", LEASE_EPOCH)
+                .expression_attribute_values(":lo", s(&h.owner))
+                .expression_attribute_values(":le", n(h.epoch));
+        }
+        let written = self.conditional("write status", req).await?.is_ok();
+        if !written && let Some(h) = holder {
+            // Refused: say whether because the lease changed hands or because nothing differed any more.
+            if !self.get(tenant).await?.and_then(|r| r.lease).is_some_and(|l| l.same_holding(h)) {
+                return Err(StoreError::Conflict(Conflict::LeaseLost));
+            }
+        }
+        debug!(tenant = %tenant, status = update.status.as_str(), written, "status write");
+        Ok(written)
+    }
+
     /// Sends a conditional update: `Ok(Some(output))` when it was applied, `Ok(None)` when its condition
     /// did not hold.
     async fn conditional(
@@ -275,70 +370,17 @@ impl TenantStore for DynamoTenantStore {
         update: &StatusUpdate,
         now: UnixMillis,
     ) -> Result<bool, StoreError> {
-        let current = self.get(tenant).await?;
-        if current.as_ref().is_some_and(|r| !r.differs_from(update)) {
-            return Ok(false);
-        }
-        let status_changed = current.as_ref().is_none_or(|r| r.status != Some(update.status));
+        self.status_write(tenant, None, update, now).await
+    }
 
-        let mut set = vec!["#st = :st", "#wc = :wc"];
-        let mut remove = Vec::new();
-        if status_changed {
-            set.push("#sca = :now");
-        }
-        if update.status == TenantStatus::Connected {
-            set.push("#lha = :now");
-        }
-        match update.reason {
-            Some(_) => set.push("#rs = :rs"),
-            None => remove.push("#rs"),
-        }
-        if update.whatsapp_connected {
-            set.push("#ds = :ds");
-        } else {
-            remove.push("#ds");
-        }
-        let mut expr = format!("SET {}", set.join(", "));
-        if !remove.is_empty() {
-            expr.push_str(&format!(" REMOVE {}", remove.join(", ")));
-        }
-        // Written only when something differs from what is stored now (another writer may have got there).
-        let reason_differs = match update.reason {
-            Some(_) => "attribute_not_exists(#rs) OR #rs <> :rs",
-            None => "attribute_exists(#rs)",
-        };
-        let condition = format!(
-            "attribute_not_exists(#st) OR #st <> :st OR attribute_not_exists(#wc) OR #wc <> :wc OR {reason_differs}"
-        );
-
-        let mut req = self
-            .update(tenant)
-            .update_expression(expr)
-            .condition_expression(condition)
-            .expression_attribute_names("#st", STATUS)
-            .expression_attribute_names("#wc", WHATSAPP_CONNECTED)
-            .expression_attribute_names("#rs", REASON)
-            .expression_attribute_values(":st", s(update.status.as_str()))
-            .expression_attribute_values(":wc", AttributeValue::Bool(update.whatsapp_connected));
-        if status_changed {
-            req = req.expression_attribute_names("#sca", STATUS_CHANGED_AT);
-        }
-        if update.status == TenantStatus::Connected {
-            req = req.expression_attribute_names("#lha", LAST_HEALTHY_AT);
-        }
-        if status_changed || update.status == TenantStatus::Connected {
-            req = req.expression_attribute_values(":now", n(now));
-        }
-        if let Some(reason) = &update.reason {
-            req = req.expression_attribute_values(":rs", s(reason));
-        }
-        req = req.expression_attribute_names("#ds", DESIRED_SHARD);
-        if update.whatsapp_connected {
-            req = req.expression_attribute_values(":ds", n(tenant.shard(DESIRED_SHARDS)));
-        }
-        let written = self.conditional("write status", req).await?.is_ok();
-        debug!(tenant = %tenant, status = update.status.as_str(), written, "status write");
-        Ok(written)
+    async fn write_status_as_holder(
+        &self,
+        tenant: &TenantId,
+        holder: &Lease,
+        update: &StatusUpdate,
+        now: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        self.status_write(tenant, Some(holder), update, now).await
     }
 
     async fn record_failure(&self, tenant: &TenantId) -> Result<u32, StoreError> {

@@ -110,14 +110,17 @@ impl CredentialStore for EmbeddedStore {
             let fence = check_fence(txn, &tenant, epoch)?;
             {
                 let mut generations = txn.open_table(GENERATIONS).map_err(db_err)?;
+                let mut write_epochs = txn.open_table(WRITE_EPOCHS).map_err(db_err)?;
                 let stored = generations.get(tenant.as_str()).map_err(db_err)?.map(|g| g.value());
-                if stored.is_some_and(|stored| generation <= stored) {
-                    // Already applied: a retry after a lost acknowledgement.
+                let stored_epoch = write_epochs.get(tenant.as_str()).map_err(db_err)?.map_or(0, |e| e.value());
+                if stored.is_some_and(|stored| stored_epoch == epoch && generation <= stored) {
+                    // Already applied: the same writer's retry after a lost acknowledgement.
                     return Ok(((), false));
                 }
                 let mut credentials = txn.open_table(CREDENTIALS).map_err(db_err)?;
                 apply_sealed(&mut credentials, &tenant, &changes)?;
                 generations.insert(tenant.as_str(), generation).map_err(db_err)?;
+                write_epochs.insert(tenant.as_str(), epoch).map_err(db_err)?;
             }
             advance_fence(txn, &tenant, epoch, fence)?;
             Ok(((), true))
@@ -136,6 +139,7 @@ impl CredentialStore for EmbeddedStore {
                 apply_sealed(&mut credentials, &tenant, &records)?;
                 let mut generations = txn.open_table(GENERATIONS).map_err(db_err)?;
                 generations.insert(tenant.as_str(), generation).map_err(db_err)?;
+                txn.open_table(WRITE_EPOCHS).map_err(db_err)?.insert(tenant.as_str(), epoch).map_err(db_err)?;
             }
             advance_fence(txn, &tenant, epoch, fence)?;
             Ok(((), true))
@@ -143,12 +147,27 @@ impl CredentialStore for EmbeddedStore {
         .await
     }
 
-    async fn delete(&self, tenant: &TenantId) -> Result<(), StoreError> {
+    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
         let tenant = tenant.clone();
         self.write(move |txn| {
+            let fence = check_fence(txn, &tenant, epoch)?;
+            advance_fence(txn, &tenant, epoch, fence)?;
+            Ok(((), epoch > fence))
+        })
+        .await
+    }
+
+    async fn delete(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+        let tenant = tenant.clone();
+        self.write(move |txn| {
+            // The fence stays behind, so no writer older than the deleting one brings the tenant back.
+            let fence = check_fence(txn, &tenant, epoch)?;
             let mut credentials = txn.open_table(CREDENTIALS).map_err(db_err)?;
             remove_all_records(&mut credentials, &tenant)?;
             txn.open_table(GENERATIONS).map_err(db_err)?.remove(tenant.as_str()).map_err(db_err)?;
+            txn.open_table(WRITE_EPOCHS).map_err(db_err)?.remove(tenant.as_str()).map_err(db_err)?;
+            drop(credentials);
+            advance_fence(txn, &tenant, epoch, fence)?;
             Ok(((), true))
         })
         .await

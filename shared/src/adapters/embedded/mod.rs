@@ -48,6 +48,9 @@ pub const STORE_FILE: &str = "store.redb";
 const CREDENTIALS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("credentials");
 const GENERATIONS: TableDefinition<&str, u64> = TableDefinition::new("credential_generations");
 const EPOCHS: TableDefinition<&str, u64> = TableDefinition::new("credential_epochs");
+/// The epoch of the writer of each tenant's stored generation: a batch of that epoch whose generation is not
+/// above the stored one is that writer's retry. Absent (data written before it existed): older than any epoch.
+const WRITE_EPOCHS: TableDefinition<&str, u64> = TableDefinition::new("credential_write_epochs");
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 const DESIRED: TableDefinition<&str, ()> = TableDefinition::new("desired_tenants");
 

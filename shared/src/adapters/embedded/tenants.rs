@@ -132,26 +132,17 @@ impl TenantStore for EmbeddedStore {
         update: &StatusUpdate,
         now: UnixMillis,
     ) -> Result<bool, StoreError> {
-        let fresh = blank_record(tenant);
-        let update = update.clone();
-        self.update_tenant(tenant, move |stored| {
-            let mut record = match stored {
-                Some(r) if !r.differs_from(&update) => return Ok((None, false)),
-                Some(r) => r,
-                None => fresh,
-            };
-            if record.status != Some(update.status) {
-                record.status_changed_at = Some(now);
-            }
-            if update.status == TenantStatus::Connected {
-                record.last_healthy_at = Some(now);
-            }
-            record.status = Some(update.status);
-            record.reason = update.reason;
-            record.whatsapp_connected = update.whatsapp_connected;
-            Ok((Some(record), true))
-        })
-        .await
+        self.status_write(tenant, None, update, now).await
+    }
+
+    async fn write_status_as_holder(
+        &self,
+        tenant: &TenantId,
+        holder: &Lease,
+        update: &StatusUpdate,
+        now: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        self.status_write(tenant, Some(holder.clone()), update, now).await
     }
 
     async fn record_failure(&self, tenant: &TenantId) -> Result<u32, StoreError> {
@@ -239,6 +230,43 @@ impl TenantStore for EmbeddedStore {
                 Ok((Some(record), ()))
             }
             _ => Ok((None, ())),
+        })
+        .await
+    }
+}
+
+impl EmbeddedStore {
+    /// A status write, when `holder` is given only while the stored lease is still that holding.
+    async fn status_write(
+        &self,
+        tenant: &TenantId,
+        holder: Option<Lease>,
+        update: &StatusUpdate,
+        now: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let fresh = blank_record(tenant);
+        let update = update.clone();
+        self.update_tenant(tenant, move |stored| {
+            if let Some(holder) = &holder
+                && !stored.as_ref().and_then(|r| r.lease.as_ref()).is_some_and(|l| l.same_holding(holder))
+            {
+                return Err(StoreError::Conflict(Conflict::LeaseLost));
+            }
+            let mut record = match stored {
+                Some(r) if !r.differs_from(&update) => return Ok((None, false)),
+                Some(r) => r,
+                None => fresh,
+            };
+            if record.status != Some(update.status) {
+                record.status_changed_at = Some(now);
+            }
+            if update.status == TenantStatus::Connected {
+                record.last_healthy_at = Some(now);
+            }
+            record.status = Some(update.status);
+            record.reason = update.reason;
+            record.whatsapp_connected = update.whatsapp_connected;
+            Ok((Some(record), true))
         })
         .await
     }

@@ -143,29 +143,22 @@ impl FirestoreCredentialStore {
 
     // ---- writes --------------------------------------------------------------------------------------------
 
-    /// The meta document as a write: every field set, guarded by `base` being unchanged.
-    pub(super) fn meta_write(
-        &self,
-        tenant: &TenantId,
-        base: Option<&Meta>,
-        generation: u64,
-        max_epoch: u64,
-        set: Option<&str>,
-        garbage: &[String],
-    ) -> Write {
+    /// The meta document as a write: every field of `next` set, guarded by `base` being unchanged.
+    pub(super) fn meta_write(&self, tenant: &TenantId, base: Option<&Meta>, next: &Meta) -> Write {
         let mut fields = HashMap::from([
-            ("generation".to_string(), int_value(generation)),
-            ("max_epoch".to_string(), int_value(max_epoch)),
+            ("generation".to_string(), int_value(next.generation)),
+            ("write_epoch".to_string(), int_value(next.write_epoch)),
+            ("max_epoch".to_string(), int_value(next.max_epoch)),
             (
                 "garbage".to_string(),
                 Value {
                     value_type: Some(ValueType::ArrayValue(pb::ArrayValue {
-                        values: garbage.iter().map(|s| string_value(s)).collect(),
+                        values: next.garbage.iter().map(|s| string_value(s)).collect(),
                     })),
                 },
             ),
         ]);
-        if let Some(set) = set {
+        if let Some(set) = &next.set {
             fields.insert("set".into(), string_value(set));
         }
         Write {
@@ -219,26 +212,29 @@ impl FirestoreCredentialStore {
         epoch: u64,
     ) -> Result<(), Attempt> {
         let new_set = new_set_id();
-        let max_epoch = base.map_or(epoch, |m| m.max_epoch.max(epoch));
-        let mut garbage = base.map(|m| m.garbage.clone()).unwrap_or_default();
-        if let Some(old) = base.and_then(|m| m.set.clone()) {
-            garbage.push(old);
-        }
-        let base_generation = base.map_or(0, |m| m.generation);
+        let before = Meta::successor(base);
+        let mut garbage = before.garbage.clone();
+        garbage.extend(before.set.clone());
+        let installed = Meta {
+            generation,
+            write_epoch: epoch,
+            max_epoch: before.max_epoch.max(epoch),
+            set: Some(new_set.clone()),
+            garbage,
+            ..before.clone()
+        };
 
         if records.len() < MAX_WRITES_PER_COMMIT {
             let mut writes: Vec<Write> =
                 records.iter().map(|(k, v)| self.record_write(tenant, &new_set, k, v, generation)).collect();
-            writes.push(self.meta_write(tenant, base, generation, max_epoch, Some(&new_set), &garbage));
+            writes.push(self.meta_write(tenant, base, &installed));
             self.commit(writes).await?;
         } else {
             // Announce the set as garbage first, so a crash while it is half written leaves nothing behind.
-            let mut announced_garbage = base.map(|m| m.garbage.clone()).unwrap_or_default();
-            announced_garbage.push(new_set.clone());
-            let old_set = base.and_then(|m| m.set.as_deref());
-            let announce = self.meta_write(tenant, base, base_generation, max_epoch, old_set, &announced_garbage);
-            let results = self.commit(vec![announce]).await?;
-            let announced_at = results
+            let mut announced = Meta { max_epoch: installed.max_epoch, ..before };
+            announced.garbage.push(new_set.clone());
+            let results = self.commit(vec![self.meta_write(tenant, base, &announced)]).await?;
+            announced.update_time = results
                 .first()
                 .and_then(|r| r.update_time)
                 .ok_or_else(|| StoreError::Unavailable("firestore commit: no update time".into()))?;
@@ -247,22 +243,7 @@ impl FirestoreCredentialStore {
                 // Record writes carry no precondition; a lost race here is contention: the caller retries.
                 self.commit(writes).await?;
             }
-            let announced = Meta {
-                generation: base_generation,
-                max_epoch,
-                set: base.and_then(|m| m.set.clone()),
-                garbage: Vec::new(),
-                update_time: announced_at,
-            };
-            self.commit(vec![self.meta_write(
-                tenant,
-                Some(&announced),
-                generation,
-                max_epoch,
-                Some(&new_set),
-                &garbage,
-            )])
-            .await?;
+            self.commit(vec![self.meta_write(tenant, Some(&announced), &installed)]).await?;
         }
         debug!(tenant = %tenant, records = records.len(), generation, "installed a new record set");
         self.collect_garbage(tenant).await;
@@ -304,14 +285,8 @@ impl FirestoreCredentialStore {
         let mut current = meta;
         for _ in 0..MAX_ATTEMPTS {
             let remaining: Vec<String> = current.garbage.iter().filter(|s| !collected.contains(s)).cloned().collect();
-            let w = self.meta_write(
-                tenant,
-                Some(&current),
-                current.generation,
-                current.max_epoch,
-                current.set.as_deref(),
-                &remaining,
-            );
+            let remaining = Meta { garbage: remaining, ..current.clone() };
+            let w = self.meta_write(tenant, Some(&current), &remaining);
             match self.commit(vec![w]).await {
                 Ok(_) => return Ok(()),
                 Err(Attempt::Failed(e)) => return Err(e),

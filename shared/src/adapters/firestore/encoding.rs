@@ -87,6 +87,7 @@ pub(super) fn parse_meta(doc: &Document) -> Result<Meta, StoreError> {
     };
     Ok(Meta {
         generation: get_u64(doc, "generation")?,
+        write_epoch: if doc.fields.contains_key("write_epoch") { get_u64(doc, "write_epoch")? } else { 0 },
         max_epoch: get_u64(doc, "max_epoch")?,
         set: get_str(doc, "set").map(str::to_owned),
         garbage,

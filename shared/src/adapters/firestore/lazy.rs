@@ -58,8 +58,12 @@ impl CredentialStore for LazyFirestoreCredentialStore {
         self.store().await?.replace(tenant, snapshot, epoch).await
     }
 
-    async fn delete(&self, tenant: &TenantId) -> Result<(), StoreError> {
-        self.store().await?.delete(tenant).await
+    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+        self.store().await?.claim(tenant, epoch).await
+    }
+
+    async fn delete(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+        self.store().await?.delete(tenant, epoch).await
     }
 
     async fn list_tenants(&self) -> Result<Vec<TenantId>, StoreError> {

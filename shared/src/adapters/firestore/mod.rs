@@ -4,7 +4,8 @@
 //! ```text
 //! {prefix}tenants/{tenant}                         meta document, one per tenant
 //!     generation  integer   the committed generation
-//!     max_epoch   integer   the newest lease epoch a write presented; older epochs are refused
+//!     write_epoch integer   the epoch of the writer of `generation` (its retries are "already applied")
+//!     max_epoch   integer   the fence: the newest epoch claimed or written; older epochs are refused
 //!     set         string    id of the live record set (absent: the tenant was deleted, a tombstone)
 //!     garbage     array     ids of dead record sets still to be deleted
 //! {prefix}tenants/{tenant}/records-{set}/{kind}~{base64url(key)}   one document per record
@@ -97,6 +98,8 @@ impl std::fmt::Debug for FirestoreCredentialStore {
 #[derive(Debug, Clone)]
 struct Meta {
     generation: u64,
+    /// The epoch of the writer of `generation`; 0 when it was written before the field existed.
+    write_epoch: u64,
     max_epoch: u64,
     /// `None` for a tombstone (the tenant was deleted; `max_epoch` still fences stale writers).
     set: Option<String>,
@@ -105,6 +108,23 @@ struct Meta {
 }
 
 impl Meta {
+    /// What a commit on top of `base` starts from: `base` itself, or a tenant with nothing stored.
+    fn successor(base: Option<&Meta>) -> Meta {
+        base.cloned().unwrap_or(Meta {
+            generation: 0,
+            write_epoch: 0,
+            max_epoch: 0,
+            set: None,
+            garbage: Vec::new(),
+            update_time: Timestamp::default(),
+        })
+    }
+
+    /// Whether a batch of `epoch` at `generation` is the stored generation's writer retrying it.
+    fn already_applied(meta: Option<&Meta>, epoch: u64, generation: u64) -> bool {
+        meta.filter(|m| m.set.is_some()).is_some_and(|m| m.write_epoch == epoch && generation <= m.generation)
+    }
+
     /// The precondition a commit puts on the meta document it read as `meta`: unchanged since then.
     fn precondition(meta: Option<&Meta>) -> Precondition {
         Precondition {

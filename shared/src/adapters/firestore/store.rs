@@ -65,13 +65,12 @@ impl CredentialStore for FirestoreCredentialStore {
             let outcome = if changes.len() < MAX_WRITES_PER_COMMIT {
                 let meta = self.get_meta(tenant).await?;
                 Meta::fence(meta.as_ref(), batch.epoch)?;
-                if let Some(m) = meta.as_ref().filter(|m| m.set.is_some())
-                    && batch.generation <= m.generation
-                {
-                    debug!(tenant = %tenant, generation = batch.generation, stored = m.generation, "batch already applied");
+                if Meta::already_applied(meta.as_ref(), batch.epoch, batch.generation) {
+                    debug!(tenant = %tenant, generation = batch.generation, "batch already applied");
                     return Ok(());
                 }
-                let set = meta.as_ref().and_then(|m| m.set.clone()).unwrap_or_else(new_set_id);
+                let before = Meta::successor(meta.as_ref());
+                let set = before.set.clone().unwrap_or_else(new_set_id);
                 let mut writes: Vec<Write> = changes
                     .iter()
                     .map(|(k, v)| match v {
@@ -79,9 +78,14 @@ impl CredentialStore for FirestoreCredentialStore {
                         None => self.record_delete(tenant, &set, k),
                     })
                     .collect();
-                let max_epoch = meta.as_ref().map_or(batch.epoch, |m| m.max_epoch.max(batch.epoch));
-                let garbage = meta.as_ref().map(|m| m.garbage.clone()).unwrap_or_default();
-                writes.push(self.meta_write(tenant, meta.as_ref(), batch.generation, max_epoch, Some(&set), &garbage));
+                let after = Meta {
+                    generation: batch.generation,
+                    write_epoch: batch.epoch,
+                    max_epoch: before.max_epoch.max(batch.epoch),
+                    set: Some(set),
+                    ..before
+                };
+                writes.push(self.meta_write(tenant, meta.as_ref(), &after));
                 self.commit(writes).await.map(|_| ())
             } else {
                 // 500 distinct records plus the meta document do not fit one commit: rebuild the set from
@@ -91,9 +95,7 @@ impl CredentialStore for FirestoreCredentialStore {
                 let meta = self.get_meta(tenant).await?;
                 Meta::fence(meta.as_ref(), batch.epoch)?;
                 let live = meta.as_ref().filter(|m| m.set.is_some());
-                if let Some(m) = live
-                    && batch.generation <= m.generation
-                {
+                if Meta::already_applied(meta.as_ref(), batch.epoch, batch.generation) {
                     return Ok(());
                 }
                 let mut records: BTreeMap<RecordKey, Vec<u8>> = BTreeMap::new();
@@ -147,18 +149,41 @@ impl CredentialStore for FirestoreCredentialStore {
         Err(StoreError::Unavailable(format!("firestore replace kept losing races after {MAX_ATTEMPTS} attempts")))
     }
 
-    async fn delete(&self, tenant: &TenantId) -> Result<(), StoreError> {
+    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+        check_generation(epoch)?;
         for attempt in 0..MAX_ATTEMPTS {
-            let Some(meta) = self.get_meta(tenant).await? else { return Ok(()) };
-            let Some(set) = meta.set.clone() else {
+            let meta = self.get_meta(tenant).await?;
+            Meta::fence(meta.as_ref(), epoch)?;
+            if meta.as_ref().is_some_and(|m| m.max_epoch == epoch) {
+                return Ok(());
+            }
+            // A tenant with nothing stored gets a tombstone that carries the fence.
+            let claimed = Meta { max_epoch: epoch, ..Meta::successor(meta.as_ref()) };
+            match self.commit(vec![self.meta_write(tenant, meta.as_ref(), &claimed)]).await {
+                Ok(_) => return Ok(()),
+                Err(Attempt::Raced) => backoff(attempt).await,
+                Err(Attempt::Failed(e)) => return Err(e),
+            }
+        }
+        Err(StoreError::Unavailable(format!("firestore claim kept losing races after {MAX_ATTEMPTS} attempts")))
+    }
+
+    async fn delete(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+        check_generation(epoch)?;
+        for attempt in 0..MAX_ATTEMPTS {
+            let meta = self.get_meta(tenant).await?;
+            Meta::fence(meta.as_ref(), epoch)?;
+            let Some(meta) = meta else { return Ok(()) };
+            if meta.set.is_none() && meta.max_epoch >= epoch {
                 // Already a tombstone; finish collecting what an earlier delete left.
                 self.try_collect_garbage(tenant).await?;
                 return Ok(());
-            };
-            // A tombstone keeps `max_epoch`, so a stale writer cannot bring the tenant back.
-            let mut garbage = meta.garbage.clone();
-            garbage.push(set);
-            match self.commit(vec![self.meta_write(tenant, Some(&meta), 0, meta.max_epoch, None, &garbage)]).await {
+            }
+            // A tombstone keeps the fence, so a stale writer cannot bring the tenant back.
+            let mut tombstone =
+                Meta { generation: 0, write_epoch: 0, max_epoch: meta.max_epoch.max(epoch), set: None, ..meta.clone() };
+            tombstone.garbage.extend(meta.set.clone());
+            match self.commit(vec![self.meta_write(tenant, Some(&meta), &tombstone)]).await {
                 Ok(_) => {
                     // The tenant reads as absent from here on; removing its records is housekeeping, but a
                     // logout should not leave them behind, so report a failure to the caller for a retry.

@@ -19,7 +19,14 @@ fn set_ids_differ() {
 
 #[test]
 fn fencing_refuses_only_older_epochs() {
-    let m = Meta { generation: 3, max_epoch: 5, set: None, garbage: vec![], update_time: Timestamp::default() };
+    let m = Meta {
+        generation: 3,
+        write_epoch: 4,
+        max_epoch: 5,
+        set: None,
+        garbage: vec![],
+        update_time: Timestamp::default(),
+    };
     assert!(Meta::fence(Some(&m), 5).is_ok());
     assert!(Meta::fence(Some(&m), 6).is_ok());
     assert!(matches!(
