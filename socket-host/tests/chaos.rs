@@ -662,13 +662,7 @@ async fn two_hosts_never_connect_a_device_twice_across_kills() {
 async fn two_hosts(settings: &Settings) {
     let sim = wa_sim::Sim::start_local().await.unwrap();
     let wa = sim.handle();
-    let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
-    let key = {
-        let _ = dirs_a.cipher();
-        std::fs::read(dirs_a.key_file()).unwrap()
-    };
-    std::fs::create_dir_all(dirs_b.key_file().parent().unwrap()).unwrap();
-    std::fs::write(dirs_b.key_file(), key).unwrap();
+    let (dirs_a, dirs_b) = Dirs::pair_sharing_key();
     let Some(stores) = CloudStores::fresh("chaostwo", dirs_a.cipher()).await else { return };
     let ids: Vec<TenantId> = (0..30).map(|i| tid(&format!("pair-{i:02}"))).collect();
     stores.seed(&wa, &ids).await;

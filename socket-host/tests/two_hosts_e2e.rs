@@ -11,14 +11,7 @@ use wakeeper_testkit::*;
 async fn one_owner_per_tenant_and_failover_after_lease_expiry() {
     let sim = wa_sim::Sim::start_local().await.unwrap();
     let wa = sim.handle();
-    let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
-    // Both hosts seal with the same data key (in the cloud it comes from KMS).
-    let key = {
-        let _ = dirs_a.cipher();
-        std::fs::read(dirs_a.key_file()).unwrap()
-    };
-    std::fs::create_dir_all(dirs_b.key_file().parent().unwrap()).unwrap();
-    std::fs::write(dirs_b.key_file(), key).unwrap();
+    let (dirs_a, dirs_b) = Dirs::pair_sharing_key();
     let Some(stores) = CloudStores::fresh("twohosts", dirs_a.cipher()).await else { return };
     let tenants: Vec<TenantId> = (0..100).map(|i| tid(&format!("shared-{i:03}"))).collect();
     stores.seed(&wa, &tenants).await;
@@ -75,13 +68,7 @@ async fn logout_only_on_the_lease_holder_and_for_good() {
 
     let sim = wa_sim::Sim::start_local().await.unwrap();
     let wa = sim.handle();
-    let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
-    let key = {
-        let _ = dirs_a.cipher();
-        std::fs::read(dirs_a.key_file()).unwrap()
-    };
-    std::fs::create_dir_all(dirs_b.key_file().parent().unwrap()).unwrap();
-    std::fs::write(dirs_b.key_file(), key).unwrap();
+    let (dirs_a, dirs_b) = Dirs::pair_sharing_key();
     let Some(stores) = CloudStores::fresh("logout", dirs_a.cipher()).await else { return };
     let t = tid("resto-logout");
     stores.seed(&wa, std::slice::from_ref(&t)).await;

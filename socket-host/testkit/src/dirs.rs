@@ -29,6 +29,14 @@ impl Dirs {
     pub fn cipher(&self) -> Cipher {
         Cipher::new(&LocalKeyFile::new(self.key_file()).data_key().unwrap())
     }
+    /// Two hosts' directories sealing with one data key (in the cloud it comes from one secret).
+    pub fn pair_sharing_key() -> (Dirs, Dirs) {
+        let (a, b) = (Dirs::new(), Dirs::new());
+        let _ = a.cipher();
+        std::fs::create_dir_all(b.key_file().parent().unwrap()).unwrap();
+        std::fs::copy(a.key_file(), b.key_file()).unwrap();
+        (a, b)
+    }
     pub fn wipe_data(&self) {
         let _ = std::fs::remove_dir_all(self.data());
     }
