@@ -20,7 +20,7 @@ use crate::alerts::{AlertEvent, AlertMessage, AlertSink};
 use crate::domain::reconcile::{self, Action, HostView, Policy};
 use crate::domain::{SessionState, SessionView, StatusUpdate, TenantId, TenantRecord, TenantStatus, UnixMillis};
 use crate::emf::Emf;
-use crate::ports::{EnsureAnswer, HostError, HostOps, StoreError, TenantStore};
+use crate::ports::{Conflict, EnsureAnswer, HostError, HostOps, StoreError, TenantStore};
 
 /// Knobs of a sweep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +83,12 @@ pub struct SweepReport {
     pub desired: usize,
     /// Sessions the host runs although the table does not want them (reported only).
     pub undesired_running: usize,
+    /// Desired tenants left to their lease holder, whose session the host list does not show.
+    #[serde(default)]
+    pub held_elsewhere: usize,
+    /// Status writes refused because the session they were for had lost its lease in the meantime.
+    #[serde(default)]
+    pub not_holder_skips: usize,
     /// The host's boot id changed since the previous sweep.
     pub host_restarted: bool,
     /// The host's sessions could not be read (no answer, or a refusal such as a wrong token): nothing was
@@ -109,6 +115,8 @@ impl SweepReport {
             .count("StatusWrites", self.status_writes as u64)
             .count("FailureWrites", self.failure_writes as u64)
             .count("Marked", self.marked as u64)
+            .count("HeldElsewhere", self.held_elsewhere as u64)
+            .count("NotHolderSkips", self.not_holder_skips as u64)
             .count("Errors", self.errors as u64)
             .count("HostUnreachable", u64::from(self.host_unreachable))
             .count("HostRestarted", u64::from(self.host_restarted))
@@ -189,12 +197,13 @@ pub async fn run_sweep(
     report.healthy = plan.healthy;
     report.unhealthy = plan.unhealthy;
     report.undesired_running = plan.undesired_running;
+    report.held_elsewhere = plan.held_elsewhere;
     report.host_restarted = plan.host_restarted;
     if plan.host_restarted {
         info!(boot_id = %list.boot_id, "host restarted since the last sweep");
     }
 
-    let sessions: HashMap<&TenantId, &SessionView> = list.sessions.iter().map(|s| (&s.tenant_id, s)).collect();
+    let sessions = reconcile::sessions_by_tenant(&desired, &list.sessions);
     let per_tenant = actions_per_tenant(plan.actions, &desired, &sessions, policy.silent_after);
     let runner = TenantActions { tenants, host, alerts, sessions: &sessions, now };
     let counts: Vec<ActionCounts> = futures_util::stream::iter(per_tenant)
@@ -213,6 +222,8 @@ pub async fn run_sweep(
         missing_started = report.missing_started,
         alerts = report.alerts,
         status_writes = report.status_writes,
+        held_elsewhere = report.held_elsewhere,
+        not_holder_skips = report.not_holder_skips,
         errors = report.errors,
         duration_ms = report.duration_ms,
         "sweep done"
@@ -285,6 +296,7 @@ struct ActionCounts {
     reconnect_requested: usize,
     missing_started: usize,
     marked: usize,
+    not_holder_skips: usize,
     alerts: usize,
     alerts_failed: usize,
     errors: usize,
@@ -298,6 +310,7 @@ impl SweepReport {
         self.reconnect_requested += c.reconnect_requested;
         self.missing_started += c.missing_started;
         self.marked += c.marked;
+        self.not_holder_skips += c.not_holder_skips;
         self.alerts += c.alerts;
         self.alerts_failed += c.alerts_failed;
         self.errors += c.errors;
@@ -314,6 +327,15 @@ struct TenantActions<'a> {
 }
 
 impl TenantActions<'_> {
+    /// A status write on behalf of the session it was decided from: conditional on the lease that session
+    /// holds (or last held), so a holder that changed since the table was read keeps its record.
+    async fn write_status(&self, id: &TenantId, update: &StatusUpdate) -> Result<bool, StoreError> {
+        match self.sessions.get(id).and_then(|s| s.lease.as_ref()) {
+            Some(lease) => self.tenants.write_status_as_holder(id, &lease.holding(), update, self.now).await,
+            None => self.tenants.write_status(id, update, self.now).await,
+        }
+    }
+
     /// Carries out one tenant's actions, in plan order. One tenant's failures never stop another's actions.
     async fn carry_out(&self, id: TenantId, actions: Vec<Action>) -> ActionCounts {
         let mut counts = ActionCounts::default();
@@ -323,8 +345,12 @@ impl TenantActions<'_> {
         let mut reconnected = false;
         for action in actions {
             match action {
-                Action::WriteStatus(_, update) => match self.tenants.write_status(&id, &update, self.now).await {
+                Action::WriteStatus(_, update) => match self.write_status(&id, &update).await {
                     Ok(written) => counts.status_writes += usize::from(written),
+                    Err(StoreError::Conflict(Conflict::LeaseLost)) => {
+                        info!(tenant = %id, "status not written: the session lost the tenant's lease meanwhile");
+                        counts.not_holder_skips += 1;
+                    }
                     Err(e) => {
                         warn!(tenant = %id, error = %e, "status write failed");
                         counts.errors += 1;

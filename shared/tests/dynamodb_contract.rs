@@ -150,7 +150,7 @@ async fn an_unreachable_dynamodb_is_unavailable() {
         store.set_desired(&t, true).await,
         store.write_status(&t, &up, now).await.map(|_| ()),
         store.record_failure(&t).await.map(|_| ()),
-        store.acquire_lease(&t, "host-a", 1_000, now).await.map(|_| ()),
+        store.acquire_lease(&t, "host-a", None, 1_000, now).await.map(|_| ()),
         store.create_table_if_missing().await,
     ];
     for r in results {

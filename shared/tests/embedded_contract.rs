@@ -68,7 +68,7 @@ async fn both_ports_share_one_file_and_survive_a_reopen() {
         let store = open(dir.path());
         store.replace(&t, &snapshot, 1).await.unwrap();
         store.set_desired(&t, true).await.unwrap();
-        store.acquire_lease(&t, "host-a", 1_000, 10).await.unwrap();
+        store.acquire_lease(&t, "host-a", None, 1_000, 10).await.unwrap();
     }
     let store = open(dir.path());
     assert_eq!(store.read(&t).await.unwrap(), snapshot, "credentials survive a reopen");
@@ -302,12 +302,12 @@ async fn grouped_writes_answer_each_caller_and_survive_a_reopen() {
     let leases = ids.iter().map(|id| {
         let store = store.clone();
         let id = id.clone();
-        tokio::spawn(async move { store.acquire_lease(&id, "host-a", 30_000, now).await })
+        tokio::spawn(async move { store.acquire_lease(&id, "host-a", None, 30_000, now).await })
     });
     let contenders = (0..20).map(|i| {
         let store = store.clone();
         let t = contested.clone();
-        tokio::spawn(async move { store.acquire_lease(&t, &format!("host-{i}"), 30_000, now).await })
+        tokio::spawn(async move { store.acquire_lease(&t, &format!("host-{i}"), None, 30_000, now).await })
     });
     let mut snapshot = CredentialSnapshot { generation: 2, ..Default::default() };
     snapshot.set_device(&restorable_device());

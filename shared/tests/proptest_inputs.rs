@@ -98,6 +98,7 @@ fn session_view() -> impl Strategy<Value = SessionView> {
                     consecutive_failures,
                     backoff_ms,
                     last_error,
+                    lease: None,
                 }
             },
         )

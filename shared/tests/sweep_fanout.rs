@@ -65,6 +65,7 @@ fn view(id: &TenantId, state: SessionState, since_ms: i64) -> SessionView {
         consecutive_failures: 0,
         backoff_ms: None,
         last_error: None,
+        lease: None,
     }
 }
 

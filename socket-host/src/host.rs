@@ -160,12 +160,12 @@ impl Host {
             return Ok(Ensured { state: h.state(), already_running: true });
         }
         let deps = &self.deps;
-        let lease = match session::take_lease(deps, tenant).await {
-            Ok(l) => Some(l),
+        let lease = match session::take_lease(deps, tenant, None).await {
+            Ok(held) => Some(held),
             Err(StoreError::Conflict(Conflict::LeaseHeld { .. })) | Err(_) => None,
         };
         let mut backend = None;
-        if let Some(l) = &lease {
+        if let Some(l) = lease.as_ref().map(|held| &held.lease) {
             match deps.engines.open(tenant, l.epoch).await {
                 Ok(b) => backend = Some(b),
                 Err(e @ (OpenError::Missing | OpenError::Corrupt(_))) => {
@@ -199,8 +199,8 @@ impl Host {
                 return Ok(Ensured { state, already_running: false });
             }
         }
-        if let Some(l) = &lease
-            && let Err(e) = deps.tenants.release_lease(tenant, l).await
+        if let Some(held) = &lease
+            && let Err(e) = deps.tenants.release_lease(tenant, &held.lease).await
         {
             tracing::warn!(tenant = %tenant, error = %e, "lease release failed; it will expire");
         }
@@ -241,11 +241,12 @@ impl Host {
                 Err(e) => return Err(LinkError::Unavailable(e.to_string())),
             }
         }
-        let lease = match session::take_lease(deps, tenant).await {
-            Ok(l) => l,
+        let held = match session::take_lease(deps, tenant, None).await {
+            Ok(held) => held,
             Err(StoreError::Conflict(Conflict::LeaseHeld { .. })) => return Err(LinkError::LeaseHeld),
             Err(e) => return Err(LinkError::Unavailable(e.to_string())),
         };
+        let lease = held.lease.clone();
         let backend = match deps.engines.open_new(tenant, lease.epoch).await {
             Ok(b) => b,
             Err(e) => {
@@ -259,7 +260,7 @@ impl Host {
             if !self.closing.load(std::sync::atomic::Ordering::Acquire) {
                 tracing::info!(tenant = %tenant, "link attempt started");
                 metrics::counter!("wakeeper_links_started_total").increment(1);
-                let handle = session::spawn_link(tenant.clone(), deps.clone(), lease, backend);
+                let handle = session::spawn_link(tenant.clone(), deps.clone(), held, backend);
                 sessions.insert(tenant.clone(), handle.clone());
                 return Ok((handle, true));
             }
@@ -320,10 +321,11 @@ impl Host {
             other => {
                 // Nothing runs here, so act only as the lease holder: a session another host runs keeps its
                 // credentials, and this host answers that the lease is held.
-                let lease = session::take_lease(&self.deps, tenant).await.map_err(|e| match e {
+                let lease = session::take_lease(&self.deps, tenant, None).await.map_err(|e| match e {
                     StoreError::Conflict(Conflict::LeaseHeld { .. }) => OpenError::LeaseHeld,
                     e => OpenError::Unavailable(e.to_string()),
                 })?;
+                let lease = lease.lease;
                 if let Some(waiting) = other.as_ref().filter(|h| !h.is_finished()) {
                     // A session here that waited for the lease must not take it after the logout.
                     waiting.stop().await;

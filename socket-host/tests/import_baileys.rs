@@ -349,7 +349,7 @@ async fn dry_run_writes_nothing_and_existing_credentials_are_kept() {
 
     // A live lease held by a host refuses the import.
     with_store(&dirs, async |s| {
-        s.acquire_lease(&tenant, "host-b", 60_000, wakeeper_shared::domain::now_millis()).await.unwrap();
+        s.acquire_lease(&tenant, "host-b", None, 60_000, wakeeper_shared::domain::now_millis()).await.unwrap();
     })
     .await;
     let held = import_dir(&dirs, tenant.as_str(), &generated.dir, &["--replace-existing"]);

@@ -27,12 +27,12 @@ pub async fn tenant_only_the_lease_holder_marks(store: &dyn TenantStore) {
     let now = now_millis();
     let connected = StatusUpdate { status: TenantStatus::Connected, reason: None, whatsapp_connected: true };
     let replaced = StatusUpdate::terminal(TenantStatus::Replaced, "stream replaced (440)");
-    let never = Lease { owner: "host-a".into(), epoch: 1, expires_at: now + 10_000 };
+    let never = Lease { owner: "host-a".into(), epoch: 1, version: 1, expires_at: now + 10_000 };
     match store.write_status_as_holder(&t, &never, &connected, now).await {
         Err(StoreError::Conflict(Conflict::LeaseLost)) => {}
         other => panic!("a holder write with no lease stored: want LeaseLost, got {other:?}"),
     }
-    let a = store.acquire_lease(&t, "host-a", 10_000, now).await.expect("A takes the lease");
+    let a = store.acquire_lease(&t, "host-a", None, 10_000, now).await.expect("A takes the lease");
     assert!(store.write_status_as_holder(&t, &a, &connected, now).await.expect("A marks"), "the holder writes");
     let renewed = store.renew_lease(&t, &a, 10_000, now + 1).await.expect("A renews");
     assert!(
@@ -40,7 +40,7 @@ pub async fn tenant_only_the_lease_holder_marks(store: &dyn TenantStore) {
         "the holder's unchanged status is not written again"
     );
     store.release_lease(&t, &renewed).await.expect("A releases");
-    let b = store.acquire_lease(&t, "host-b", 10_000, now + 3).await.expect("B takes the released lease");
+    let b = store.acquire_lease(&t, "host-b", None, 10_000, now + 3).await.expect("B takes the released lease");
     match store.write_status_as_holder(&t, &a, &replaced, now + 4).await {
         Err(StoreError::Conflict(Conflict::LeaseLost)) => {}
         other => panic!("A marks after B took the lease: want LeaseLost, got {other:?}"),
@@ -84,7 +84,7 @@ pub async fn tenant_set_desired_creates_and_keeps_the_rest(store: &dyn TenantSto
     let up = StatusUpdate { status: TenantStatus::Connected, reason: None, whatsapp_connected: true };
     store.write_status(&t, &up, now).await.expect("write_status");
     store.record_failure(&t).await.expect("record_failure");
-    let lease = store.acquire_lease(&t, "host-a", TTL, now).await.expect("acquire");
+    let lease = store.acquire_lease(&t, "host-a", None, TTL, now).await.expect("acquire");
     store.set_desired(&t, false).await.expect("set_desired(false)");
     let r = get_some(store, &t, "after set_desired(false)").await;
     assert!(!r.whatsapp_connected, "set_desired(false) clears the flag");
@@ -243,40 +243,52 @@ pub(super) fn expect_lease_lost(result: Result<Lease, StoreError>, what: &str) {
     }
 }
 
-/// Acquire, contend, re-acquire, expire, take over, renew, and renew a lost lease, with injected time.
+/// Acquire, contend, re-acquire, renew, take over a stale lease, and renew a lost one. No clock decides: a
+/// lease its holder keeps renewing is never free, however late the caller says it is, and a taker wins only
+/// with the exact lease (owner, epoch, version) it watched.
 pub async fn tenant_lease_lifecycle(store: &dyn TenantStore) {
     let t = fresh_tenant();
     store.set_desired(&t, true).await.expect("set_desired");
     let now = now_millis();
+    let day = 86_400_000;
 
-    let a1 = store.acquire_lease(&t, "host-a", TTL, now).await.expect("acquire a free lease");
-    assert_eq!(a1, Lease { owner: "host-a".into(), epoch: 1, expires_at: now + TTL as UnixMillis }, "first lease");
+    let a1 = store.acquire_lease(&t, "host-a", None, TTL, now).await.expect("acquire a free lease");
+    let first = Lease { owner: "host-a".into(), epoch: 1, version: 1, expires_at: now + TTL as UnixMillis };
+    assert_eq!(a1, first, "first lease");
     assert_eq!(get_some(store, &t, "after acquire").await.lease, Some(a1.clone()), "the lease is stored");
 
-    expect_lease_held(store.acquire_lease(&t, "host-b", TTL, now + 1).await, &a1, "another owner while live");
+    expect_lease_held(store.acquire_lease(&t, "host-b", None, TTL, now + 1).await, &a1, "another owner");
     expect_lease_held(
-        store.acquire_lease(&t, "host-b", TTL, a1.expires_at - 1).await,
+        store.acquire_lease(&t, "host-b", None, TTL, a1.expires_at + day).await,
         &a1,
-        "another owner one millisecond before expiry",
+        "another owner whose clock is a day past the stored expiry",
     );
 
-    let a2 = store.acquire_lease(&t, "host-a", TTL, now + 2).await.expect("re-acquire by the same owner");
+    let a2 = store.acquire_lease(&t, "host-a", None, TTL, now + 2).await.expect("re-acquire by the same owner");
     assert!(a2.epoch > a1.epoch, "re-acquiring raises the epoch ({} -> {})", a1.epoch, a2.epoch);
-    assert_eq!(a2.expires_at, now + 2 + TTL as UnixMillis, "re-acquiring extends");
+    assert!(a2.version > a1.version, "re-acquiring raises the version ({} -> {})", a1.version, a2.version);
 
-    let renewed = store.renew_lease(&t, &a2, TTL, now + 1_000).await.expect("renew a live lease");
-    assert_eq!(renewed.epoch, a2.epoch, "renew keeps the epoch");
-    assert_eq!(renewed.owner, a2.owner, "renew keeps the owner");
-    assert_eq!(renewed.expires_at, now + 1_000 + TTL as UnixMillis, "renew extends the expiry");
-    expect_lease_held(store.acquire_lease(&t, "host-b", TTL, a2.expires_at + 1).await, &renewed, "renewal holds");
-    expect_lease_lost(store.renew_lease(&t, &a1, TTL, now + 1_001).await, "renewing a superseded epoch");
+    let renewed = store.renew_lease(&t, &a2, TTL, now + day).await.expect("renew, whatever the clock says");
+    assert_eq!((renewed.owner.as_str(), renewed.epoch), ("host-a", a2.epoch), "renew keeps owner and epoch");
+    assert_eq!(renewed.version, a2.version + 1, "renew raises the version by one");
+    assert_eq!(renewed.expires_at, now + day + TTL as UnixMillis, "renew stores the holder's estimate");
+    expect_lease_lost(store.renew_lease(&t, &a1, TTL, now + 3).await, "renewing a superseded epoch");
 
-    let after_expiry = renewed.expires_at;
-    let b = store.acquire_lease(&t, "host-b", TTL, after_expiry).await.expect("take over an expired lease");
+    expect_lease_held(
+        store.acquire_lease(&t, "host-b", Some(&a2), TTL, now + 4).await,
+        &renewed,
+        "a take-over of a version the holder has renewed since",
+    );
+    let b = store.acquire_lease(&t, "host-b", Some(&renewed), TTL, now + 5).await.expect("take over a stale lease");
     assert_eq!(b.owner, "host-b", "the new owner holds it");
     assert!(b.epoch > renewed.epoch, "taking over raises the epoch ({} -> {})", renewed.epoch, b.epoch);
-    expect_lease_lost(store.renew_lease(&t, &renewed, TTL, after_expiry + 1).await, "renew after take-over");
-    expect_lease_held(store.acquire_lease(&t, "host-a", TTL, after_expiry + 2).await, &b, "the old owner is out");
+    expect_lease_lost(store.renew_lease(&t, &renewed, TTL, now + 6).await, "renew after take-over");
+    expect_lease_held(store.acquire_lease(&t, "host-a", None, TTL, now + 7).await, &b, "the old owner is out");
+    expect_lease_held(
+        store.acquire_lease(&t, "host-c", Some(&renewed), TTL, now + 8).await,
+        &b,
+        "a second taker with the same stale lease",
+    );
     assert_eq!(get_some(store, &t, "after take-over").await.lease, Some(b), "the stored lease is the new owner's");
 }
 
@@ -285,13 +297,13 @@ pub async fn tenant_lease_lifecycle(store: &dyn TenantStore) {
 pub async fn tenant_lease_release_frees_at_once(store: &dyn TenantStore) {
     let t = fresh_tenant();
     let now = now_millis();
-    let a = store.acquire_lease(&t, "host-a", TTL, now).await.expect("acquire on a tenant with no record");
+    let a = store.acquire_lease(&t, "host-a", None, TTL, now).await.expect("acquire on a tenant with no record");
     store.release_lease(&t, &a).await.expect("release");
     expect_lease_lost(store.renew_lease(&t, &a, TTL, now + 1).await, "renewing a released lease");
-    let b = store.acquire_lease(&t, "host-b", TTL, now + 1).await.expect("acquire right after release");
+    let b = store.acquire_lease(&t, "host-b", None, TTL, now + 1).await.expect("acquire right after release");
     assert!(b.epoch > a.epoch, "acquiring after release raises the epoch ({} -> {})", a.epoch, b.epoch);
     store.release_lease(&t, &a).await.expect("releasing a lost lease is not an error");
-    expect_lease_held(store.acquire_lease(&t, "host-c", TTL, now + 2).await, &b, "a stale release frees nothing");
+    expect_lease_held(store.acquire_lease(&t, "host-c", None, TTL, now + 2).await, &b, "a stale release frees nothing");
     store.release_lease(&fresh_tenant(), &b).await.expect("releasing on an unknown tenant is not an error");
 }
 
@@ -310,7 +322,7 @@ pub async fn tenant_concurrent_acquisition_has_one_winner(store: Arc<dyn TenantS
             let (store, t, start) = (Arc::clone(&store), t.clone(), Arc::clone(&start));
             tokio::spawn(async move {
                 start.wait().await;
-                store.acquire_lease(&t, owner, TTL, now).await
+                store.acquire_lease(&t, owner, None, TTL, now).await
             })
         };
         let (a, b) = (contender("host-a"), contender("host-b"));

@@ -5,13 +5,15 @@
 //! - a host that cannot be reached yields no action at all (a transient failure never marks anyone);
 //! - a status is written only when it differs from the stored one (a healthy fleet costs no writes);
 //! - a tenant that runs but is not desired is reported, never stopped (an empty or failing table read must
-//!   not take the fleet down).
+//!   not take the fleet down);
+//! - a tenant whose lease another host holds is judged only by that holder's session: a session that lost the
+//!   lease (or never had it) yields no status write, failure count or mark.
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{SessionList, SessionState, SessionView, StatusUpdate, TenantId, TenantRecord, UnixMillis};
+use super::{Lease, SessionList, SessionState, SessionView, StatusUpdate, TenantId, TenantRecord, UnixMillis};
 
 /// Knobs of the decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +84,8 @@ pub struct Plan {
     pub unhealthy: usize,
     /// Sessions the host runs although the table does not want them (reported only).
     pub undesired_running: usize,
+    /// Desired tenants whose lease is held by a session not in the list: left to their holder.
+    pub held_elsewhere: usize,
 }
 
 impl Plan {
@@ -89,6 +93,39 @@ impl Plan {
     pub fn count(&self, pred: impl Fn(&Action) -> bool) -> usize {
         self.actions.iter().filter(|a| pred(a)).count()
     }
+}
+
+/// The one session each tenant is judged by when several hosts report it (a host that lost the tenant to
+/// another still lists its ended session): the session holding the lease the table names, else an open one,
+/// else one that believes it holds a lease, else the first reported. So a former holder's `replaced` never
+/// outweighs the holder's `open`.
+pub fn sessions_by_tenant<'a>(
+    desired: &[TenantRecord],
+    sessions: &'a [SessionView],
+) -> HashMap<&'a TenantId, &'a SessionView> {
+    let stored: HashMap<&TenantId, &Lease> =
+        desired.iter().filter_map(|r| r.lease.as_ref().map(|l| (&r.tenant_id, l))).collect();
+    let rank = |s: &SessionView| match &s.lease {
+        _ if stored.get(&s.tenant_id).is_some_and(|st| holds(s, st)) => 3,
+        _ if s.state == SessionState::Open => 2,
+        Some(l) if l.held => 1,
+        _ => 0,
+    };
+    let mut chosen: HashMap<&TenantId, &SessionView> = HashMap::new();
+    for s in sessions {
+        match chosen.get(&s.tenant_id) {
+            Some(current) if rank(current) >= rank(s) => {}
+            _ => {
+                chosen.insert(&s.tenant_id, s);
+            }
+        }
+    }
+    chosen
+}
+
+/// Whether `session` holds `stored` (same owner and epoch, still held).
+fn holds(session: &SessionView, stored: &Lease) -> bool {
+    session.lease.as_ref().is_some_and(|l| l.held && stored.same_holding(&l.holding()))
 }
 
 /// Decides one sweep. `desired` is every tenant record whose desired flag is set; `last_boot_id` is the host's
@@ -104,7 +141,7 @@ pub fn reconcile(
         return Plan { host_unreachable: true, ..Plan::default() };
     };
     let mut plan = Plan { host_restarted: last_boot_id.is_some_and(|b| b != list.boot_id), ..Plan::default() };
-    let running: HashMap<&TenantId, &SessionView> = list.sessions.iter().map(|s| (&s.tenant_id, s)).collect();
+    let running = sessions_by_tenant(desired, &list.sessions);
     for record in desired.iter().filter(|r| r.whatsapp_connected) {
         let id = &record.tenant_id;
         let Some(session) = running.get(id) else {
@@ -112,6 +149,13 @@ pub fn reconcile(
             plan.actions.push(Action::Ensure(id.clone()));
             continue;
         };
+        if let Some(stored) = &record.lease
+            && !stored.is_released()
+            && !holds(session, stored)
+        {
+            plan.held_elsewhere += 1;
+            continue;
+        }
         let status = session.state.tenant_status();
         let update = if status.is_terminal() {
             StatusUpdate::terminal(status, session.last_error.clone().unwrap_or_else(|| session.state.as_str().into()))
@@ -160,7 +204,7 @@ pub fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::TenantStatus;
+    use crate::domain::{SessionLease, TenantStatus};
 
     const NOW: UnixMillis = 10_000_000;
 
@@ -311,5 +355,56 @@ mod tests {
         let plan = run(&desired, &list("b", sessions), Some("b"));
         assert_eq!(plan.healthy, 10_000);
         assert!(plan.actions.is_empty());
+    }
+
+    /// A record whose lease `owner` holds at `epoch`.
+    fn leased(s: &str, owner: &str, epoch: u64, released: bool) -> TenantRecord {
+        let expires_at = if released { 0 } else { NOW + 10_000 };
+        let lease = Lease { owner: owner.into(), epoch, version: 1, expires_at };
+        TenantRecord { lease: Some(lease), ..rec(s, Some(TenantStatus::Connected), 0) }
+    }
+
+    /// A session of `owner`'s holding `epoch` (held now or not).
+    fn on(mut s: SessionView, owner: &str, epoch: u64, held: bool) -> SessionView {
+        s.lease = Some(SessionLease { owner: owner.into(), epoch, held });
+        s
+    }
+
+    #[test]
+    fn a_former_holders_ended_session_marks_nothing_while_another_holds_the_lease() {
+        let desired = vec![leased("a", "host-b", 2, false)];
+        let mut replaced = on(sess("a", SessionState::Replaced, NOW), "host-a", 1, false);
+        replaced.last_error = Some("stream replaced (440)".into());
+        let plan = run(&desired, &list("boot-a", vec![replaced.clone()]), None);
+        assert!(plan.actions.is_empty(), "the former holder's view decides nothing: {:?}", plan.actions);
+        assert_eq!(plan.held_elsewhere, 1);
+
+        let open = on(sess("a", SessionState::Open, 0), "host-b", 2, true);
+        for sessions in [vec![replaced.clone(), open.clone()], vec![open.clone(), replaced.clone()]] {
+            let plan = run(&desired, &list("boot-a,boot-b", sessions), None);
+            assert!(plan.actions.is_empty(), "the holder's open session is the one judged: {:?}", plan.actions);
+            assert_eq!((plan.healthy, plan.unhealthy), (1, 0));
+        }
+    }
+
+    #[test]
+    fn a_session_waiting_for_anothers_lease_counts_no_failure() {
+        let desired = vec![leased("a", "host-b", 2, false)];
+        let mut waiting = sess("a", SessionState::Backoff, NOW - 3_600_000);
+        waiting.last_error = Some("lease held by another host".into());
+        let plan = run(&desired, &list("boot-a", vec![waiting]), None);
+        assert!(plan.actions.is_empty(), "no failure count, no reconnect: {:?}", plan.actions);
+    }
+
+    #[test]
+    fn the_last_holder_marks_after_releasing_the_lease() {
+        let desired = vec![leased("a", "host-a", 3, true)];
+        let mut ended = on(sess("a", SessionState::LoggedOut, NOW), "host-a", 3, false);
+        ended.last_error = Some("logged out (401)".into());
+        let plan = run(&desired, &list("boot-a", vec![ended]), None);
+        assert_eq!(
+            plan.actions,
+            vec![Action::WriteStatus(id("a"), StatusUpdate::terminal(TenantStatus::LoggedOut, "logged out (401)"))]
+        );
     }
 }

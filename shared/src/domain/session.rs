@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{TenantId, TenantStatus, UnixMillis};
+use super::{Lease, TenantId, TenantStatus, UnixMillis};
 
 /// The state of a tenant's session on a host (DESIGN.md "session states").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -103,6 +103,27 @@ pub struct SessionView {
     pub backoff_ms: Option<u64>,
     /// The last error, in words (never a secret).
     pub last_error: Option<String>,
+    /// The lease this session holds, or last held; absent while it has never held one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<SessionLease>,
+}
+
+/// The tenant's lease as a session reports it: whose, which epoch, and whether it still holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionLease {
+    /// The host id the lease was taken for.
+    pub owner: String,
+    /// The lease's fencing epoch.
+    pub epoch: u64,
+    /// Whether the session holds it now (false once released or lost).
+    pub held: bool,
+}
+
+impl SessionLease {
+    /// The holding to present for a write on this session's behalf (only owner and epoch are compared).
+    pub fn holding(&self) -> Lease {
+        Lease { owner: self.owner.clone(), epoch: self.epoch, version: 0, expires_at: 0 }
+    }
 }
 
 impl SessionView {
@@ -118,6 +139,7 @@ impl SessionView {
             consecutive_failures: 0,
             backoff_ms: None,
             last_error: None,
+            lease: None,
         }
     }
 }

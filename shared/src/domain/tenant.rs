@@ -73,21 +73,27 @@ impl TenantStatus {
     }
 }
 
-/// A tenant's lease: which host may connect it, until when, under which fencing epoch.
+/// A tenant's lease: which host may connect it, under which fencing epoch and record version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     /// The host id holding the lease.
     pub owner: String,
     /// Rises by one every time the lease changes hands (or is re-taken after release); fences stale writers.
     pub epoch: u64,
-    /// When the lease lapses unless renewed.
+    /// The record version: rises by one on every acquisition and every renewal. A taker that sees the same
+    /// version for a full lease duration on its own monotonic clock knows the holder has stopped renewing.
+    /// Records written before versions existed read as 0.
+    #[serde(default)]
+    pub version: u64,
+    /// The holder's own wall-clock estimate of when the lease lapses, for operators to read; 0 once released.
+    /// No host ever compares it with its own clock.
     pub expires_at: UnixMillis,
 }
 
 impl Lease {
-    /// Whether the lease is still in force at `now`.
-    pub fn is_live(&self, now: UnixMillis) -> bool {
-        self.expires_at > now
+    /// Whether the holder gave the lease up (it is free for anyone at once).
+    pub fn is_released(&self) -> bool {
+        self.expires_at == 0
     }
 
     /// Whether `other` is this lease as held by the same owner in the same epoch (renewals change neither).

@@ -133,17 +133,23 @@ pub trait TenantStore: Send + Sync {
     /// Returns whether a write happened.
     async fn reset_failures(&self, tenant: &TenantId, now: UnixMillis) -> Result<bool, StoreError>;
 
-    /// Takes the lease for `owner` if it is free, expired, or already `owner`'s; the epoch always rises.
-    /// `Conflict(LeaseHeld)` when another owner holds a live lease.
+    /// Takes the lease for `owner` if it is free (never taken, or released), already `owner`'s (a host
+    /// restarting under the same id takes its leases back at once), or still exactly `stale`: a lease the
+    /// caller has seen unchanged (owner, epoch, version) for a full lease duration on its own monotonic clock.
+    /// The epoch always rises. `Conflict(LeaseHeld)` with the current lease otherwise; no wall clock is ever
+    /// compared, `now + ttl_ms` is only stored for operators to read.
     async fn acquire_lease(
         &self,
         tenant: &TenantId,
         owner: &str,
+        stale: Option<&Lease>,
         ttl_ms: u64,
         now: UnixMillis,
     ) -> Result<Lease, StoreError>;
 
-    /// Extends a held lease (same epoch). `Conflict(LeaseLost)` when it is no longer the current lease.
+    /// Renews a held lease: same epoch, the version rises. `Conflict(LeaseLost)` when it is no longer the
+    /// current holding (taken over or released). The holder, not the store, decides when it may no longer use
+    /// a lease it failed to renew.
     async fn renew_lease(
         &self,
         tenant: &TenantId,

@@ -82,10 +82,11 @@ impl TenantStore for MemoryTenants {
         &self,
         _t: &TenantId,
         owner: &str,
+        _stale: Option<&Lease>,
         ttl_ms: u64,
         now: UnixMillis,
     ) -> Result<Lease, StoreError> {
-        Ok(Lease { owner: owner.into(), epoch: 1, expires_at: now + ttl_ms as i64 })
+        Ok(Lease { owner: owner.into(), epoch: 1, version: 1, expires_at: now + ttl_ms as i64 })
     }
     async fn renew_lease(
         &self,
@@ -94,7 +95,7 @@ impl TenantStore for MemoryTenants {
         ttl_ms: u64,
         now: UnixMillis,
     ) -> Result<Lease, StoreError> {
-        Ok(Lease { expires_at: now + ttl_ms as i64, ..lease.clone() })
+        Ok(Lease { version: lease.version + 1, expires_at: now + ttl_ms as i64, ..lease.clone() })
     }
     async fn release_lease(&self, _t: &TenantId, _lease: &Lease) -> Result<(), StoreError> {
         Ok(())
@@ -225,5 +226,6 @@ fn open_view(id: &TenantId, now: UnixMillis) -> SessionView {
         consecutive_failures: 0,
         backoff_ms: None,
         last_error: None,
+        lease: None,
     }
 }

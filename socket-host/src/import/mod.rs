@@ -247,7 +247,8 @@ async fn import_baileys(config: &Config, args: &BaileysArgs, out: &mut dyn Write
     if stores.credentials.generation(&tenant).await.map_err(store_err("reading"))?.is_some() && !args.replace_existing {
         return Err(ImportError::Exists(tenant.to_string()));
     }
-    let lease = match stores.tenants.acquire_lease(&tenant, &import_owner(), IMPORT_LEASE_MS, now_millis()).await {
+    let lease = match stores.tenants.acquire_lease(&tenant, &import_owner(), None, IMPORT_LEASE_MS, now_millis()).await
+    {
         Ok(l) => l,
         Err(StoreError::Conflict(Conflict::LeaseHeld { holder })) => {
             return Err(ImportError::Running { tenant: tenant.to_string(), owner: holder.owner });

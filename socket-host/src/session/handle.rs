@@ -38,8 +38,6 @@ pub struct SessionHandle {
     pub(super) probe: Arc<LinkProbe>,
     pub(super) commands: mpsc::UnboundedSender<Command>,
     pub(super) finished: Arc<AtomicBool>,
-    /// Whether the session holds the tenant's lease right now (it may be waiting for another host's).
-    pub(super) holds_lease: Arc<AtomicBool>,
     pub(super) client: ClientSlot,
     pub(super) sends: Option<mpsc::Sender<Outgoing>>,
     /// Set when the session was started to link a new number.
@@ -116,7 +114,7 @@ impl SessionHandle {
 
     /// Whether the session holds the tenant's lease now: only then may it act on the tenant's credentials.
     pub fn holds_lease(&self) -> bool {
-        !self.is_finished() && self.holds_lease.load(Ordering::Acquire)
+        !self.is_finished() && self.view.lock().expect("session view lock").lease.as_ref().is_some_and(|l| l.held)
     }
 
     /// Whether this session is a link attempt still waiting for the phone.

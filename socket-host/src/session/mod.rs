@@ -31,7 +31,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
-use wakeeper_shared::domain::{BackoffPolicy, Lease, SessionState, SessionView, TenantId, now_millis};
+use wakeeper_shared::domain::{BackoffPolicy, SessionState, SessionView, TenantId, now_millis};
 use wakeeper_shared::ports::TenantStore;
 use whatsapp_rust::store::traits::Backend;
 
@@ -40,7 +40,7 @@ use crate::messages::ClientSlot;
 use crate::transport::{LinkProbe, ReqwestHttpClient};
 
 pub use handle::{SendRefused, SessionHandle};
-pub(crate) use lease::take_lease;
+pub(crate) use lease::{HeldLease, take_lease};
 pub use wakeeper_shared::domain::StateChange;
 
 use link::LinkCell;
@@ -168,10 +168,10 @@ pub struct SessionDeps {
 
 /// Starts supervising `tenant`. `lease` and `backend` are what the caller already obtained (an `ensure`
 /// hydrates up front to answer definitive credential problems at once); the task gets whatever is missing.
-pub fn spawn(
+pub(crate) fn spawn(
     tenant: TenantId,
     deps: Arc<SessionDeps>,
-    lease: Option<Lease>,
+    lease: Option<HeldLease>,
     backend: Option<Arc<dyn Backend>>,
 ) -> SessionHandle {
     start(tenant, deps, lease, backend, None)
@@ -182,20 +182,27 @@ pub fn spawn(
 /// then the credentials are made durable in the credential store before anything else (the tenant is marked
 /// desired, the session goes on as a normal one and reaches `open`). Never scanned, cancelled or failed, the
 /// attempt ends `stopped` and the unpaired keys are deleted.
-pub fn spawn_link(tenant: TenantId, deps: Arc<SessionDeps>, lease: Lease, backend: Arc<dyn Backend>) -> SessionHandle {
+pub(crate) fn spawn_link(
+    tenant: TenantId,
+    deps: Arc<SessionDeps>,
+    lease: HeldLease,
+    backend: Arc<dyn Backend>,
+) -> SessionHandle {
     start(tenant, deps, Some(lease), Some(backend), Some(link::new_cell()))
 }
 
 fn start(
     tenant: TenantId,
     deps: Arc<SessionDeps>,
-    lease: Option<Lease>,
+    lease: Option<HeldLease>,
     backend: Option<Arc<dyn Backend>>,
     link: Option<LinkCell>,
 ) -> SessionHandle {
     let link_deadline = Instant::now() + deps.config.link_timeout;
     let state = if link.is_some() { SessionState::Linking } else { SessionState::Connecting };
-    let view = Arc::new(Mutex::new(SessionView::new(tenant.clone(), state, now_millis())));
+    let mut view = SessionView::new(tenant.clone(), state, now_millis());
+    view.lease = lease.as_ref().map(|held| held.reported());
+    let view = Arc::new(Mutex::new(view));
     let (tx, rx) = mpsc::unbounded_channel();
     let client: ClientSlot = Arc::default();
     let (sends, queue) = mpsc::channel(crate::messages::SEND_QUEUE);
@@ -207,7 +214,6 @@ fn start(
         probe: Arc::new(LinkProbe::default()),
         commands: tx.clone(),
         finished: Arc::new(AtomicBool::new(false)),
-        holds_lease: Arc::new(AtomicBool::new(lease.is_some())),
         client: client.clone(),
         sends: Some(sends),
         link: link.clone(),
@@ -219,8 +225,9 @@ fn start(
         probe: handle.probe.clone(),
         commands: rx,
         self_tx: tx,
-        holds_lease: handle.holds_lease.clone(),
-        lease,
+        handed: lease,
+        lease: None,
+        watching: None,
         lease_keeper: None,
         backend,
         failures: 0,
@@ -247,7 +254,6 @@ pub fn finished(tenant: TenantId, state: SessionState, reason: String) -> Sessio
         probe: Arc::new(LinkProbe::default()),
         commands: tx,
         finished: Arc::new(AtomicBool::new(true)),
-        holds_lease: Arc::new(AtomicBool::new(false)),
         client: Arc::default(),
         sends: None,
         link: None,

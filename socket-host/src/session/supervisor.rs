@@ -17,6 +17,7 @@ use whatsapp_rust::store::traits::Backend;
 
 use super::attempt::Ending;
 use super::handle::Command;
+use super::lease::HeldLease;
 use super::link::Linking;
 use super::marks::TenantWrite;
 use super::verdict::Outcome;
@@ -28,13 +29,16 @@ use crate::transport::LinkProbe;
 pub(super) struct Supervisor {
     pub(super) tenant: TenantId,
     pub(super) deps: Arc<SessionDeps>,
-    /// Shared with the handle: whether `lease` is held.
-    pub(super) holds_lease: Arc<std::sync::atomic::AtomicBool>,
     pub(super) view: Arc<Mutex<SessionView>>,
     pub(super) probe: Arc<LinkProbe>,
     pub(super) commands: mpsc::UnboundedReceiver<Command>,
     pub(super) self_tx: mpsc::UnboundedSender<Command>,
+    /// The lease the caller took before starting the session (ensure, link); installed when the task starts.
+    pub(super) handed: Option<HeldLease>,
     pub(super) lease: Option<Lease>,
+    /// Another host's lease as first seen unchanged, and when (this host's monotonic clock): taken over once
+    /// it has stayed unchanged for a full lease duration.
+    pub(super) watching: Option<(Lease, Instant)>,
     pub(super) lease_keeper: Option<tokio::task::JoinHandle<()>>,
     pub(super) backend: Option<Arc<dyn Backend>>,
     pub(super) failures: u32,
@@ -72,9 +76,9 @@ impl Supervisor {
     /// they run: 6,144 bytes a session before, 3,392 after (release build, `size_of_val` of the spawned
     /// future), the attempt's part 2,672 to 1,296.
     pub(super) async fn run(mut self) {
-        // A lease taken by the caller (ensure) is kept alive from here on, like one taken below.
-        if let Some(lease) = self.lease.clone() {
-            self.install_lease(lease);
+        // A lease taken by the caller (ensure, link) is kept alive from here on, like one taken below.
+        if let Some(held) = self.handed.take() {
+            self.install_lease(held);
         }
         let mut dropped_at: Option<Instant> = None;
         let exit = loop {

@@ -86,8 +86,10 @@ pub(super) fn parse_lease(item: &Item) -> Result<Option<Lease>, StoreError> {
     let Some(owner) = string(item, LEASE_OWNER)? else { return Ok(None) };
     let epoch = num(item, LEASE_EPOCH)?.unwrap_or(0);
     let epoch = u64::try_from(epoch).map_err(|_| StoreError::Corrupt("negative lease epoch".into()))?;
+    let version = num(item, LEASE_VERSION)?.unwrap_or(0);
+    let version = u64::try_from(version).map_err(|_| StoreError::Corrupt("negative lease version".into()))?;
     let expires_at = num(item, LEASE_EXPIRES_AT)?.unwrap_or(0);
-    Ok(Some(Lease { owner: owner.to_owned(), epoch, expires_at }))
+    Ok(Some(Lease { owner: owner.to_owned(), epoch, version, expires_at }))
 }
 
 pub(super) fn parse_item(item: &Item) -> Result<TenantRecord, StoreError> {

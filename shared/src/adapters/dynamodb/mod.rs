@@ -13,7 +13,8 @@
 //! consecutive_failures  N     counted with ADD
 //! lease_owner           S     host id holding the lease
 //! lease_epoch           N     rises (ADD 1) on every acquisition; fences stale writers
-//! lease_expires_at      N     unix millis; 0 after a release
+//! lease_version         N     rises (ADD 1) on every acquisition and renewal (absent = 0)
+//! lease_expires_at      N     unix millis by the holder's clock, for operators only; 0 after a release
 //! ```
 //! Global secondary index `desired` (partition key `desired_shard` N, sort key `tenant_id` S, all attributes
 //! projected) is sparse: only desired tenants carry `desired_shard`, so [`TenantStore::list_desired`] scans
@@ -23,7 +24,8 @@
 //! Index reads are eventually consistent: a tenant whose flag was just set may show up a moment later.
 //!
 //! Every change is one conditional `UpdateItem`: leases with `attribute_not_exists(lease_owner) OR
-//! lease_expires_at <= :now OR lease_owner = :me` and an `ADD` on the epoch, so two hosts can never both win;
+//! lease_expires_at = 0 OR lease_owner = :me OR <the stale lease, owner, epoch and version, unchanged>` and an
+//! `ADD` on the epoch and version, so two hosts can never both win and no clock is compared;
 //! failure counts with `ADD`. `write_status` and `reset_failures` first read the item (strongly consistent)
 //! and skip the write when nothing would change: a refused conditional write still bills a write unit, and a
 //! healthy fleet must cost none. The write that follows is still conditional on the change, so a race with
@@ -73,6 +75,7 @@ const CONSECUTIVE_FAILURES: &str = "consecutive_failures";
 const LEASE_OWNER: &str = "lease_owner";
 const LEASE_EPOCH: &str = "lease_epoch";
 const LEASE_EXPIRES_AT: &str = "lease_expires_at";
+const LEASE_VERSION: &str = "lease_version";
 
 /// The tenant table on DynamoDB (see the module documentation for the layout).
 #[derive(Debug, Clone)]
@@ -419,23 +422,36 @@ impl TenantStore for DynamoTenantStore {
         &self,
         tenant: &TenantId,
         owner: &str,
+        stale: Option<&Lease>,
         ttl_ms: u64,
         now: UnixMillis,
     ) -> Result<Lease, StoreError> {
         check_owner(owner)?;
-        let req = self
+        let free = "attribute_not_exists(#lo) OR #le = :zero OR #lo = :me";
+        let mut req = self
             .update(tenant)
-            .update_expression("SET #lo = :me, #le = :exp ADD #ep :one")
-            .condition_expression("attribute_not_exists(#lo) OR #le <= :now OR #lo = :me")
+            .update_expression("SET #lo = :me, #le = :exp ADD #ep :one, #ver :one")
             .expression_attribute_names("#lo", LEASE_OWNER)
             .expression_attribute_names("#le", LEASE_EXPIRES_AT)
             .expression_attribute_names("#ep", LEASE_EPOCH)
+            .expression_attribute_names("#ver", LEASE_VERSION)
             .expression_attribute_values(":me", s(owner))
             .expression_attribute_values(":exp", n(expiry(now, ttl_ms)))
-            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))
             .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        req = match stale {
+            None => req.condition_expression(free),
+            Some(stale) => {
+                // A version of 0 is a lease written before versions existed: the attribute is absent.
+                let version = if stale.version == 0 { "attribute_not_exists(#ver)" } else { "#ver = :sver" };
+                req.condition_expression(format!("{free} OR (#lo = :so AND #ep = :sep AND {version})"))
+                    .expression_attribute_values(":so", s(&stale.owner))
+                    .expression_attribute_values(":sep", n(stale.epoch))
+                    .expression_attribute_values(":sver", n(stale.version))
+            }
+        };
         match self.conditional("acquire lease", req).await? {
             Ok(out) => parse_lease(&out.attributes().cloned().unwrap_or_default())?
                 .ok_or_else(|| StoreError::Corrupt("acquired lease did not read back".into())),
@@ -456,12 +472,16 @@ impl TenantStore for DynamoTenantStore {
     ) -> Result<Lease, StoreError> {
         let req = self
             .lease_update(tenant, lease)
-            .update_expression("SET #le = :exp")
-            .condition_expression("#lo = :me AND #ep = :ep AND #le > :now")
+            .update_expression("SET #le = :exp ADD #ver :one")
+            .condition_expression("#lo = :me AND #ep = :ep AND #le <> :zero")
+            .expression_attribute_names("#ver", LEASE_VERSION)
             .expression_attribute_values(":exp", n(expiry(now, ttl_ms)))
-            .expression_attribute_values(":now", n(now));
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":one", n(1))
+            .return_values(ReturnValue::AllNew);
         match self.conditional("renew lease", req).await? {
-            Ok(_) => Ok(Lease { expires_at: expiry(now, ttl_ms), ..lease.clone() }),
+            Ok(out) => parse_lease(&out.attributes().cloned().unwrap_or_default())?
+                .ok_or_else(|| StoreError::Corrupt("renewed lease did not read back".into())),
             Err(_) => Err(StoreError::Conflict(Conflict::LeaseLost)),
         }
     }

@@ -19,7 +19,7 @@ fn parses_a_full_item() {
     .unwrap();
     assert_eq!(r.status, Some(TenantStatus::Connected));
     assert_eq!(r.consecutive_failures, 2);
-    assert_eq!(r.lease, Some(Lease { owner: "host-a".into(), epoch: 3, expires_at: 99 }));
+    assert_eq!(r.lease, Some(Lease { owner: "host-a".into(), epoch: 3, version: 0, expires_at: 99 }), "no version: 0");
     assert_eq!(r.reason, None);
 }
 

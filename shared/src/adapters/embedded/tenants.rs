@@ -172,21 +172,23 @@ impl TenantStore for EmbeddedStore {
         &self,
         tenant: &TenantId,
         owner: &str,
+        stale: Option<&Lease>,
         ttl_ms: u64,
         now: UnixMillis,
     ) -> Result<Lease, StoreError> {
         let fresh = blank_record(tenant);
         let owner = owner.to_owned();
+        let stale = stale.cloned();
         self.update_tenant(tenant, move |stored| {
             let mut record = stored.unwrap_or(fresh);
-            let previous = match &record.lease {
-                Some(held) if held.owner != owner && held.is_live(now) => {
-                    return Err(StoreError::Conflict(Conflict::LeaseHeld { holder: held.clone() }));
+            let (epoch, version) = match &record.lease {
+                Some(held) if held.owner == owner || held.is_released() || stale.as_ref() == Some(held) => {
+                    (held.epoch, held.version)
                 }
-                Some(held) => held.epoch,
-                None => 0,
+                Some(held) => return Err(StoreError::Conflict(Conflict::LeaseHeld { holder: held.clone() })),
+                None => (0, 0),
             };
-            let lease = Lease { owner, epoch: previous + 1, expires_at: expiry(now, ttl_ms) };
+            let lease = Lease { owner, epoch: epoch + 1, version: version + 1, expires_at: expiry(now, ttl_ms) };
             record.lease = Some(lease.clone());
             Ok((Some(record), lease))
         })
@@ -205,11 +207,12 @@ impl TenantStore for EmbeddedStore {
             let Some(mut record) = stored else {
                 return Err(StoreError::Conflict(Conflict::LeaseLost));
             };
-            match &record.lease {
-                Some(held) if held.owner == presented.owner && held.epoch == presented.epoch && held.is_live(now) => {}
+            let renewed = match &record.lease {
+                Some(held) if held.same_holding(&presented) && !held.is_released() => {
+                    Lease { version: held.version + 1, expires_at: expiry(now, ttl_ms), ..presented }
+                }
                 _ => return Err(StoreError::Conflict(Conflict::LeaseLost)),
-            }
-            let renewed = Lease { expires_at: expiry(now, ttl_ms), ..presented };
+            };
             record.lease = Some(renewed.clone());
             Ok((Some(record), renewed))
         })
@@ -220,9 +223,7 @@ impl TenantStore for EmbeddedStore {
         let presented = lease.clone();
         self.update_tenant(tenant, move |stored| match stored {
             Some(mut record)
-                if record.lease.as_ref().is_some_and(|held| {
-                    held.owner == presented.owner && held.epoch == presented.epoch && held.expires_at != 0
-                }) =>
+                if record.lease.as_ref().is_some_and(|held| held.same_holding(&presented) && !held.is_released()) =>
             {
                 if let Some(held) = record.lease.as_mut() {
                     held.expires_at = 0;
