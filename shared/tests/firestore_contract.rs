@@ -367,7 +367,7 @@ async fn an_unreachable_firestore_is_unavailable() {
         ("generation", store.generation(&t).await.map(|_| ())),
         ("write", store.write(&t, &two).await),
         ("replace", store.replace(&t, &CredentialSnapshot::default(), 1).await),
-        ("claim", store.claim(&t, 2).await),
+        ("claim", store.claim(&t, 2).await.map(|_| ())),
         ("delete", store.delete(&t, 1).await),
         ("list_tenants", store.list_tenants().await.map(|_| ())),
     ];

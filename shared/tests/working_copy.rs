@@ -20,7 +20,7 @@ use wakeeper_shared::local::{
     ExportError, WorkingCopy, WorkingCopyError, export_snapshot, import_snapshot, read_export_file, tenant_dir,
     write_export_file,
 };
-use wakeeper_shared::ports::{CredentialStore, StoreError};
+use wakeeper_shared::ports::{CredentialStore, StoreError, StoredAt};
 
 fn cipher() -> Cipher {
     Cipher::new(&[7; 32])
@@ -470,7 +470,7 @@ impl CredentialStore for Faulty {
     async fn replace(&self, tenant: &TenantId, snapshot: &CredentialSnapshot, epoch: u64) -> Result<(), StoreError> {
         self.inner.replace(tenant, snapshot, epoch).await
     }
-    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<Option<StoredAt>, StoreError> {
         self.inner.claim(tenant, epoch).await
     }
     async fn delete(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
@@ -563,6 +563,38 @@ async fn prepare_pushes_a_newer_local_copy_up_instead_of_overwriting_it() {
     open(dir.path(), "fresh").append(&[put(RecordKind::PreKey, "1", b"x")]).unwrap();
     assert_eq!(h.prepare(&t2, 1).await, HydrateOutcome::PushedLocal { generation: 1 });
     assert_eq!(h.prepare(&tid("ghost"), 1).await, HydrateOutcome::Missing);
+}
+
+/// Host A hydrated under epoch 1 and wrote locally past the store, then died; B took over (epoch 2) and wrote a
+/// lower generation. When A takes the tenant back, its copy is a fenced-off owner's: B's state wins, although
+/// A's copy has more generations.
+#[tokio::test]
+async fn prepare_never_pushes_a_fenced_off_owners_copy_over_a_newer_owners() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn CredentialStore> = Arc::new(embedded(dir.path()));
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    let (a, b) = (Hydrator::new(store.clone(), &a_dir, cipher()), Hydrator::new(store.clone(), &b_dir, cipher()));
+    let t = tid("t1");
+    store.replace(&t, &restorable(5, 1), 1).await.unwrap();
+
+    let mut on_a = a.prepare_copy(&t, 1).await.expect("A hydrates").copy;
+    for i in 0..3 {
+        on_a.append(&[put(RecordKind::Session, &format!("a{i}@c.us.0"), b"A's ratchet")]).unwrap();
+    }
+    assert_eq!((on_a.generation(), on_a.epoch()), (Some(8), Some(1)), "A wrote three batches under epoch 1");
+    drop(on_a);
+
+    let on_b = b.prepare_copy(&t, 2).await.expect("B hydrates");
+    assert_eq!(on_b.outcome, HydrateOutcome::Hydrated { generation: 5, records: 2 });
+    let mut bs = on_b.copy.load().unwrap().unwrap();
+    bs.records.insert(RecordKey::new(RecordKind::Session, "b@c.us.0"), b"B's ratchet".to_vec());
+    bs.generation = 6;
+    store.replace(&t, &bs, 2).await.unwrap();
+
+    let back = a.prepare_copy(&t, 3).await.expect("A takes the tenant back");
+    assert_eq!(back.outcome, HydrateOutcome::Hydrated { generation: 6, records: 3 }, "the store's copy wins");
+    assert_eq!(store.read(&t).await.unwrap(), bs, "B's state is untouched");
+    assert_eq!(back.copy.load().unwrap().unwrap(), bs, "A continues from B's state");
 }
 
 #[tokio::test]

@@ -75,8 +75,9 @@ impl EngineProvider for TenantOpener {
         self.store.delete(tenant, epoch).await.map_err(unavailable)?;
         let copy = self
             .local
-            .with_copy(tenant, |mut copy| {
+            .with_copy(tenant, move |mut copy| {
                 copy.delete()?;
+                copy.continue_under(epoch);
                 Ok(copy)
             })
             .await

@@ -18,7 +18,7 @@ use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::crypto::Cipher;
 use wakeeper_shared::domain::{ChangeBatch, CredentialSnapshot, RecordChange, RecordKey, RecordKind, TenantId};
 use wakeeper_shared::local::WorkingCopy;
-use wakeeper_shared::ports::{CredentialStore, StoreError};
+use wakeeper_shared::ports::{CredentialStore, StoreError, StoredAt};
 use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::wacore::appstate::hash::HashState;
 use whatsapp_rust::wacore::appstate::processor::AppStateMutationMAC;
@@ -563,7 +563,7 @@ impl<S: CredentialStore> CredentialStore for Flaky<S> {
     async fn replace(&self, tenant: &TenantId, snapshot: &CredentialSnapshot, epoch: u64) -> Result<(), StoreError> {
         self.inner.replace(tenant, snapshot, epoch).await
     }
-    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<Option<StoredAt>, StoreError> {
         self.inner.claim(tenant, epoch).await
     }
     async fn delete(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {

@@ -137,7 +137,8 @@ pub async fn cred_claim_fences_the_old_owner_before_any_write(store: &dyn Creden
     for g in 1..=5 {
         write_ok(store, &t, &batch(g, 1, vec![put(RecordKind::Session, &format!("a{g}.0"), secret("a"))]), "A").await;
     }
-    store.claim(&t, 2).await.expect("B claims epoch 2");
+    let stood = store.claim(&t, 2).await.expect("B claims epoch 2");
+    assert_eq!(stood, Some(StoredAt { epoch: 1, generation: 5 }), "the claim says where the store stands");
     let hydrated = read_ok(store, &t, "B hydrates after its claim").await;
     assert_eq!(hydrated.generation, 5, "a claim writes no records and keeps the generation");
 
@@ -157,8 +158,9 @@ pub async fn cred_claim_fences_the_old_owner_before_any_write(store: &dyn Creden
     assert_snapshot_eq(&read_ok(store, &t, "after epoch 3").await, &want, "a newer epoch applies at any generation");
 
     assert_stale_epoch(store.write(&t, &batch(7, 2, Vec::new())).await, 2, 3, "epoch 2 after the claim of 3");
-    assert_stale_epoch(store.claim(&t, 2).await, 2, 3, "claiming an older epoch");
-    store.claim(&t, 3).await.expect("claiming the current epoch again is not an error");
+    assert_stale_epoch(store.claim(&t, 2).await.map(|_| ()), 2, 3, "claiming an older epoch");
+    let again = store.claim(&t, 3).await.expect("claiming the current epoch again is not an error");
+    assert_eq!(again, Some(StoredAt { epoch: 3, generation: 2 }), "the stored writer is epoch 3's");
     assert_snapshot_eq(&read_ok(store, &t, "at the end").await, &want, "claims and refusals change no record");
 }
 
@@ -166,7 +168,7 @@ pub async fn cred_claim_fences_the_old_owner_before_any_write(store: &dyn Creden
 /// yet fences older epochs from creating one.
 pub async fn cred_claim_of_a_tenant_with_nothing_stored(store: &dyn CredentialStore) {
     let t = fresh_tenant();
-    store.claim(&t, 4).await.expect("claim of a tenant with nothing stored");
+    assert_eq!(store.claim(&t, 4).await.expect("claim of a tenant with nothing stored"), None, "nothing stood");
     match store.read(&t).await {
         Err(StoreError::NotFound) => {}
         other => panic!("read after a bare claim: want NotFound, got {other:?}"),

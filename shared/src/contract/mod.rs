@@ -16,7 +16,7 @@ use crate::domain::{
     ChangeBatch, CredentialSnapshot, DeviceRecord, Lease, MAX_WRITES_PER_COMMIT, RecordChange, RecordKey, RecordKind,
     StatusUpdate, TenantId, TenantStatus, UnixMillis, now_millis,
 };
-use crate::ports::{Conflict, CredentialStore, StoreError, TenantStore};
+use crate::ports::{Conflict, CredentialStore, StoreError, StoredAt, TenantStore};
 
 /// Raw access an adapter grants the suite so it can play the attacker (or the buggy migration) that moves
 /// sealed values between rows; the cipher must then refuse them.

@@ -13,6 +13,8 @@ use super::working_copy::{WorkingCopyError, io_err};
 
 pub(super) const BASE_FILE: &str = "base.wkc";
 pub(super) const JOURNAL_FILE: &str = "journal.wkc";
+/// The lease epoch the copy's writes are made under, in decimal.
+pub(super) const EPOCH_FILE: &str = "epoch";
 pub(super) const TMP_SUFFIX: &str = ".tmp";
 
 pub(super) const BASE_MAGIC: &[u8; 8] = b"WKCBASE1";

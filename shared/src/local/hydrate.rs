@@ -217,9 +217,8 @@ impl Hydrator {
     /// opened once for the whole start-up rule and the engine store that follows.
     pub async fn prepare_copy(&self, tenant: &TenantId, epoch: u64) -> Result<Ready, HydrateOutcome> {
         // The fence first: from this commit on the previous owner's batches are refused, so nothing it still
-        // sends lands behind what is read below.
-        self.store.claim(tenant, epoch).await.map_err(from_store_error)?;
-        let remote = self.store.generation(tenant).await.map_err(from_store_error)?;
+        // sends lands behind what is read below. The claim says where the store stands.
+        let remote = self.store.claim(tenant, epoch).await.map_err(from_store_error)?;
         let copy = self.local.open_async(tenant).await.map_err(local_unavailable)?;
         let local = match local_generation(&copy) {
             Ok(g) => g,
@@ -228,13 +227,24 @@ impl Hydrator {
                 None
             }
         };
-        match (local, remote) {
+        // A copy written under an older epoch than the store's last writer belongs to a fenced-off owner: the
+        // store holds what a newer owner built on, so the copy loses, whatever its generation.
+        let superseded = remote.is_some_and(|r| copy.epoch().is_some_and(|mine| r.epoch > mine));
+        let step = match (local, remote.map(|r| r.generation)) {
             (None, None) => Err(HydrateOutcome::Missing),
             (None, Some(_)) => hydrate_into(self.store.as_ref(), copy).await,
+            (Some(_), Some(_)) if superseded => {
+                info!(%tenant, "local working copy is a former owner's; hydrating from the credential store");
+                hydrate_into(self.store.as_ref(), copy).await
+            }
             (Some(l), Some(r)) if l == r => self.verify_local(copy, l).await,
             (Some(l), Some(r)) if l < r => hydrate_into(self.store.as_ref(), copy).await,
             (Some(l), r) => self.push_local(copy, epoch, l, r).await,
-        }
+        };
+        step.map(|mut ready| {
+            ready.copy.continue_under(epoch);
+            ready
+        })
     }
 
     /// Decrypts the whole local copy once before trusting it: a copy that fails is replaced from the store

@@ -9,6 +9,9 @@
 //!   whole: written to a temp name, fsynced, renamed, and the directory fsynced.
 //! - `journal.wkc`: change batches appended after that base, each length-prefixed and checksummed, fdatasynced
 //!   before [`WorkingCopy::append`] returns. A crash can only tear the last entry; loading stops cleanly there.
+//! - `epoch`: the lease epoch the copy's writes are made under, in decimal; written durably before the first
+//!   append under a new epoch ([`WorkingCopy::continue_under`]). A copy whose epoch is older than the store's
+//!   last writer's is a fenced-off owner's and is never pushed up, whatever its generation.
 //!
 //! Hydration (a copy of a snapshot the credential store already holds durably) writes the journal and the base
 //! without waiting for the disk, the journal's header marked unsynced ([`WorkingCopy::write_hydrated_base`]);
@@ -112,6 +115,10 @@ pub struct WorkingCopy {
     compact_floor: u64,
     /// The files were written by hydration without waiting for the disk (the journal header says so).
     unsynced: bool,
+    /// The epoch on disk (`None`: no file, or one that does not parse).
+    epoch: Option<u64>,
+    /// The epoch the next append writes under, when it differs from the one on disk.
+    epoch_pending: Option<u64>,
 }
 
 impl WorkingCopy {
@@ -131,14 +138,28 @@ impl WorkingCopy {
             torn_tail_bytes: 0,
             compact_floor: DEFAULT_COMPACT_FLOOR,
             unsynced: false,
+            epoch: None,
+            epoch_pending: None,
         };
         // A temp file is an unfinished replacement: the real file is still the consistent one.
-        for name in [BASE_FILE, JOURNAL_FILE] {
+        for name in [BASE_FILE, JOURNAL_FILE, EPOCH_FILE] {
             let _ = fs::remove_file(wc.dir.join(format!("{name}{TMP_SUFFIX}")));
         }
         wc.state = wc.inspect()?;
         wc.unsynced = journal_is_unsynced(&wc.dir)?;
+        wc.epoch = read_epoch(&wc.dir, &wc.tenant)?;
         Ok(wc)
+    }
+
+    /// The lease epoch the copy's writes were last made under; `None` when unknown (a copy written before
+    /// epochs were recorded, or none at all).
+    pub fn epoch(&self) -> Option<u64> {
+        self.epoch_pending.or(self.epoch)
+    }
+
+    /// Makes every later append count as written under `epoch`: recorded durably before the first of them.
+    pub fn continue_under(&mut self, epoch: u64) {
+        self.epoch_pending = (self.epoch != Some(epoch)).then_some(epoch);
     }
 
     /// The tenant.
@@ -366,6 +387,12 @@ impl WorkingCopy {
             // The entry below exists only here once acknowledged: the hydrated files it builds on go first.
             self.make_durable()?;
         }
+        if let Some(epoch) = self.epoch_pending {
+            // Before anything is written under the new epoch, the copy says whose it is.
+            self.replace_file(EPOCH_FILE, format!("{epoch}\n").as_bytes(), true)?;
+            self.epoch = Some(epoch);
+            self.epoch_pending = None;
+        }
         if !journal_current {
             self.reset_journal(base_id, true)?;
             if let State::Present { journal_current, journal_len, generation, .. } = &mut self.state {
@@ -442,6 +469,8 @@ impl WorkingCopy {
         self.state = State::Missing;
         self.torn_tail_bytes = 0;
         self.unsynced = false;
+        self.epoch = None;
+        self.epoch_pending = None;
         Ok(())
     }
 
@@ -563,6 +592,21 @@ impl WorkingCopy {
         }
         let generation = walk.entries.last().map_or(base.generation, |e| e.generation);
         Ok(State::Present { base, journal_current: true, journal_len: walk.valid_len as u64, generation })
+    }
+}
+
+/// The epoch file's value; a file that does not parse counts as unknown (and is replaced by the next append).
+fn read_epoch(dir: &Path, tenant: &TenantId) -> Result<Option<u64>, WorkingCopyError> {
+    match fs::read(dir.join(EPOCH_FILE)) {
+        Ok(bytes) => {
+            let parsed = std::str::from_utf8(&bytes).ok().and_then(|s| s.trim().parse().ok());
+            if parsed.is_none() {
+                warn!(%tenant, "the working copy's epoch file does not parse; treating its epoch as unknown");
+            }
+            Ok(parsed)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(WorkingCopyError::Io { op: "reading the epoch file", source: e }),
     }
 }
 

@@ -14,4 +14,4 @@ pub mod store;
 
 pub use host::{EnsureAnswer, HostError, HostOps};
 pub use keys::KeySource;
-pub use store::{Conflict, CredentialStore, Page, StoreError, TenantStore};
+pub use store::{Conflict, CredentialStore, Page, StoreError, StoredAt, TenantStore};

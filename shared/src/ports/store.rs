@@ -62,6 +62,15 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
+/// Where a tenant's stored snapshot stands: its generation, and the epoch of the owner that wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredAt {
+    /// The lease epoch of the last write (0 for snapshots written before epochs were stored).
+    pub epoch: u64,
+    /// The stored generation.
+    pub generation: u64,
+}
+
 /// Durable store of every tenant's credential snapshot (Firestore in the cloud, redb on one machine).
 /// Values are sealed with [`crate::crypto::Cipher`] before they leave the process.
 #[async_trait]
@@ -85,9 +94,10 @@ pub trait CredentialStore: Send + Sync {
 
     /// Advances the tenant's fence to `epoch` without touching its records: from this commit on, every write
     /// of an older epoch is refused. A new owner claims before it reads, so nothing the old owner still sends
-    /// lands behind what the new owner hydrated. Claiming the current fence again is not an error;
-    /// `Conflict(StaleEpoch)` when a newer epoch has claimed or written already.
-    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError>;
+    /// lands behind what the new owner hydrated. Returns where the stored snapshot stands as of the claim
+    /// (`None` when nothing is stored), which no older writer can change any more. Claiming the current fence
+    /// again is not an error; `Conflict(StaleEpoch)` when a newer epoch has claimed or written already.
+    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<Option<StoredAt>, StoreError>;
 
     /// Deletes everything stored for the tenant (logout), fenced like `write`; the fence stays behind, so
     /// no late batch of an older epoch brings the tenant back. Deleting nothing is not an error.

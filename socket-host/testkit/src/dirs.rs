@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use wakeeper_shared::crypto::{Cipher, KeySource, LocalKeyFile};
 
-/// A temporary root holding `data/` and `secrets/data.key`, removed when dropped.
+/// A temporary root holding `data/` and `secrets/data.key`, removed when dropped (kept, with the hosts' logs,
+/// when `WAKEEPER_TEST_KEEP_DIRS` is set: its path is printed).
 pub struct Dirs {
     pub root: tempfile::TempDir,
 }
@@ -17,7 +18,12 @@ impl Default for Dirs {
 
 impl Dirs {
     pub fn new() -> Self {
-        Self { root: tempfile::tempdir().unwrap() }
+        let mut root = tempfile::tempdir().unwrap();
+        if std::env::var_os("WAKEEPER_TEST_KEEP_DIRS").is_some() {
+            root.disable_cleanup(true);
+            eprintln!("test dirs kept at {}", root.path().display());
+        }
+        Self { root }
     }
     pub fn data(&self) -> PathBuf {
         self.root.path().join("data")

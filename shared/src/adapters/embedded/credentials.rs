@@ -147,12 +147,20 @@ impl CredentialStore for EmbeddedStore {
         .await
     }
 
-    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<Option<StoredAt>, StoreError> {
         let tenant = tenant.clone();
         self.write(move |txn| {
             let fence = check_fence(txn, &tenant, epoch)?;
+            let generation =
+                txn.open_table(GENERATIONS).map_err(db_err)?.get(tenant.as_str()).map_err(db_err)?.map(|g| g.value());
+            let written_by = txn
+                .open_table(WRITE_EPOCHS)
+                .map_err(db_err)?
+                .get(tenant.as_str())
+                .map_err(db_err)?
+                .map_or(0, |e| e.value());
             advance_fence(txn, &tenant, epoch, fence)?;
-            Ok(((), epoch > fence))
+            Ok((generation.map(|generation| StoredAt { epoch: written_by, generation }), epoch > fence))
         })
         .await
     }

@@ -40,7 +40,7 @@ use crate::domain::{
     ChangeBatch, CredentialSnapshot, Lease, MAX_RECORD_KEY_LEN, MAX_WRITES_PER_COMMIT, RecordKey, RecordKind,
     StatusUpdate, TenantId, TenantRecord, TenantStatus, UnixMillis,
 };
-use crate::ports::{Conflict, CredentialStore, Page, StoreError, TenantStore};
+use crate::ports::{Conflict, CredentialStore, Page, StoreError, StoredAt, TenantStore};
 
 /// The file name of the store inside the data dir.
 pub const STORE_FILE: &str = "store.redb";

@@ -58,7 +58,7 @@ impl CredentialStore for LazyFirestoreCredentialStore {
         self.store().await?.replace(tenant, snapshot, epoch).await
     }
 
-    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<Option<StoredAt>, StoreError> {
         self.store().await?.claim(tenant, epoch).await
     }
 

@@ -61,7 +61,7 @@ use crate::crypto::{Cipher, SEAL_OVERHEAD};
 use crate::domain::{
     ChangeBatch, CredentialSnapshot, MAX_RECORD_KEY_LEN, MAX_WRITES_PER_COMMIT, RecordKey, RecordKind, TenantId,
 };
-use crate::ports::{Conflict, CredentialStore, StoreError};
+use crate::ports::{Conflict, CredentialStore, StoreError, StoredAt};
 
 /// Largest sealed value stored in one record document: Firestore caps a document at 1 MiB, and the
 /// document's name and other fields need room too.

@@ -149,18 +149,22 @@ impl CredentialStore for FirestoreCredentialStore {
         Err(StoreError::Unavailable(format!("firestore replace kept losing races after {MAX_ATTEMPTS} attempts")))
     }
 
-    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<(), StoreError> {
+    async fn claim(&self, tenant: &TenantId, epoch: u64) -> Result<Option<StoredAt>, StoreError> {
         check_generation(epoch)?;
         for attempt in 0..MAX_ATTEMPTS {
             let meta = self.get_meta(tenant).await?;
             Meta::fence(meta.as_ref(), epoch)?;
+            let stood = meta
+                .as_ref()
+                .filter(|m| m.set.is_some())
+                .map(|m| StoredAt { epoch: m.write_epoch, generation: m.generation });
             if meta.as_ref().is_some_and(|m| m.max_epoch == epoch) {
-                return Ok(());
+                return Ok(stood);
             }
             // A tenant with nothing stored gets a tombstone that carries the fence.
             let claimed = Meta { max_epoch: epoch, ..Meta::successor(meta.as_ref()) };
             match self.commit(vec![self.meta_write(tenant, meta.as_ref(), &claimed)]).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(stood),
                 Err(Attempt::Raced) => backoff(attempt).await,
                 Err(Attempt::Failed(e)) => return Err(e),
             }
