@@ -11,6 +11,7 @@ use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
 
 use crate::governor::Governor;
 use crate::session::{self, EngineProvider, OpenError, SessionConfig, SessionDeps, SessionHandle, Stored};
+use crate::tenant_gates::TenantGates;
 use crate::transport::ReqwestHttpClient;
 
 /// Why `ensure` refused a tenant definitively.
@@ -60,6 +61,8 @@ pub struct Host {
     closing: std::sync::atomic::AtomicBool,
     /// Serialises the start of link attempts (rare, and each deletes and recreates a tenant's store).
     link_starts: tokio::sync::Mutex<()>,
+    /// Ensure, link and logout of one tenant take its lease one at a time.
+    gates: TenantGates,
 }
 
 impl Host {
@@ -84,6 +87,7 @@ impl Host {
             sessions: RwLock::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
             link_starts: tokio::sync::Mutex::new(()),
+            gates: TenantGates::default(),
         })
     }
 
@@ -156,6 +160,7 @@ impl Host {
         if self.closing.load(std::sync::atomic::Ordering::Acquire) {
             return Err(EnsureError::ShuttingDown);
         }
+        let _gate = self.gates.enter(tenant).await;
         if let Some(h) = self.running(tenant) {
             return Ok(Ensured { state: h.state(), already_running: true });
         }
@@ -222,6 +227,7 @@ impl Host {
             return Err(LinkError::ShuttingDown);
         }
         let _one_at_a_time = self.link_starts.lock().await;
+        let _gate = self.gates.enter(tenant).await;
         let existing = self.handle(tenant);
         match &existing {
             Some(h) if h.is_linking() => return Ok((h.clone(), false)),
@@ -312,6 +318,7 @@ impl Host {
     /// Logs a tenant out: unlinks the device when connected, deletes its credentials, marks it. `false` when
     /// the host had no session for it (credentials are still deleted).
     pub async fn logout(&self, tenant: &TenantId) -> Result<bool, OpenError> {
+        let _gate = self.gates.enter(tenant).await;
         let handle = self.sessions.read().expect("sessions lock").get(tenant).cloned();
         match handle {
             Some(h) if h.holds_lease() => {

@@ -14,6 +14,7 @@
 //! - [`restore_on_start`]: restore every desired tenant on start, in the shared restore order.
 //! - [`tenant_opener`]: opens a tenant for its session: the start-up rule on its working copy, opened once,
 //!   then the engine store over it.
+//! - [`tenant_gates`]: one lock per tenant around the steps that take its lease outside a session.
 //! - [`sweep_timer`]: the health sweep run inside the host on a timer (one-machine use).
 //! - [`governor`]: the host-wide pacing of connect attempts.
 //! - [`webhooks`]: signed state-change and alert events to the configured URLs.
@@ -42,6 +43,7 @@ pub(crate) mod restore_on_start;
 pub mod session;
 pub(crate) mod stores;
 pub(crate) mod sweep_timer;
+pub(crate) mod tenant_gates;
 pub(crate) mod tenant_opener;
 pub mod transport;
 pub(crate) mod webhooks;

@@ -260,3 +260,34 @@ async fn first_440_after_a_takeover_names_the_old_host() {
     drop(host);
     sim.shutdown().await;
 }
+
+/// Many ensures of one tenant at once (the restore fan-out, a sweep and an operator at the same moment) take its
+/// lease once: a second acquisition would raise the epoch under the first session and fence it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_ensures_of_one_tenant_take_its_lease_once() {
+    let sim = wa_sim::Sim::start_local().await.unwrap();
+    let wa = sim.handle();
+    let dirs = Dirs::new();
+    let tenants = ids("racy", 4);
+    seed_embedded(&dirs, &wa, &tenants).await;
+    {
+        // Not desired: the host restores nothing on start, the ensures below are the first to take a lease.
+        let store = EmbeddedStore::open(dirs.data().join("store.redb"), dirs.cipher()).unwrap();
+        for t in &tenants {
+            store.set_desired(t, false).await.unwrap();
+        }
+    }
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "host-a", &[]);
+    host.ready().await;
+    let ensures = tenants.iter().flat_map(|t| (0..6).map(move |_| t)).map(|t| host.client.ensure(t));
+    for outcome in futures_util::future::join_all(ensures).await {
+        outcome.expect("ensure");
+    }
+    let list = host.all_open(tenants.len(), Duration::from_secs(30)).await;
+    for s in &list.sessions {
+        let lease = s.lease.as_ref().expect("an open session reports its lease");
+        assert_eq!((lease.epoch, lease.held), (1, true), "{}: one acquisition, still held", s.tenant_id);
+    }
+    drop(host);
+    sim.shutdown().await;
+}
