@@ -258,7 +258,7 @@ mod client {
     impl HostClient {
         /// A client of the host at `base_url` (e.g. `http://127.0.0.1:8080`) with its bearer token.
         pub fn new(base_url: &str, token: impl Into<String>, timeout: Duration) -> Result<Self, ClientError> {
-            let http = reqwest::Client::builder()
+            let http = crate::tls::http_client()
                 .timeout(timeout)
                 .connect_timeout(timeout.min(Duration::from_secs(5)))
                 .build()

@@ -19,6 +19,7 @@
 //! - [`webhook`]: the one signature scheme and header names of every webhook (feature `webhook`).
 //! - [`lambda`]: what both functions share: event classification, settings, cold-start set-up.
 //! - [`emf`]: CloudWatch Embedded Metric Format lines.
+//! - [`tls`] (feature `tls`): the process's one rustls crypto provider, installed by every binary first thing.
 
 pub mod adapters;
 pub mod alerts;
@@ -35,5 +36,7 @@ pub mod local;
 pub mod ports;
 pub mod restore;
 pub mod sweep;
+#[cfg(feature = "tls")]
+pub mod tls;
 #[cfg(feature = "webhook")]
 pub mod webhook;

@@ -5,6 +5,7 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    wakeeper_shared::tls::install_crypto_provider();
     let cli = Cli::parse();
     init_tracing(cli.config.log_format);
     #[cfg(feature = "test-peer")]
@@ -36,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
 async fn call_host(config: &socket_host::config::Config, path: &str, body: serde_json::Value) -> anyhow::Result<()> {
     let token = socket_host::app::control_token(config)?;
     let url = format!("http://{}{path}", config.listen);
-    let res = reqwest::Client::new().post(&url).bearer_auth(token).json(&body).send().await?;
+    let res = wakeeper_shared::tls::http_client().build()?.post(&url).bearer_auth(token).json(&body).send().await?;
     let status = res.status();
     println!("{}", res.text().await?);
     anyhow::ensure!(status.is_success(), "host answered {status}");

@@ -162,15 +162,15 @@ impl TransportFactory for WsTransportFactory {
     }
 }
 
-/// The TLS side of every `wss://` socket of the process: one client configuration (rustls on ring, the webpki
-/// roots), built on first use and shared, so a reconnect builds no TLS configuration and an open session holds
-/// no copy of one.
+/// The TLS side of every `wss://` socket of the process: one client configuration (rustls on the process's one
+/// crypto provider, `wakeeper_shared::tls`; the webpki roots), built on first use and shared, so a reconnect
+/// builds no TLS configuration and an open session holds no copy of one.
 fn tls_connector() -> Connector {
     static CONFIG: LazyLock<Arc<rustls::ClientConfig>> = LazyLock::new(|| {
         let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        let config = rustls::ClientConfig::builder_with_provider(wakeeper_shared::tls::crypto_provider())
             .with_safe_default_protocol_versions()
-            .expect("ring supports rustls' default protocol versions")
+            .expect("aws-lc-rs supports rustls' default protocol versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
         Arc::new(config)
@@ -182,9 +182,15 @@ fn tls_connector() -> Connector {
 /// and TLS configuration, so a host makes one and hands it to every client it builds. A client of its own per
 /// connect attempt cost each open session about 25 KiB (rustls' session cache alone preallocates 14 KiB) and
 /// the CPU of building a TLS configuration on every reconnect (docs/benchmarks.md).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ReqwestHttpClient {
     client: reqwest::Client,
+}
+
+impl Default for ReqwestHttpClient {
+    fn default() -> Self {
+        Self { client: wakeeper_shared::tls::http_client().build().expect("the http client builds") }
+    }
 }
 
 #[async_trait]
@@ -236,9 +242,10 @@ mod tests {
     /// a TLS ClientHello, not an HTTP upgrade (nor an error that TLS is not compiled in).
     #[tokio::test]
     async fn a_wss_url_is_spoken_to_in_tls() {
-        let (header, failed) = first_bytes_on_the_wire::<5>("wss").await;
+        let (header, failed) = first_bytes_on_the_wire::<6>("wss").await;
         assert_eq!(header[0], 0x16, "the first record is not a TLS handshake: {header:?}");
         assert_eq!(header[1], 0x03, "not a TLS record version: {header:?}");
+        assert_eq!(header[5], 0x01, "the first handshake message is not a ClientHello: {header:?}");
         assert!(failed, "the server never answered the ClientHello, so no socket can open");
     }
 

@@ -576,7 +576,7 @@ struct Emulator {
 impl Emulator {
     fn new(host: &str, project: &str) -> Self {
         Self {
-            http: reqwest::Client::new(),
+            http: wakeeper_shared::tls::http_client().build().unwrap(),
             base: format!("http://{host}/v1/projects/{project}/databases/(default)/documents"),
         }
     }

@@ -13,6 +13,7 @@ use lambda_runtime::Error;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
+    wakeeper_shared::tls::install_crypto_provider();
     wakeeper_shared::lambda::init_tracing();
     let config = config::Config::from_lookup(|k| std::env::var(k).ok())?;
     let state = handler::State::build(config).await?;

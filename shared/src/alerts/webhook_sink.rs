@@ -19,7 +19,7 @@ pub struct WebhookAlerts {
 impl WebhookAlerts {
     /// A sink posting to `url`, signing with `secret`.
     pub fn new(url: String, secret: &str) -> Result<Self, AlertError> {
-        let http = reqwest::Client::builder()
+        let http = crate::tls::http_client()
             .timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| AlertError(format!("webhook client: {e}")))?;

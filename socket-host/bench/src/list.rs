@@ -25,7 +25,7 @@ use crate::{Bench, TOKEN};
 
 /// Times `GET /v1/sessions` `rounds` times; returns sorted latencies (ms) and the body size.
 pub async fn time_list(base: &str, rounds: usize) -> anyhow::Result<(Vec<f64>, usize)> {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let http = wakeeper_shared::tls::http_client().timeout(Duration::from_secs(30)).build()?;
     let mut lat = Vec::with_capacity(rounds);
     let mut bytes = 0;
     for _ in 0..rounds + 2 {

@@ -142,6 +142,7 @@ impl Bench {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    wakeeper_shared::tls::install_crypto_provider();
     let args = Args::parse();
     HOST_ENV.set(args.host_env.clone()).expect("set once");
     HOST_WRAPPER

@@ -35,7 +35,7 @@ impl SimProcess {
             ws_url: info["ws_url"].as_str().context("ws_url")?.to_owned(),
             control: info["control_url"].as_str().context("control_url")?.to_owned(),
             child,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?,
+            http: wakeeper_shared::tls::http_client().timeout(Duration::from_secs(60)).build()?,
         })
     }
 

@@ -97,7 +97,7 @@ struct Rest {
 
 impl Rest {
     async fn new(src: &FirestoreSource) -> Result<Self, BaileysError> {
-        let http = reqwest::Client::builder()
+        let http = wakeeper_shared::tls::http_client()
             .timeout(std::time::Duration::from_secs(60))
             .build()
             .map_err(|e| src_err(format!("http client: {e}")))?;

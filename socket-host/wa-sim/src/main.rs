@@ -53,6 +53,7 @@ fn parse_seed(hex: &str) -> anyhow::Result<[u8; 32]> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    wakeeper_shared::tls::install_crypto_provider();
     let args = Args::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);

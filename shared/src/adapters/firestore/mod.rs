@@ -169,7 +169,19 @@ impl FirestoreCredentialStore {
         cipher: Cipher,
         collection_prefix: impl Into<String>,
     ) -> Result<Self, StoreError> {
-        let db = FirestoreDb::with_options(FirestoreDbOptions::new(project_id.into()))
+        Self::connect(FirestoreDbOptions::new(project_id.into()), cipher, collection_prefix).await
+    }
+
+    /// [`new`](Self::new) with the client's options given (another database or API URL). Connects on the
+    /// process's one TLS stack ([`crate::tls`]): tonic builds its TLS configuration from the process default and
+    /// panics when there is none to find.
+    pub async fn connect(
+        options: FirestoreDbOptions,
+        cipher: Cipher,
+        collection_prefix: impl Into<String>,
+    ) -> Result<Self, StoreError> {
+        crate::tls::install_crypto_provider();
+        let db = FirestoreDb::with_options(options)
             .await
             .map_err(|e| StoreError::Unavailable(format!("connecting to firestore: {e}")))?;
         Self::from_db(db, cipher, collection_prefix)

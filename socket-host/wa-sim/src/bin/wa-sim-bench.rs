@@ -141,6 +141,7 @@ async fn connect_all(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    wakeeper_shared::tls::install_crypto_provider();
     let args = Args::parse();
     let bin = match args.sim_bin {
         Some(b) => b,
