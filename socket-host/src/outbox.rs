@@ -232,7 +232,8 @@ impl Outbox {
     /// Starts one delivery task per URL; each runs for the life of the process.
     pub fn start_delivery(&self, secret: Option<String>) {
         let secret: Arc<Vec<u8>> = Arc::new(secret.unwrap_or_default().into_bytes());
-        let http = wakeeper_shared::tls::http_client().timeout(Duration::from_secs(10)).build().expect("http client builds");
+        let http =
+            wakeeper_shared::tls::http_client().timeout(Duration::from_secs(10)).build().expect("http client builds");
         for index in 0..self.inner.urls.len() {
             tokio::spawn(self.clone().deliver(index, http.clone(), secret.clone()));
         }

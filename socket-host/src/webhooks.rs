@@ -97,7 +97,8 @@ pub fn start(mut changes: broadcast::Receiver<StateChange>, urls: Vec<String>, s
         return;
     }
     let secret: Arc<Vec<u8>> = Arc::new(secret.unwrap_or_default().into_bytes());
-    let http = wakeeper_shared::tls::http_client().timeout(Duration::from_secs(10)).build().expect("http client builds");
+    let http =
+        wakeeper_shared::tls::http_client().timeout(Duration::from_secs(10)).build().expect("http client builds");
     let queues: Vec<Arc<Queue>> = urls
         .into_iter()
         .map(|url| {
