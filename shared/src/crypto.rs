@@ -1,7 +1,8 @@
 //! Encryption of every stored record: AES-256-GCM, a random 96-bit nonce per record, and the tenant id,
 //! record kind and record key as associated data, so a record copied to another tenant or key does not
-//! decrypt. The data key comes from a [`KeySource`]: a local key file on one machine (created 0600 on
-//! first use); a KMS-backed source can implement the same trait.
+//! decrypt. The data key comes from a [`KeySource`]: a local key file (created 0600 on first use only where the
+//! caller allows it: the one-machine default), or a key given as base64 ([`StaticKey::from_base64`], a platform
+//! secret held in a variable); a KMS-backed source can implement the same trait.
 
 use std::fmt;
 use std::io::Write;
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine;
 
 use crate::domain::{RecordKey, TenantId};
 /// The data-key port, here beside the sources that implement it.
@@ -37,15 +39,22 @@ pub enum CryptoError {
     KeyUnavailable(String),
 }
 
-/// A data key kept in a local file (32 raw bytes, mode 0600), created on first use.
+/// A data key kept in a local file (32 raw bytes, mode 0600): created on first use, or only read.
 pub struct LocalKeyFile {
     path: PathBuf,
+    create: bool,
 }
 
 impl LocalKeyFile {
     /// A key file at `path` (created by [`KeySource::data_key`] when absent).
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self { path: path.into(), create: true }
+    }
+
+    /// A key file at `path` that must exist: a missing file is an error, never a new key. For keys that seal
+    /// records stored elsewhere (a cloud store), where a new key would make every stored record unreadable.
+    pub fn existing(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into(), create: false }
     }
 
     /// The file's path.
@@ -62,6 +71,12 @@ impl KeySource for LocalKeyFile {
             Ok(bytes) => bytes
                 .try_into()
                 .map_err(|_| CryptoError::KeyUnavailable(format!("{} is not a 32-byte key", self.path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !self.create => {
+                Err(CryptoError::KeyUnavailable(format!(
+                    "{} does not exist (a key is never generated for records stored elsewhere)",
+                    self.path.display()
+                )))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if let Some(dir) = self.path.parent() {
                     std::fs::create_dir_all(dir).map_err(|e| unavailable("creating the directory of", e))?;
@@ -88,8 +103,31 @@ impl KeySource for LocalKeyFile {
     }
 }
 
-/// A fixed key, for tests and for keys obtained elsewhere (e.g. decrypted by KMS at start-up).
+/// A fixed key, for tests and for keys obtained elsewhere (a platform secret, or decrypted by KMS at start-up).
+/// Its `Debug` never shows the key.
+#[derive(Clone)]
 pub struct StaticKey(pub [u8; 32]);
+
+impl StaticKey {
+    /// A key given as base64 (standard alphabet, padding optional, surrounding whitespace ignored) of exactly
+    /// 32 bytes. The error says what is wrong, never the value.
+    pub fn from_base64(encoded: &str) -> Result<Self, CryptoError> {
+        let encoded = encoded.trim().trim_end_matches('=');
+        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(encoded)
+            .map_err(|_| CryptoError::KeyUnavailable("the key is not valid base64".into()))?;
+        let len = bytes.len();
+        bytes.try_into().map(Self).map_err(|_| {
+            CryptoError::KeyUnavailable(format!("the key is {len} bytes, not 32 (base64 of 32 random bytes)"))
+        })
+    }
+}
+
+impl fmt::Debug for StaticKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StaticKey(<redacted>)")
+    }
+}
 
 impl KeySource for StaticKey {
     fn data_key(&self) -> Result<[u8; 32], CryptoError> {
@@ -208,5 +246,31 @@ mod tests {
         std::fs::write(src.path(), b"short").unwrap();
         let err = src.data_key().unwrap_err().to_string();
         assert!(err.contains("32-byte"), "{err}");
+    }
+
+    #[test]
+    fn an_existing_key_file_is_read_and_a_missing_one_is_never_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys/data.key");
+        let err = LocalKeyFile::existing(&path).data_key().unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(!path.exists() && !path.parent().unwrap().exists());
+        let created = LocalKeyFile::new(&path).data_key().unwrap();
+        assert_eq!(LocalKeyFile::existing(&path).data_key().unwrap(), created);
+    }
+
+    #[test]
+    fn a_base64_key_is_32_bytes_and_its_errors_never_show_it() {
+        let key: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let encoded = base64::engine::general_purpose::STANDARD.encode(key);
+        assert_eq!(StaticKey::from_base64(&encoded).unwrap().0, key);
+        assert_eq!(StaticKey::from_base64(&format!(" {}\n", encoded.trim_end_matches('='))).unwrap().0, key);
+        let short = base64::engine::general_purpose::STANDARD.encode([9u8; 16]);
+        for bad in [short.as_str(), "not base64 at all!"] {
+            let err = StaticKey::from_base64(bad).unwrap_err().to_string();
+            assert!(!err.contains(bad), "the error shows the value: {err}");
+        }
+        assert!(StaticKey::from_base64(&short).unwrap_err().to_string().contains("16 bytes"));
+        assert_eq!(format!("{:?}", StaticKey(key)), "StaticKey(<redacted>)");
     }
 }

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use wakeeper_shared::crypto::StaticKey;
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -86,8 +88,17 @@ pub const SETTINGS: &[Setting] = &[
         "WAKEEPER_KEY_FILE",
         "key-file",
         None,
-        "The 32-byte data key sealing every stored record. Default: `<data dir>/keys/data.key`, created 0600",
+        "File holding the 32-byte data key sealing every stored record. Default (embedded credential store \
+         only): `<data dir>/keys/data.key`, created 0600. With Firestore it must exist: a key is never generated",
     ),
+    Setting {
+        var: "WAKEEPER_DATA_KEY",
+        flag: "data-key",
+        default: None,
+        help: "The data key as base64 of 32 bytes, for platforms whose secrets are variables (instead of \
+               WAKEEPER_KEY_FILE). With Firestore one of the two must be set",
+        secret: true,
+    },
     setting(
         "WAKEEPER_FIRESTORE_PROJECT",
         "firestore-project",
@@ -209,6 +220,8 @@ pub struct Config {
     pub host_id: Option<String>,
     /// The data key file.
     pub key_file: Option<PathBuf>,
+    /// The data key itself (`WAKEEPER_DATA_KEY`, base64); its `Debug` never shows it.
+    pub data_key: Option<StaticKey>,
     /// Google Cloud project of the Firestore credential store; `None` = the embedded store.
     pub firestore_project: Option<String>,
     /// Prefix of the Firestore collections.
@@ -296,6 +309,11 @@ impl Config {
             control_token_file: r.optional("WAKEEPER_CONTROL_TOKEN_FILE")?,
             host_id: r.raw("WAKEEPER_HOST_ID"),
             key_file: r.optional("WAKEEPER_KEY_FILE")?,
+            data_key: r
+                .raw("WAKEEPER_DATA_KEY")
+                .map(|raw| StaticKey::from_base64(&raw))
+                .transpose()
+                .map_err(|e| ConfigError { var: "WAKEEPER_DATA_KEY", message: e.to_string() })?,
             firestore_project: r.raw("WAKEEPER_FIRESTORE_PROJECT"),
             firestore_prefix: r.required("WAKEEPER_FIRESTORE_PREFIX")?,
             dynamodb_table: r.raw("WAKEEPER_DYNAMODB_TABLE"),
@@ -334,6 +352,7 @@ impl fmt::Debug for Config {
             .field("control_token_file", &self.control_token_file)
             .field("host_id", &self.host_id)
             .field("key_file", &self.key_file)
+            .field("data_key", &self.data_key.as_ref().map(|_| "<redacted>"))
             .field("firestore_project", &self.firestore_project)
             .field("firestore_prefix", &self.firestore_prefix)
             .field("dynamodb_table", &self.dynamodb_table)
@@ -416,13 +435,36 @@ mod tests {
         assert!(e.to_string().starts_with("WAKEEPER_LOG_FORMAT: "), "{e}");
     }
 
+    /// Base64 of 32 bytes that spells `s3cret` in its text, so a leak of the value is seen.
+    const DATA_KEY: &str = "s3cretAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
     #[test]
     fn debug_never_shows_secrets() {
-        let c =
-            from_map(&[("WAKEEPER_CONTROL_TOKEN", "tok-s3cret"), ("WAKEEPER_WEBHOOK_SECRET", "hook-s3cret")]).unwrap();
+        let c = from_map(&[
+            ("WAKEEPER_CONTROL_TOKEN", "tok-s3cret"),
+            ("WAKEEPER_WEBHOOK_SECRET", "hook-s3cret"),
+            ("WAKEEPER_DATA_KEY", DATA_KEY),
+        ])
+        .unwrap();
+        assert!(c.data_key.is_some());
         let shown = format!("{c:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn a_bad_data_key_names_its_variable_and_not_its_value() {
+        for bad in ["s3cret-but-not-base64!", "s3cretAAAAAAAAAAAAAAAA"] {
+            let e = from_map(&[("WAKEEPER_DATA_KEY", bad)]).unwrap_err();
+            assert_eq!(e.var, "WAKEEPER_DATA_KEY");
+            assert!(!e.to_string().contains("s3cret"), "the error shows the value: {e}");
+        }
+    }
+
+    #[test]
+    fn the_data_key_is_a_secret_setting() {
+        let s = SETTINGS.iter().find(|s| s.var == "WAKEEPER_DATA_KEY").unwrap();
+        assert!(s.secret);
     }
 
     #[test]

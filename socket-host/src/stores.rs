@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::adapters::{dynamodb, firestore};
-use wakeeper_shared::crypto::{Cipher, LocalKeyFile};
+use wakeeper_shared::crypto::{Cipher, KeySource, LocalKeyFile};
 use wakeeper_shared::ports::{CredentialStore, TenantStore};
 
 use crate::config::Config;
@@ -34,6 +34,16 @@ pub enum StoresError {
     /// The data key cannot be loaded or created.
     #[error("loading the data key: {0}")]
     DataKey(String),
+    /// No data key source was given where the host may not generate one.
+    #[error(
+        "no data key given: with a Firestore credential store set WAKEEPER_DATA_KEY (base64 of the 32-byte key) or \
+         WAKEEPER_KEY_FILE (a file holding it). A generated key could not open the snapshots already stored, so \
+         the host never makes one there"
+    )]
+    NoDataKey,
+    /// Both key sources were given.
+    #[error("both WAKEEPER_DATA_KEY and WAKEEPER_KEY_FILE are set: set one")]
+    TwoDataKeys,
     /// The embedded store cannot be opened (another process may hold it).
     #[error("opening the embedded store ({0}); it is opened by one process at a time: stop the host first")]
     Embedded(String),
@@ -57,9 +67,9 @@ impl Stores {
     /// (`<data dir>/store.redb`) serves whichever of the two has no cloud store configured.
     pub async fn from_config(config: &Config, firestore_connect: Connect) -> Result<Self, StoresError> {
         private_dir(&config.data_dir)?;
-        let key_file = config.key_file.clone().unwrap_or_else(|| config.data_dir.join("keys").join("data.key"));
-        let cipher =
-            Cipher::from_source(&LocalKeyFile::new(key_file)).map_err(|e| StoresError::DataKey(e.to_string()))?;
+        let (source, from) = key_source(config)?;
+        let cipher = Cipher::from_source(source.as_ref()).map_err(|e| StoresError::DataKey(e.to_string()))?;
+        tracing::info!(source = %from, "data key loaded");
         let embedded = match (&config.firestore_project, &config.dynamodb_table) {
             (Some(_), Some(_)) => None,
             _ => Some(Arc::new(
@@ -82,6 +92,26 @@ impl Stores {
             None => embedded.expect("embedded store opened"),
         };
         Ok(Self { credentials, tenants, cipher })
+    }
+}
+
+/// Where the data key comes from, and how to name that source in the log (never the key). A key is generated
+/// only for the embedded credential store, whose records live beside it; with Firestore the records outlive
+/// the container's disk, and a key generated on a wiped disk would make every stored snapshot unreadable (and
+/// every tenant look corrupt), so the key must be given.
+fn key_source(config: &Config) -> Result<(Box<dyn KeySource>, String), StoresError> {
+    let cloud = config.firestore_project.is_some();
+    match (&config.data_key, &config.key_file) {
+        (Some(_), Some(_)) => Err(StoresError::TwoDataKeys),
+        (Some(key), None) => Ok((Box::new(key.clone()), "WAKEEPER_DATA_KEY".into())),
+        (None, Some(path)) if cloud => Ok((Box::new(LocalKeyFile::existing(path)), path.display().to_string())),
+        (None, Some(path)) => Ok((Box::new(LocalKeyFile::new(path)), path.display().to_string())),
+        (None, None) if cloud => Err(StoresError::NoDataKey),
+        (None, None) => {
+            let path = config.data_dir.join("keys").join("data.key");
+            let from = path.display().to_string();
+            Ok((Box::new(LocalKeyFile::new(path)), from))
+        }
     }
 }
 
@@ -112,4 +142,74 @@ fn private_dir(dir: &std::path::Path) -> Result<(), StoresError> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config(dir: &std::path::Path, pairs: &[(&str, String)]) -> Config {
+        let mut map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        map.insert("WAKEEPER_DATA_DIR".into(), dir.join("data").display().to_string());
+        Config::from_lookup(|var| map.get(var).cloned()).unwrap()
+    }
+
+    fn key_of(config: &Config) -> Result<[u8; 32], String> {
+        let (source, _) = key_source(config).map_err(|e| e.to_string())?;
+        source.data_key().map_err(|e| e.to_string())
+    }
+
+    const KEY_B64: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+
+    #[test]
+    fn the_embedded_default_generates_its_key_in_the_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path(), &[]);
+        let key = key_of(&c).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("data/keys/data.key")).unwrap(), key);
+    }
+
+    #[test]
+    fn with_firestore_and_no_key_the_host_refuses_and_generates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path(), &[("WAKEEPER_FIRESTORE_PROJECT", "p".into())]);
+        let err = key_of(&c).unwrap_err();
+        assert!(err.contains("WAKEEPER_DATA_KEY") && err.contains("WAKEEPER_KEY_FILE"), "{err}");
+        assert!(!dir.path().join("data/keys").exists());
+    }
+
+    #[test]
+    fn with_firestore_a_named_key_file_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secrets/data.key");
+        let c = config(
+            dir.path(),
+            &[("WAKEEPER_FIRESTORE_PROJECT", "p".into()), ("WAKEEPER_KEY_FILE", path.display().to_string())],
+        );
+        assert!(key_of(&c).unwrap_err().contains("does not exist"));
+        assert!(!path.exists());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, [7u8; 32]).unwrap();
+        assert_eq!(key_of(&c).unwrap(), [7u8; 32]);
+    }
+
+    #[test]
+    fn with_firestore_the_key_may_come_from_a_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let c =
+            config(dir.path(), &[("WAKEEPER_FIRESTORE_PROJECT", "p".into()), ("WAKEEPER_DATA_KEY", KEY_B64.into())]);
+        assert_eq!(key_of(&c).unwrap(), [7u8; 32]);
+        let (_, from) = key_source(&c).unwrap();
+        assert_eq!(from, "WAKEEPER_DATA_KEY");
+        assert!(!dir.path().join("data/keys").exists());
+    }
+
+    #[test]
+    fn two_key_sources_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path(), &[("WAKEEPER_DATA_KEY", KEY_B64.into()), ("WAKEEPER_KEY_FILE", "/k".into())]);
+        assert!(key_of(&c).unwrap_err().contains("set one"));
+    }
 }

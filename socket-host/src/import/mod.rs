@@ -188,7 +188,9 @@ pub async fn run(config: &Config, cmd: &ImportCommand, out: &mut dyn Write) -> R
 /// The stores `serve` would use, opened the same way.
 async fn open_stores(config: &Config) -> Result<Stores, ImportError> {
     Stores::from_config(config, Connect::Now).await.map_err(|e| match e {
-        StoresError::DataDir { .. } | StoresError::DataKey(_) => ImportError::Config(e.to_string()),
+        StoresError::DataDir { .. } | StoresError::DataKey(_) | StoresError::NoDataKey | StoresError::TwoDataKeys => {
+            ImportError::Config(e.to_string())
+        }
         StoresError::Embedded(_) | StoresError::Firestore(_) => ImportError::Store(e.to_string()),
     })
 }
