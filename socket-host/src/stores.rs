@@ -191,7 +191,10 @@ mod tests {
         assert!(key_of(&c).unwrap_err().contains("does not exist"));
         assert!(!path.exists());
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, [7u8; 32]).unwrap();
+        // Private, as a key file must be (main refuses group- or world-readable ones).
+        let mut opts = std::fs::OpenOptions::new();
+        std::os::unix::fs::OpenOptionsExt::mode(opts.write(true).create_new(true), 0o600);
+        std::io::Write::write_all(&mut opts.open(&path).unwrap(), &[7u8; 32]).unwrap();
         assert_eq!(key_of(&c).unwrap(), [7u8; 32]);
     }
 
