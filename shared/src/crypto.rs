@@ -37,7 +37,8 @@ pub enum CryptoError {
     KeyUnavailable(String),
 }
 
-/// A data key kept in a local file (32 raw bytes, mode 0600), created on first use.
+/// A data key kept in a local file (32 raw bytes, mode 0600), created on first use. Read like an OpenSSH key:
+/// a symlink, or a file group or others may read, is refused.
 pub struct LocalKeyFile {
     path: PathBuf,
 }
@@ -58,13 +59,13 @@ impl KeySource for LocalKeyFile {
     fn data_key(&self) -> Result<[u8; 32], CryptoError> {
         let unavailable =
             |what: &str, e: std::io::Error| CryptoError::KeyUnavailable(format!("{what} {}: {e}", self.path.display()));
-        match std::fs::read(&self.path) {
-            Ok(bytes) => bytes
+        match crate::private_files::read_secret_file(&self.path) {
+            Ok(Some(bytes)) => bytes
                 .try_into()
                 .map_err(|_| CryptoError::KeyUnavailable(format!("{} is not a 32-byte key", self.path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None) => {
                 if let Some(dir) = self.path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| unavailable("creating the directory of", e))?;
+                    crate::private_files::private_dir(dir).map_err(|e| CryptoError::KeyUnavailable(e.to_string()))?;
                 }
                 let mut key = [0u8; 32];
                 getrandom::fill(&mut key).map_err(|e| CryptoError::KeyUnavailable(e.to_string()))?;
@@ -83,7 +84,7 @@ impl KeySource for LocalKeyFile {
                     Err(e) => Err(unavailable("creating", e)),
                 }
             }
-            Err(e) => Err(unavailable("reading", e)),
+            Err(e) => Err(CryptoError::KeyUnavailable(e.to_string())),
         }
     }
 }

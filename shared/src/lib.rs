@@ -19,6 +19,7 @@
 //! - [`webhook`]: the one signature scheme and header names of every webhook (feature `webhook`).
 //! - [`lambda`]: what both functions share: event classification, settings, cold-start set-up.
 //! - [`emf`]: CloudWatch Embedded Metric Format lines.
+//! - [`private_files`]: secret files and private directories: no symlinks, no loose modes.
 
 pub mod adapters;
 pub mod alerts;
@@ -33,6 +34,7 @@ pub mod lambda;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod ports;
+pub mod private_files;
 pub mod restore;
 pub mod sweep;
 #[cfg(feature = "webhook")]

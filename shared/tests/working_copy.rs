@@ -313,6 +313,33 @@ fn deleting_a_copy_on_a_fresh_data_dir_is_a_no_op() {
     assert!(!data.exists());
 }
 
+/// A tenant directory, or a file in it, replaced by a symlink is refused: nothing is read or written through
+/// it, so nothing lands outside the data dir.
+#[test]
+fn symlinked_tenant_directories_and_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, outside) = (dir.path().join("data"), dir.path().join("outside"));
+    std::fs::create_dir_all(&outside).unwrap();
+    let t = tid("t1");
+    let tenant = tenant_dir(&data, &t);
+    std::fs::create_dir_all(tenant.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&outside, &tenant).unwrap();
+    match WorkingCopy::open(&data, t.clone(), cipher()) {
+        Err(e @ WorkingCopyError::Refused(_)) => assert!(e.to_string().contains("symbolic link"), "{e}"),
+        other => panic!("a symlinked tenant directory: want Refused, got {other:?}"),
+    }
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside the data dir");
+
+    std::fs::remove_file(&tenant).unwrap();
+    let mut wc = open(&data, "t1");
+    wc.write_base(&restorable(1, 0)).unwrap();
+    drop(wc);
+    let journal = tenant.join("journal.wkc");
+    std::fs::rename(&journal, outside.join("journal.wkc")).unwrap();
+    std::os::unix::fs::symlink(outside.join("journal.wkc"), &journal).unwrap();
+    assert!(matches!(WorkingCopy::open(&data, t, cipher()), Err(WorkingCopyError::Refused(_))), "a symlinked journal");
+}
+
 #[test]
 fn overlong_keys_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -88,6 +88,7 @@ impl Outbox {
     /// starts with [`Outbox::start_delivery`].
     pub fn open(path: impl AsRef<Path>, urls: Vec<String>, max: u64) -> Result<Self, OutboxError> {
         let path = path.as_ref().to_path_buf();
+        wakeeper_shared::private_files::refuse_symlink(&path).map_err(err)?;
         let db = Database::create(&path).map_err(err)?;
         #[cfg(unix)]
         {

@@ -145,6 +145,22 @@ impl TestHost {
         }
     }
 
+    /// Waits for the host to exit on its own (a refused start) up to `limit`; returns its status, or panics.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("host running");
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            if started.elapsed() > limit {
+                let _ = c.kill();
+                panic!("host still running after {limit:?}; log: {}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The last 40 lines of the host's log.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

@@ -159,6 +159,7 @@ impl EmbeddedStore {
     /// directory is created 0700 and the file is made 0600: the tenant table is not encrypted.
     pub fn open(path: impl AsRef<Path>, cipher: Cipher) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
+        crate::private_files::refuse_symlink(&path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
             let mut builder = std::fs::DirBuilder::new();
             builder.recursive(true);
