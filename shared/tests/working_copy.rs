@@ -13,7 +13,7 @@ use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::contract::restorable_device;
 use wakeeper_shared::crypto::Cipher;
 use wakeeper_shared::domain::{
-    ChangeBatch, CredentialSnapshot, DeviceRecord, RecordChange, RecordKey, RecordKind, TenantId,
+    ChangeBatch, CredentialSnapshot, DeviceRecord, MAX_RECORD_VALUE_LEN, RecordChange, RecordKey, RecordKind, TenantId,
 };
 use wakeeper_shared::local::hydrate::{HydrateOutcome, Hydrator, hydrate, needs_hydration};
 use wakeeper_shared::local::{
@@ -341,11 +341,17 @@ fn symlinked_tenant_directories_and_files_are_refused() {
 }
 
 #[test]
-fn overlong_keys_are_refused() {
+fn overlong_keys_and_values_are_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let mut wc = open(dir.path(), "t1");
     let long = "x".repeat(1025);
     assert!(matches!(wc.append(&[put(RecordKind::Other, &long, b"")]), Err(WorkingCopyError::Invalid(_))));
+    let g = wc.append(&[put(RecordKind::Other, "ok", b"x")]).unwrap();
+    let big = vec![0u8; MAX_RECORD_VALUE_LEN + 1];
+    let refused = wc.append(&[put(RecordKind::Session, "s.0", b"fine"), put(RecordKind::Other, "big", &big)]);
+    assert!(matches!(&refused, Err(WorkingCopyError::Invalid(m)) if m.contains("may hold")), "{refused:?}");
+    assert_eq!(wc.generation(), Some(g), "the refused batch wrote nothing");
+    assert_eq!(open(dir.path(), "t1").load().unwrap().unwrap().records.len(), 1, "nor did it reach the disk");
 }
 
 // --- a writer killed with SIGKILL -------------------------------------------------------------------------------

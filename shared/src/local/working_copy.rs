@@ -331,7 +331,7 @@ impl WorkingCopy {
         out.extend_from_slice(&(snapshot.records.len() as u64).to_le_bytes());
         let mut plain = Vec::new();
         for (key, value) in &snapshot.records {
-            check_key(key)?;
+            check_record(key, Some(value))?;
             encode_frame_plain(&mut plain, key, Some(value));
             let sealed = self.cipher.seal_with_ad(&self.ad, &plain);
             out.extend_from_slice(&len_u32(sealed.len())?.to_le_bytes());
@@ -378,7 +378,7 @@ impl WorkingCopy {
     /// [`WorkingCopy::append`], also returning where each change's frame landed (in the order of `changes`).
     pub fn append_located(&mut self, changes: &[RecordChange]) -> Result<(u64, Vec<RecordLoc>), WorkingCopyError> {
         for c in changes {
-            check_key(&c.key)?;
+            check_record(&c.key, c.value.as_deref())?;
         }
         if let State::Corrupt(reason) = &self.state {
             return Err(WorkingCopyError::Corrupt(reason.clone()));
