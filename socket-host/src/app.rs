@@ -95,7 +95,7 @@ impl App {
             Stores::from_config(&config, Connect::OnFirstUse).await.context("opening the stores")?;
 
         let replicator = Replicator::start(credentials.clone(), ReplicatorConfig::default());
-        let local = LocalCopies::new(config.data_dir.clone(), cipher);
+        let local = LocalCopies::new(config.data_dir.clone(), cipher.clone());
         let engines = Arc::new(TenantOpener::new(credentials, local, replicator.handle()));
         let governor = Arc::new(Governor::new(GovernorConfig {
             rate_per_sec: config.connect_rate,
@@ -120,6 +120,7 @@ impl App {
         if !config.webhook_urls.is_empty() {
             let outbox = crate::outbox::Outbox::open(
                 config.data_dir.join(crate::outbox::OUTBOX_FILE),
+                cipher.clone(),
                 config.webhook_urls.clone(),
                 config.outbox_max,
             )
