@@ -1,4 +1,4 @@
-//! The chaos suite (issue 8): break the hosts on purpose in bounded trials and count what was lost.
+//! The chaos suite (issues 8 and 17): break the hosts on purpose in bounded trials and count what was lost.
 //!
 //! Every scenario prints its counts; every count that must be zero is asserted zero at the end of the scenario
 //! (so a failure still shows the whole table). Short form (the default, part of `.ci/run`): a few trials and
@@ -9,12 +9,18 @@
 //!
 //! # Layout
 //! - this file: the host under test, the settings, the count table, polling helpers, a switchable TCP path.
+//! - [`fleet`]: what the multi-host scenarios share (several hosts over the cloud stores, convergence polls,
+//!   pausing, fake clocks, the store's fence figures, the hosts' metrics).
 //! - one module per scenario:
 //!   1. [`sigkill`]: SIGKILL while the engine writes, restart with the local disk wiped.
 //!   2. [`firestore_outage`]: the Firestore emulator unreachable during a restore and during record churn.
 //!   3. [`refusals`]: the fake server answering 503 and 429 to every connect.
 //!   4. [`two_hosts`]: two hosts over one store, one killed and restarted again and again.
 //!   5. [`dynamodb_outage`]: DynamoDB unreachable during health sweeps, half the fleet refused meanwhile.
+//!   6. [`pause`]: the lease holder SIGSTOPped for longer than its lease, another host takes over, SIGCONT.
+//!   7. [`clock_skew`]: two hosts whose wall clocks are 30 s ahead and 30 s behind, failing over both ways.
+//!   8. [`takeover_under_writes`]: kills and pauses while contacts keep writing, a logout in the middle, then
+//!      every disk wiped and one host restoring everything from Firestore.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -28,10 +34,14 @@ use wakeeper_shared::domain::{SessionList, SessionState, TenantId};
 use wakeeper_shared::ports::CredentialStore;
 use wakeeper_testkit::*;
 
+mod clock_skew;
 mod dynamodb_outage;
 mod firestore_outage;
+mod fleet;
+mod pause;
 mod refusals;
 mod sigkill;
+mod takeover_under_writes;
 mod two_hosts;
 
 // ---- the host under test ----------------------------------------------------------------------------------------
@@ -92,6 +102,10 @@ struct Settings {
     two_host_trials: usize,
     outage: Duration,
     refusal: Duration,
+    /// Tenants of the fleet scenarios (pause, clock skew, takeover under writes).
+    fleet_tenants: usize,
+    /// Fault rounds of the fleet scenarios.
+    fleet_trials: usize,
 }
 
 impl Settings {
@@ -102,12 +116,16 @@ impl Settings {
                 two_host_trials: n.min(20),
                 outage: Duration::from_secs(30),
                 refusal: Duration::from_secs(60),
+                fleet_tenants: 20,
+                fleet_trials: n.min(5),
             },
             _ => Self {
                 kill_trials: 3,
                 two_host_trials: 3,
                 outage: Duration::from_secs(5),
                 refusal: Duration::from_secs(5),
+                fleet_tenants: 4,
+                fleet_trials: 1,
             },
         }
     }
