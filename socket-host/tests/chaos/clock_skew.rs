@@ -29,7 +29,7 @@ async fn skewed_clocks(settings: &Settings) {
     stores.seed(&wa, &ids).await;
     let ttl = Duration::from_secs(LEASE_TTL_S);
     let env = |offset: &str| {
-        let mut env = stores.host_env(&[("WAKEEPER_LEASE_TTL_S", LEASE_TTL_S.to_string())]);
+        let mut env = fleet_env(&stores);
         env.extend(skewed_clock(offset));
         env
     };

@@ -19,6 +19,18 @@ use super::*;
 /// long enough that a renewal every third of it keeps up on two busy cores.
 pub(super) const LEASE_TTL_S: u64 = 6;
 
+/// How often each fleet host runs its own health sweep (the one-machine deployment's; the default is two
+/// minutes, longer than a short scenario): whatever it marks counts like any other mark.
+const SWEEP_INTERVAL_S: u64 = 5;
+
+/// The environment of every fleet host over `stores`: the short lease and the frequent sweep.
+pub(super) fn fleet_env(stores: &CloudStores) -> Vec<(&'static str, String)> {
+    stores.host_env(&[
+        ("WAKEEPER_LEASE_TTL_S", LEASE_TTL_S.to_string()),
+        ("WAKEEPER_SWEEP_INTERVAL_S", SWEEP_INTERVAL_S.to_string()),
+    ])
+}
+
 /// One host of a fleet: its directories and environment survive restarts, the process comes and goes.
 pub(super) struct Member {
     pub name: &'static str,

@@ -31,7 +31,7 @@ async fn paused_holder(settings: &Settings) {
     let ids: Vec<TenantId> = (0..settings.fleet_tenants).map(|i| tid(&format!("pause-{i:02}"))).collect();
     stores.seed(&wa, &ids).await;
     let ttl = Duration::from_secs(LEASE_TTL_S);
-    let env = stores.host_env(&[("WAKEEPER_LEASE_TTL_S", LEASE_TTL_S.to_string())]);
+    let env = fleet_env(&stores);
     // A first, alone: it holds every tenant when the first pause comes.
     let mut members = vec![Member::start("host-a", dirs_a, &wa.url(), env.clone())];
     members[0].host.ready().await;

@@ -91,7 +91,7 @@ async fn takeover_under_writes(settings: &Settings) {
         wa.add_contact(&phone(i)).unwrap();
     }
     let ttl = Duration::from_secs(LEASE_TTL_S);
-    let env = stores.host_env(&[("WAKEEPER_LEASE_TTL_S", LEASE_TTL_S.to_string())]);
+    let env = fleet_env(&stores);
     let mut members =
         vec![Member::start("host-a", dirs_a, &wa.url(), env.clone()), Member::start("host-b", dirs_b, &wa.url(), env)];
     for m in &members {
