@@ -119,6 +119,11 @@ impl TestHost {
         .await;
     }
 
+    /// The process id while the child runs (for signals the tests send themselves, such as SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no flush, no lease release.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
