@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use socket_host::import::baileys::{AuthFiles, BaileysError, convert};
 use socket_host::import::rtdb::parse_export;
 use wakeeper_shared::domain::TenantId;
-use whatsapp_rust::wacore::libsignal::protocol::KeyPair;
+use wakeeper_testkit::baileys::{buffer_json, creds_json};
 use whatsapp_rust::wacore::store::Device;
 
 /// Cases per property: `default` here; `PROPTEST_CASES` when set (scripts/fuzz).
@@ -21,29 +21,12 @@ fn config(default: u32) -> ProptestConfig {
 }
 
 fn buf(b: &[u8]) -> Value {
-    json!({"type": "Buffer", "data": STANDARD.encode(b)})
-}
-
-fn pair_json(k: &KeyPair) -> Value {
-    json!({"private": buf(k.private_key.serialize()), "public": buf(k.public_key.public_key_bytes())})
+    buffer_json(b)
 }
 
 /// A `creds.json` as Baileys writes it, from the engine's own key material.
 fn valid_creds() -> Value {
-    let d = Device::new();
-    json!({
-        "noiseKey": pair_json(&d.noise_key),
-        "signedIdentityKey": pair_json(&d.identity_key),
-        "signedPreKey": {"keyPair": pair_json(&d.signed_pre_key), "keyId": d.signed_pre_key_id,
-                         "signature": buf(&d.signed_pre_key_signature)},
-        "registrationId": d.registration_id,
-        "advSecretKey": STANDARD.encode(d.adv_secret_key),
-        "me": {"id": "5511999990000:3@s.whatsapp.net", "lid": "123456789012345:3@lid", "name": "Cantina"},
-        "account": {"details": "CAEQAg==", "accountSignature": STANDARD.encode([1u8; 64]),
-                    "deviceSignature": STANDARD.encode([2u8; 64])},
-        "nextPreKeyId": 5,
-        "firstUnuploadedPreKeyId": 5,
-    })
+    creds_json(&Device::new())
 }
 
 /// Any JSON value, a few levels deep, with the shapes Baileys uses (Buffers, numeric strings) among them.

@@ -162,12 +162,7 @@ async fn firestore_outage(settings: &Settings) {
     );
 
     let tenants = EmbeddedStore::open(dirs.data().join("store.redb"), dirs.cipher()).unwrap();
-    for id in &ids {
-        let rec = tenants.get(id).await.unwrap().unwrap();
-        if !rec.whatsapp_connected || rec.status.is_some_and(|s| s.is_terminal()) {
-            wrongly_marked.insert(id.clone());
-        }
-    }
+    wrongly_marked.extend(super::fleet::marked_in_table(&tenants, &ids).await);
     c.zero(
         "tenants wrongly marked (a terminal state seen, or marked in the tenant table)",
         wrongly_marked.len() as u64,

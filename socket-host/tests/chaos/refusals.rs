@@ -8,7 +8,6 @@ use tokio::time::Instant;
 use wa_sim::{Refusal, RefusePoint, Target};
 use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::domain::TenantId;
-use wakeeper_shared::ports::TenantStore;
 use wakeeper_testkit::tenant as tid;
 use wakeeper_testkit::*;
 
@@ -88,12 +87,7 @@ async fn refusals(settings: &Settings) {
     }
     host.terminate(Duration::from_secs(30));
     let tenants = EmbeddedStore::open(dirs.data().join("store.redb"), dirs.cipher()).unwrap();
-    for id in &ids {
-        let rec = tenants.get(id).await.unwrap().unwrap();
-        if !rec.whatsapp_connected || rec.status.is_some_and(|s| s.is_terminal()) {
-            wrongly_marked.insert(id.clone());
-        }
-    }
+    wrongly_marked.extend(super::fleet::marked_in_table(&tenants, &ids).await);
     c.zero(
         "tenants wrongly marked (a terminal state seen, or marked in the tenant table)",
         wrongly_marked.len() as u64,
