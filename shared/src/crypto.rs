@@ -39,7 +39,8 @@ pub enum CryptoError {
     KeyUnavailable(String),
 }
 
-/// A data key kept in a local file (32 raw bytes, mode 0600): created on first use, or only read.
+/// A data key kept in a local file (32 raw bytes, mode 0600): created on first use, or only read. Read like an
+/// OpenSSH key: a symlink, or a file group or others may read, is refused.
 pub struct LocalKeyFile {
     path: PathBuf,
     create: bool,
@@ -67,19 +68,17 @@ impl KeySource for LocalKeyFile {
     fn data_key(&self) -> Result<[u8; 32], CryptoError> {
         let unavailable =
             |what: &str, e: std::io::Error| CryptoError::KeyUnavailable(format!("{what} {}: {e}", self.path.display()));
-        match std::fs::read(&self.path) {
-            Ok(bytes) => bytes
+        match crate::private_files::read_secret_file(&self.path) {
+            Ok(Some(bytes)) => bytes
                 .try_into()
                 .map_err(|_| CryptoError::KeyUnavailable(format!("{} is not a 32-byte key", self.path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !self.create => {
-                Err(CryptoError::KeyUnavailable(format!(
-                    "{} does not exist (a key is never generated for records stored elsewhere)",
-                    self.path.display()
-                )))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(None) if !self.create => Err(CryptoError::KeyUnavailable(format!(
+                "{} does not exist (a key is never generated for records stored elsewhere)",
+                self.path.display()
+            ))),
+            Ok(None) => {
                 if let Some(dir) = self.path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| unavailable("creating the directory of", e))?;
+                    crate::private_files::private_dir(dir).map_err(|e| CryptoError::KeyUnavailable(e.to_string()))?;
                 }
                 let mut key = [0u8; 32];
                 getrandom::fill(&mut key).map_err(|e| CryptoError::KeyUnavailable(e.to_string()))?;
@@ -98,7 +97,7 @@ impl KeySource for LocalKeyFile {
                     Err(e) => Err(unavailable("creating", e)),
                 }
             }
-            Err(e) => Err(unavailable("reading", e)),
+            Err(e) => Err(CryptoError::KeyUnavailable(e.to_string())),
         }
     }
 }

@@ -19,6 +19,7 @@
 //! - [`webhook`]: the one signature scheme and header names of every webhook (feature `webhook`).
 //! - [`lambda`]: what both functions share: event classification, settings, cold-start set-up.
 //! - [`emf`]: CloudWatch Embedded Metric Format lines.
+//! - [`private_files`]: secret files and private directories: no symlinks, no loose modes.
 //! - [`tls`] (feature `tls`): the process's one rustls crypto provider, installed by every binary first thing.
 
 pub mod adapters;
@@ -34,6 +35,7 @@ pub mod lambda;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod ports;
+pub mod private_files;
 pub mod restore;
 pub mod sweep;
 #[cfg(feature = "tls")]

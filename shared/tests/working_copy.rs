@@ -13,7 +13,7 @@ use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::contract::restorable_device;
 use wakeeper_shared::crypto::Cipher;
 use wakeeper_shared::domain::{
-    ChangeBatch, CredentialSnapshot, DeviceRecord, RecordChange, RecordKey, RecordKind, TenantId,
+    ChangeBatch, CredentialSnapshot, DeviceRecord, MAX_RECORD_VALUE_LEN, RecordChange, RecordKey, RecordKind, TenantId,
 };
 use wakeeper_shared::local::hydrate::{HydrateOutcome, Hydrator, hydrate, needs_hydration};
 use wakeeper_shared::local::{
@@ -313,12 +313,45 @@ fn deleting_a_copy_on_a_fresh_data_dir_is_a_no_op() {
     assert!(!data.exists());
 }
 
+/// A tenant directory, or a file in it, replaced by a symlink is refused: nothing is read or written through
+/// it, so nothing lands outside the data dir.
 #[test]
-fn overlong_keys_are_refused() {
+fn symlinked_tenant_directories_and_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, outside) = (dir.path().join("data"), dir.path().join("outside"));
+    std::fs::create_dir_all(&outside).unwrap();
+    let t = tid("t1");
+    let tenant = tenant_dir(&data, &t);
+    std::fs::create_dir_all(tenant.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&outside, &tenant).unwrap();
+    match WorkingCopy::open(&data, t.clone(), cipher()) {
+        Err(e @ WorkingCopyError::Refused(_)) => assert!(e.to_string().contains("symbolic link"), "{e}"),
+        other => panic!("a symlinked tenant directory: want Refused, got {other:?}"),
+    }
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing written outside the data dir");
+
+    std::fs::remove_file(&tenant).unwrap();
+    let mut wc = open(&data, "t1");
+    wc.write_base(&restorable(1, 0)).unwrap();
+    drop(wc);
+    let journal = tenant.join("journal.wkc");
+    std::fs::rename(&journal, outside.join("journal.wkc")).unwrap();
+    std::os::unix::fs::symlink(outside.join("journal.wkc"), &journal).unwrap();
+    assert!(matches!(WorkingCopy::open(&data, t, cipher()), Err(WorkingCopyError::Refused(_))), "a symlinked journal");
+}
+
+#[test]
+fn overlong_keys_and_values_are_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let mut wc = open(dir.path(), "t1");
     let long = "x".repeat(1025);
     assert!(matches!(wc.append(&[put(RecordKind::Other, &long, b"")]), Err(WorkingCopyError::Invalid(_))));
+    let g = wc.append(&[put(RecordKind::Other, "ok", b"x")]).unwrap();
+    let big = vec![0u8; MAX_RECORD_VALUE_LEN + 1];
+    let refused = wc.append(&[put(RecordKind::Session, "s.0", b"fine"), put(RecordKind::Other, "big", &big)]);
+    assert!(matches!(&refused, Err(WorkingCopyError::Invalid(m)) if m.contains("may hold")), "{refused:?}");
+    assert_eq!(wc.generation(), Some(g), "the refused batch wrote nothing");
+    assert_eq!(open(dir.path(), "t1").load().unwrap().unwrap().records.len(), 1, "nor did it reach the disk");
 }
 
 // --- a writer killed with SIGKILL -------------------------------------------------------------------------------

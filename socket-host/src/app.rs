@@ -36,6 +36,14 @@ fn read_trimmed(path: &Path) -> anyhow::Result<String> {
     Ok(raw.trim().to_owned())
 }
 
+/// A secret file's content, trimmed: refused when it is a symlink, readable by group or others, or absent.
+fn read_secret_trimmed(path: &Path) -> anyhow::Result<String> {
+    let raw = wakeeper_shared::private_files::read_secret_file(path)?
+        .with_context(|| format!("{} does not exist", path.display()))?;
+    let text = String::from_utf8(raw).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))?;
+    Ok(text.trim().to_owned())
+}
+
 /// Writes `content` to a new file with mode 0600.
 fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
     use std::io::Write;
@@ -56,7 +64,7 @@ pub fn control_token(config: &Config) -> anyhow::Result<String> {
         return Ok(t.clone());
     }
     if let Some(path) = &config.control_token_file {
-        let t = read_trimmed(path)?;
+        let t = read_secret_trimmed(path)?;
         anyhow::ensure!(!t.is_empty(), "control token file {} is empty", path.display());
         return Ok(t);
     }
@@ -65,7 +73,7 @@ pub fn control_token(config: &Config) -> anyhow::Result<String> {
         write_private(&path, &random_hex(32))?;
         tracing::info!(path = %path.display(), "generated a control token (read it from this file)");
     }
-    read_trimmed(&path)
+    read_secret_trimmed(&path)
 }
 
 /// This host's id: configured, or generated once into the data dir (so a restart takes its own leases back).
@@ -87,7 +95,7 @@ impl App {
             Stores::from_config(&config, Connect::OnFirstUse).await.context("opening the stores")?;
 
         let replicator = Replicator::start(credentials.clone(), ReplicatorConfig::default());
-        let local = LocalCopies::new(config.data_dir.clone(), cipher);
+        let local = LocalCopies::new(config.data_dir.clone(), cipher.clone());
         let engines = Arc::new(TenantOpener::new(credentials, local, replicator.handle()));
         let governor = Arc::new(Governor::new(GovernorConfig {
             rate_per_sec: config.connect_rate,
@@ -112,6 +120,7 @@ impl App {
         if !config.webhook_urls.is_empty() {
             let outbox = crate::outbox::Outbox::open(
                 config.data_dir.join(crate::outbox::OUTBOX_FILE),
+                cipher.clone(),
                 config.webhook_urls.clone(),
                 config.outbox_max,
             )

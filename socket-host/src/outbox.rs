@@ -4,8 +4,10 @@
 //! nothing; past [`Outbox`]'s bound the oldest events are dropped, counted and logged.
 //!
 //! # Data layout (`<data_dir>/outbox.redb`)
-//! - `events`: sequence number (u64, rising, never reused) -> JSON [`Stored`]: the event id, the signed body,
-//!   and the URLs that already answered 2xx.
+//! - `events`: sequence number (u64, rising, never reused) -> JSON [`Stored`] (the event id, the signed body,
+//!   the URLs that already answered 2xx) sealed with the data key like every credential record, the sequence
+//!   number as associated data: message text, names and numbers are never on disk in the clear, and a value
+//!   moved to another slot does not open. (Values an older release wrote unsealed are still read.)
 //! - `event_ids`: event id -> sequence number (an event enqueued twice while pending is stored once).
 //! - `meta`: `next_seq` -> the next sequence number.
 //!
@@ -21,6 +23,7 @@ use std::time::Duration;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+use wakeeper_shared::crypto::Cipher;
 use wakeeper_shared::webhook::{EVENT_ID_HEADER, SIGNATURE_HEADER, sign};
 
 /// The file name of the outbox inside the data dir.
@@ -42,6 +45,13 @@ pub struct OutboxError(String);
 
 fn err(e: impl std::fmt::Display) -> OutboxError {
     OutboxError(e.to_string())
+}
+
+/// Associated data binding a sealed event to its slot.
+fn slot_ad(seq: u64) -> Vec<u8> {
+    let mut ad = b"wakeeper/outbox/v1\0".to_vec();
+    ad.extend_from_slice(&seq.to_le_bytes());
+    ad
 }
 
 /// One stored event.
@@ -70,6 +80,7 @@ pub struct Outbox {
 
 struct Inner {
     db: Database,
+    cipher: Cipher,
     path: PathBuf,
     max: u64,
     urls: Vec<String>,
@@ -86,8 +97,9 @@ impl std::fmt::Debug for Outbox {
 impl Outbox {
     /// Opens (creating when absent) the outbox at `path` for `urls`, holding at most `max` events. Delivery
     /// starts with [`Outbox::start_delivery`].
-    pub fn open(path: impl AsRef<Path>, urls: Vec<String>, max: u64) -> Result<Self, OutboxError> {
+    pub fn open(path: impl AsRef<Path>, cipher: Cipher, urls: Vec<String>, max: u64) -> Result<Self, OutboxError> {
         let path = path.as_ref().to_path_buf();
+        wakeeper_shared::private_files::refuse_symlink(&path).map_err(err)?;
         let db = Database::create(&path).map_err(err)?;
         #[cfg(unix)]
         {
@@ -100,7 +112,7 @@ impl Outbox {
         txn.open_table(META).map_err(err)?;
         txn.commit().map_err(err)?;
         let wake = urls.iter().map(|_| Notify::new()).collect();
-        let outbox = Self { inner: Arc::new(Inner { db, path, max: max.max(1), urls, wake }) };
+        let outbox = Self { inner: Arc::new(Inner { db, cipher, path, max: max.max(1), urls, wake }) };
         metrics::gauge!("wakeeper_outbox_events").set(outbox.len_blocking()? as f64);
         Ok(outbox)
     }
@@ -164,14 +176,14 @@ impl Outbox {
                     continue;
                 }
                 while table.len().map_err(err)? >= self.inner.max {
-                    let Some((_, v)) = table.pop_first().map_err(err)? else { break };
-                    let old: Stored = serde_json::from_slice(v.value()).map_err(err)?;
-                    drop(v);
+                    let Some(v) = table.pop_first().map_err(err)? else { break };
+                    let (old_seq, old) = (v.0.value(), v.1);
+                    let old = self.unseal(old_seq, old.value())?;
                     ids.remove(old.id.as_str()).map_err(err)?;
                     dropped.push(old.id);
                 }
                 let stored = Stored { id: event.id, body: event.body, delivered: Vec::new() };
-                table.insert(next, serde_json::to_vec(&stored).map_err(err)?.as_slice()).map_err(err)?;
+                table.insert(next, self.seal(next, &stored).as_slice()).map_err(err)?;
                 ids.insert(stored.id.as_str(), next).map_err(err)?;
                 next += 1;
             }
@@ -188,12 +200,33 @@ impl Outbox {
         let table = txn.open_table(EVENTS).map_err(err)?;
         for entry in table.range(from..).map_err(err)? {
             let (k, v) = entry.map_err(err)?;
-            let stored: Stored = serde_json::from_slice(v.value()).map_err(err)?;
+            let stored = self.unseal(k.value(), v.value())?;
             if !stored.delivered.iter().any(|u| u == url) {
                 return Ok(Some((k.value(), stored)));
             }
         }
         Ok(None)
+    }
+
+    /// An event as stored in slot `seq`: sealed, the slot as associated data.
+    fn seal(&self, seq: u64, stored: &Stored) -> Vec<u8> {
+        let json = serde_json::to_vec(stored).expect("an event serializes");
+        self.inner.cipher.seal_with_ad(&slot_ad(seq), &json)
+    }
+
+    /// The event in slot `seq`; a value an older release stored unsealed (plain JSON) is read as it is.
+    fn unseal(&self, seq: u64, value: &[u8]) -> Result<Stored, OutboxError> {
+        if value.first() == Some(&b'{')
+            && let Ok(stored) = serde_json::from_slice::<Stored>(value)
+        {
+            return Ok(stored);
+        }
+        let json = self
+            .inner
+            .cipher
+            .open_with_ad(&slot_ad(seq), value)
+            .map_err(|_| err(format!("event {seq} does not open with this data key")))?;
+        serde_json::from_slice(&json).map_err(err)
     }
 
     fn still_waiting(&self, seq: u64) -> Result<bool, OutboxError> {
@@ -209,7 +242,7 @@ impl Outbox {
         let len = {
             let mut table = txn.open_table(EVENTS).map_err(err)?;
             let stored = match table.get(seq).map_err(err)? {
-                Some(v) => Some(serde_json::from_slice::<Stored>(v.value()).map_err(err)?),
+                Some(v) => Some(self.unseal(seq, v.value())?),
                 None => None,
             };
             if let Some(mut stored) = stored {
@@ -220,7 +253,7 @@ impl Outbox {
                     table.remove(seq).map_err(err)?;
                     txn.open_table(EVENT_IDS).map_err(err)?.remove(stored.id.as_str()).map_err(err)?;
                 } else {
-                    table.insert(seq, serde_json::to_vec(&stored).map_err(err)?.as_slice()).map_err(err)?;
+                    table.insert(seq, self.seal(seq, &stored).as_slice()).map_err(err)?;
                 }
             }
             table.len().map_err(err)?
@@ -324,6 +357,10 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn cipher() -> Cipher {
+        Cipher::new(&[3; 32])
+    }
+
     fn event(id: &str) -> OutboxEvent {
         OutboxEvent { id: id.into(), body: format!(r#"{{"id":"{id}"}}"#) }
     }
@@ -338,10 +375,31 @@ mod tests {
         out
     }
 
+    /// Message text on disk is sealed: the file holds no byte of it, and another key opens nothing.
+    #[tokio::test]
+    async fn events_are_sealed_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(OUTBOX_FILE);
+        let text = "two margheritas for Rua das Flores 12, +5511999990000";
+        let body = serde_json::json!({ "text": text }).to_string();
+        {
+            let o = Outbox::open(&path, cipher(), vec!["http://a".into()], 10).unwrap();
+            o.enqueue(vec![OutboxEvent { id: "e1".into(), body: body.clone() }]).await.unwrap();
+            let (_, stored) = o.next_for("http://a", 0).unwrap().expect("stored");
+            assert_eq!(stored.body, body, "read back whole");
+        }
+        let raw = std::fs::read(&path).unwrap();
+        for needle in ["margheritas", "5511999990000", "Rua das Flores"] {
+            assert!(!raw.windows(needle.len()).any(|w| w == needle.as_bytes()), "{needle} is on disk in the clear");
+        }
+        let other = Outbox::open(&path, Cipher::new(&[4; 32]), vec!["http://a".into()], 10).unwrap();
+        assert!(other.next_for("http://a", 0).is_err(), "another key opens nothing");
+    }
+
     #[tokio::test]
     async fn bounded_drops_the_oldest_and_dedupes_pending_ids() {
         let dir = tempfile::tempdir().unwrap();
-        let o = Outbox::open(dir.path().join(OUTBOX_FILE), vec!["http://a".into()], 3).unwrap();
+        let o = Outbox::open(dir.path().join(OUTBOX_FILE), cipher(), vec!["http://a".into()], 3).unwrap();
         o.enqueue(vec![event("1"), event("2"), event("2")]).await.unwrap();
         o.enqueue(vec![event("3"), event("4"), event("5")]).await.unwrap();
         assert_eq!(ids(&o, "http://a"), ["3", "4", "5"]);
@@ -357,7 +415,7 @@ mod tests {
         let path = dir.path().join(OUTBOX_FILE);
         let urls = vec!["http://a".to_string(), "http://b".to_string()];
         {
-            let o = Outbox::open(&path, urls.clone(), 10).unwrap();
+            let o = Outbox::open(&path, cipher(), urls.clone(), 10).unwrap();
             o.enqueue(vec![event("x"), event("y")]).await.unwrap();
             let (seq, _) = o.next_for("http://a", 0).unwrap().unwrap();
             o.mark_delivered(seq, "http://a").unwrap();
@@ -365,7 +423,7 @@ mod tests {
             assert_eq!(ids(&o, "http://b"), ["x", "y"]);
             assert_eq!(o.len().await.unwrap(), 2);
         }
-        let o = Outbox::open(&path, urls, 10).unwrap();
+        let o = Outbox::open(&path, cipher(), urls, 10).unwrap();
         assert_eq!(ids(&o, "http://a"), ["y"], "delivery marks are kept across a reopen");
         let (seq, _) = o.next_for("http://b", 0).unwrap().unwrap();
         assert_eq!(o.mark_delivered(seq, "http://b").unwrap(), 1, "x left once both URLs had it");
@@ -383,10 +441,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(OUTBOX_FILE);
         {
-            let o = Outbox::open(&path, vec!["http://a".into()], 10).unwrap();
+            let o = Outbox::open(&path, cipher(), vec!["http://a".into()], 10).unwrap();
             o.enqueue(vec![event("x")]).await.unwrap();
         }
-        let o = Outbox::open(&path, vec!["http://a".into(), "http://c".into()], 10).unwrap();
+        let o = Outbox::open(&path, cipher(), vec!["http://a".into(), "http://c".into()], 10).unwrap();
         assert_eq!(ids(&o, "http://c"), ["x"]);
     }
 }

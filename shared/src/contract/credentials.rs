@@ -18,6 +18,8 @@ pub async fn credential_store_suite<S: CredentialStore + SwapRecords + 'static>(
     cred_claim_fences_the_old_owner_before_any_write(&*store).await;
     cred_claim_of_a_tenant_with_nothing_stored(&*store).await;
     cred_delete_is_fenced_and_not_undone(&*store).await;
+    cred_oversized_record_is_refused_whole(&*store).await;
+    cred_a_tenant_of_several_megabytes_round_trips(&*store).await;
     cred_newest_epoch_wins_under_concurrent_writers(store).await;
 }
 
@@ -413,4 +415,44 @@ pub async fn cred_newest_epoch_wins_under_concurrent_writers(store: Arc<dyn Cred
     let late = batch(5000, 5, vec![put(RecordKind::Other, "late", b"late".to_vec())]);
     assert_stale_epoch(store.write(&t, &late).await, 5, 6, "the old epoch after the race");
     write_ok(&*store, &t, &batch(5001, 6, vec![put(RecordKind::Other, "after", b"x".to_vec())]), "newest").await;
+}
+
+/// A record longer than [`MAX_RECORD_VALUE_LEN`] is refused with a clear error, and nothing of its batch is
+/// stored; one of exactly that length is stored.
+pub async fn cred_oversized_record_is_refused_whole(store: &dyn CredentialStore) {
+    let t = fresh_tenant();
+    let big = vec![7u8; 2 * 1024 * 1024];
+    let b = batch(1, 1, vec![put(RecordKind::Session, "small.0", secret("small")), put(RecordKind::Other, "big", big)]);
+    match store.write(&t, &b).await {
+        Err(e @ StoreError::Invalid(_)) => assert!(e.to_string().contains("may hold"), "the limit is named: {e}"),
+        other => panic!("a 2 MiB record: want Invalid, got {other:?}"),
+    }
+    assert_eq!(store.generation(&t).await.expect("generation"), None, "nothing of the refused batch is stored");
+    let edge = vec![put(RecordKind::Other, "edge", vec![1u8; MAX_RECORD_VALUE_LEN])];
+    write_ok(store, &t, &batch(1, 1, edge.clone()), "a record of the largest length").await;
+    assert_snapshot_eq(
+        &read_ok(store, &t, "after the edge").await,
+        &applied(1, &CredentialSnapshot::default(), &edge),
+        "edge",
+    );
+}
+
+/// A tenant whose records add up to several megabytes (more than one answer of the Firestore client holds by
+/// default) reads back whole.
+pub async fn cred_a_tenant_of_several_megabytes_round_trips(store: &dyn CredentialStore) {
+    pub(super) const RECORDS: usize = 48;
+    pub(super) const RECORD_LEN: usize = 128 * 1024;
+    let t = fresh_tenant();
+    let mut want = CredentialSnapshot::default();
+    for (g, chunk) in (0..RECORDS).collect::<Vec<_>>().chunks(6).enumerate() {
+        let changes: Vec<RecordChange> = chunk
+            .iter()
+            .map(|i| put(RecordKind::AppStateMutationMac, &format!("mac-{i}"), vec![(i % 251) as u8; RECORD_LEN]))
+            .collect();
+        let generation = g as u64 + 1;
+        write_ok(store, &t, &batch(generation, 1, changes.clone()), "a large tenant's batch").await;
+        want = applied(generation, &want, &changes);
+    }
+    assert!(RECORDS * RECORD_LEN >= 6 * 1024 * 1024);
+    assert_snapshot_eq(&read_ok(store, &t, "a 6 MiB tenant").await, &want, "a 6 MiB tenant reads back whole");
 }

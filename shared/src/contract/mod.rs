@@ -13,8 +13,8 @@ use tokio::sync::Barrier;
 
 use crate::crypto::random_hex;
 use crate::domain::{
-    ChangeBatch, CredentialSnapshot, DeviceRecord, Lease, MAX_WRITES_PER_COMMIT, RecordChange, RecordKey, RecordKind,
-    StatusUpdate, TenantId, TenantStatus, UnixMillis, now_millis,
+    ChangeBatch, CredentialSnapshot, DeviceRecord, Lease, MAX_RECORD_VALUE_LEN, MAX_WRITES_PER_COMMIT, RecordChange,
+    RecordKey, RecordKind, StatusUpdate, TenantId, TenantStatus, UnixMillis, now_millis,
 };
 use crate::ports::{Conflict, CredentialStore, StoreError, StoredAt, TenantStore};
 

@@ -5,8 +5,8 @@ mod tenant;
 mod tenant_id;
 
 pub use snapshot::{
-    ChangeBatch, CredentialSnapshot, DEVICE_KEY, DeviceRecord, Incomplete, MAX_RECORD_KEY_LEN, MAX_WRITES_PER_COMMIT,
-    RecordChange, RecordKey, RecordKind,
+    ChangeBatch, CredentialSnapshot, DEVICE_KEY, DeviceRecord, Incomplete, MAX_RECORD_KEY_LEN, MAX_RECORD_VALUE_LEN,
+    MAX_WRITES_PER_COMMIT, RecordChange, RecordKey, RecordKind,
 };
 pub use tenant::{Lease, StatusUpdate, TenantRecord, TenantStatus, UnixMillis};
 pub use tenant_id::{MAX_TENANT_ID_LEN, TenantId, TenantIdError};

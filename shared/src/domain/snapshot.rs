@@ -117,6 +117,11 @@ pub const DEVICE_KEY: &str = "self";
 /// Longest record key accepted (engine addresses are far shorter; this bounds hostile input).
 pub const MAX_RECORD_KEY_LEN: usize = 1024;
 
+/// Longest record value accepted (before sealing), by every store and by the working copy before the engine's
+/// write is acknowledged: Firestore holds at most 1 MiB per document, name, seal and fields included. The
+/// engine's records are far smaller (a Signal session is a few KiB).
+pub const MAX_RECORD_VALUE_LEN: usize = 960 * 1024;
+
 /// The address of one record within a tenant's snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RecordKey {

@@ -6,7 +6,7 @@ use std::io;
 use std::path::Path;
 
 use crate::crypto::{Cipher, SEAL_OVERHEAD};
-use crate::domain::{MAX_RECORD_KEY_LEN, RecordKey, RecordKind, TenantId};
+use crate::domain::{MAX_RECORD_KEY_LEN, MAX_RECORD_VALUE_LEN, RecordKey, RecordKind, TenantId};
 
 use super::records::{RecordLoc, Segment};
 use super::working_copy::{WorkingCopyError, io_err};
@@ -42,11 +42,20 @@ pub(super) fn frame_ad(tenant: &TenantId) -> Vec<u8> {
     ad
 }
 
-pub(super) fn check_key(key: &RecordKey) -> Result<(), WorkingCopyError> {
+/// Refuses a record no store could hold, before anything of it is written (and so before the engine's write
+/// is acknowledged): a key over [`MAX_RECORD_KEY_LEN`], a value over [`MAX_RECORD_VALUE_LEN`].
+pub(super) fn check_record(key: &RecordKey, value: Option<&[u8]>) -> Result<(), WorkingCopyError> {
     if key.key.len() > MAX_RECORD_KEY_LEN {
         return Err(WorkingCopyError::Invalid(format!(
             "a {} key is longer than {MAX_RECORD_KEY_LEN} bytes",
             key.kind.as_str()
+        )));
+    }
+    if let Some(v) = value.filter(|v| v.len() > MAX_RECORD_VALUE_LEN) {
+        return Err(WorkingCopyError::Invalid(format!(
+            "a {} record of {} bytes is longer than the {MAX_RECORD_VALUE_LEN} bytes a record may hold",
+            key.kind.as_str(),
+            v.len()
         )));
     }
     Ok(())

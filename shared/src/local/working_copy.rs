@@ -29,12 +29,14 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use tracing::{debug, warn};
 
 use crate::crypto::Cipher;
 use crate::domain::{CredentialSnapshot, MAX_WRITES_PER_COMMIT, RecordChange, TenantId};
+use crate::private_files::{PrivateFileError, refuse_symlink};
 
 use super::frames::*;
 use super::records::{RecordLoc, RecordReader, ScanItem, Segment};
@@ -68,6 +70,9 @@ pub enum WorkingCopyError {
     /// A change cannot be stored (e.g. a key longer than [`MAX_RECORD_KEY_LEN`]).
     #[error("invalid change: {0}")]
     Invalid(String),
+    /// The tenant's directory or one of its files is a symlink: never followed, nothing read or written.
+    #[error("working copy refused: {0}")]
+    Refused(#[from] PrivateFileError),
 }
 
 pub(super) fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> WorkingCopyError {
@@ -141,6 +146,11 @@ impl WorkingCopy {
             epoch: None,
             epoch_pending: None,
         };
+        // Nothing is read or written through a symlink, inside the data dir or out of it.
+        refuse_symlink(&wc.dir)?;
+        for name in [BASE_FILE, JOURNAL_FILE, EPOCH_FILE] {
+            refuse_symlink(&wc.dir.join(name))?;
+        }
         // A temp file is an unfinished replacement: the real file is still the consistent one.
         for name in [BASE_FILE, JOURNAL_FILE, EPOCH_FILE] {
             let _ = fs::remove_file(wc.dir.join(format!("{name}{TMP_SUFFIX}")));
@@ -321,7 +331,7 @@ impl WorkingCopy {
         out.extend_from_slice(&(snapshot.records.len() as u64).to_le_bytes());
         let mut plain = Vec::new();
         for (key, value) in &snapshot.records {
-            check_key(key)?;
+            check_record(key, Some(value))?;
             encode_frame_plain(&mut plain, key, Some(value));
             let sealed = self.cipher.seal_with_ad(&self.ad, &plain);
             out.extend_from_slice(&len_u32(sealed.len())?.to_le_bytes());
@@ -368,7 +378,7 @@ impl WorkingCopy {
     /// [`WorkingCopy::append`], also returning where each change's frame landed (in the order of `changes`).
     pub fn append_located(&mut self, changes: &[RecordChange]) -> Result<(u64, Vec<RecordLoc>), WorkingCopyError> {
         for c in changes {
-            check_key(&c.key)?;
+            check_record(&c.key, c.value.as_deref())?;
         }
         if let State::Corrupt(reason) = &self.state {
             return Err(WorkingCopyError::Corrupt(reason.clone()));
@@ -426,8 +436,11 @@ impl WorkingCopy {
             return Err(WorkingCopyError::Invalid("journal would exceed 4 GiB; compact first".into()));
         }
 
-        let file =
-            OpenOptions::new().write(true).open(self.dir.join(JOURNAL_FILE)).map_err(io_err("opening the journal"))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.dir.join(JOURNAL_FILE))
+            .map_err(io_err("opening the journal"))?;
         // A torn tail (or a failed earlier append) left bytes past the last whole entry: cut them off, or the
         // new entry would sit behind garbage that replay stops at.
         let on_disk = file.metadata().map_err(io_err("inspecting the journal"))?.len();
@@ -487,7 +500,8 @@ impl WorkingCopy {
         if let Some(parent) = self.dir.parent() {
             sync_dir(parent)?;
         }
-        match OpenOptions::new().read(true).write(true).open(self.dir.join(JOURNAL_FILE)) {
+        match OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOFOLLOW).open(self.dir.join(JOURNAL_FILE))
+        {
             Ok(f) => {
                 use std::os::unix::fs::FileExt;
                 let mut head = [0u8; JOURNAL_HEADER_LEN];
@@ -513,18 +527,9 @@ impl WorkingCopy {
     }
 
     fn ensure_dir(&self, durable: bool) -> Result<(), WorkingCopyError> {
-        if self.dir.is_dir() {
-            return Ok(());
-        }
-        let mut builder = fs::DirBuilder::new();
-        builder.recursive(true);
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(&self.dir).map_err(io_err("creating the tenant directory"))?;
-        // `mode` is masked by the umask; make sure the directory really is private.
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
-            .map_err(io_err("restricting the tenant directory"))?;
-        if let Some(parent) = self.dir.parent().filter(|_| durable) {
+        let existed = self.dir.is_dir();
+        crate::private_files::private_dir(&self.dir)?;
+        if let Some(parent) = self.dir.parent().filter(|_| durable && !existed) {
             sync_dir(parent)?;
         }
         Ok(())

@@ -42,7 +42,14 @@ pub struct SessionHandle {
     pub(super) sends: Option<mpsc::Sender<Outgoing>>,
     /// Set when the session was started to link a new number.
     pub(super) link: Option<LinkCell>,
+    /// Until when the held lease is good by this host's monotonic clock (see `lease::keep_lease`).
+    pub(super) lease_deadline: LeaseDeadline,
 }
+
+/// Until when a session's lease is good, shared by the lease keeper (which moves it on every renewal) and the
+/// handle: a host that was paused past it reports the session as no longer open at once, before the keeper
+/// has woken to stop the client.
+pub(crate) type LeaseDeadline = Arc<Mutex<Option<Instant>>>;
 
 /// Why a send was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,12 +66,27 @@ impl SessionHandle {
         let mut v = self.view.lock().expect("session view lock").clone();
         let last = self.probe.last_frame_ms();
         v.last_frame_ago_ms = (last > 0).then(|| now_millis().saturating_sub(last).max(0) as u64);
+        if self.lease_lapsed() {
+            if v.state == SessionState::Open {
+                v.state = SessionState::Connecting;
+                v.last_error = Some("lease not renewed in time".into());
+            }
+            if let Some(l) = v.lease.as_mut() {
+                l.held = false;
+            }
+        }
         v
     }
 
-    /// The current state.
+    /// The current state (an open session whose lease has lapsed is no longer open).
     pub fn state(&self) -> SessionState {
-        self.view.lock().expect("session view lock").state
+        let state = self.view.lock().expect("session view lock").state;
+        if state == SessionState::Open && self.lease_lapsed() { SessionState::Connecting } else { state }
+    }
+
+    /// Whether the lease this session holds has run past its deadline (the keeper stops the client next).
+    fn lease_lapsed(&self) -> bool {
+        self.lease_deadline.lock().expect("lease deadline lock").is_some_and(|d| Instant::now() >= d)
     }
 
     /// The tenant.
@@ -114,7 +136,9 @@ impl SessionHandle {
 
     /// Whether the session holds the tenant's lease now: only then may it act on the tenant's credentials.
     pub fn holds_lease(&self) -> bool {
-        !self.is_finished() && self.view.lock().expect("session view lock").lease.as_ref().is_some_and(|l| l.held)
+        !self.is_finished()
+            && !self.lease_lapsed()
+            && self.view.lock().expect("session view lock").lease.as_ref().is_some_and(|l| l.held)
     }
 
     /// Whether this session is a link attempt still waiting for the phone.

@@ -18,7 +18,7 @@ use wakeeper_shared::domain::{Lease, SessionLease, TenantId, now_millis};
 use wakeeper_shared::ports::{Conflict, StoreError, TenantStore};
 
 use super::SessionDeps;
-use super::handle::Command;
+use super::handle::{Command, LeaseDeadline};
 use super::supervisor::{Supervisor, rand_unit};
 
 /// A lease as this host holds it: the stored lease, and when the request that took it started on this host's
@@ -98,7 +98,26 @@ impl Supervisor {
         let tenant = self.tenant.clone();
         let ttl = self.deps.config.lease_ttl;
         let tx = self.self_tx.clone();
-        self.lease_keeper = Some(tokio::spawn(keep_lease(tenants, tenant, held, ttl, tx)));
+        *self.lease_deadline.lock().expect("lease deadline lock") = Some(held.requested_at + good_for(ttl));
+        let deadline = self.lease_deadline.clone();
+        self.lease_keeper = Some(tokio::spawn(keep_lease(tenants, tenant, held, ttl, deadline, tx)));
+    }
+
+    /// Whether this session still holds its lease: within its deadline, and still the holding the tenant
+    /// table names (a store that cannot say leaves the answer yes).
+    pub(super) fn still_holds_lease(&mut self) -> BoxFuture<'_, bool> {
+        async move {
+            let lapsed = self.lease_deadline.lock().expect("lease deadline lock").is_none_or(|d| Instant::now() >= d);
+            let Some(mine) = self.lease.as_ref().filter(|_| !lapsed) else { return false };
+            match self.deps.tenants.get(&self.tenant).await {
+                Ok(record) => record.and_then(|r| r.lease).is_some_and(|l| l.same_holding(mine)),
+                Err(e) => {
+                    tracing::warn!(tenant = %self.tenant, error = %e, "could not check the lease after a 440");
+                    true
+                }
+            }
+        }
+        .boxed()
     }
 
     /// Stops renewing the lease and closes the engine store; `release` gives the lease back in the store.
@@ -109,6 +128,8 @@ impl Supervisor {
         if let Some(k) = self.lease_keeper.take() {
             k.abort();
         }
+        // From here the session holds no lease: its view stops saying `open` at once, before its state moves on.
+        *self.lease_deadline.lock().expect("lease deadline lock") = Some(Instant::now());
         if let Some(lease) = self.lease.take()
             && release
             && let Err(e) = self.deps.tenants.release_lease(&self.tenant, &lease).await
@@ -145,12 +166,12 @@ async fn keep_lease(
     tenant: TenantId,
     held: HeldLease,
     ttl: Duration,
+    deadline: LeaseDeadline,
     tx: mpsc::UnboundedSender<Command>,
 ) {
     let period = ttl / 3;
-    let good_for = ttl - ttl / 5;
     let HeldLease { mut lease, requested_at } = held;
-    let mut valid_until = requested_at + good_for;
+    let mut valid_until = requested_at + good_for(ttl);
     let mut next = requested_at + period;
     loop {
         tokio::time::sleep_until(next.min(valid_until)).await;
@@ -164,7 +185,8 @@ async fn keep_lease(
         match tokio::time::timeout_at(valid_until, renewal).await {
             Ok(Ok(r)) => {
                 lease = r;
-                valid_until = started + good_for;
+                valid_until = started + good_for(ttl);
+                *deadline.lock().expect("lease deadline lock") = Some(valid_until);
                 next = started + period;
                 metrics::counter!("wakeeper_lease_renewals_total").increment(1);
             }
@@ -184,4 +206,10 @@ async fn keep_lease(
             }
         }
     }
+}
+
+/// How long a lease is good after the start of the request that took or renewed it: its ttl less a margin
+/// for clock-rate differences and for stopping the client.
+fn good_for(ttl: Duration) -> Duration {
+    ttl - ttl / 5
 }

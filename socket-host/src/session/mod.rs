@@ -43,6 +43,7 @@ pub use handle::{SendRefused, SessionHandle};
 pub(crate) use lease::{HeldLease, take_lease};
 pub use wakeeper_shared::domain::StateChange;
 
+use handle::LeaseDeadline;
 use link::LinkCell;
 use supervisor::Supervisor;
 
@@ -217,6 +218,7 @@ fn start(
         client: client.clone(),
         sends: Some(sends),
         link: link.clone(),
+        lease_deadline: LeaseDeadline::default(),
     };
     let supervisor = Supervisor {
         tenant,
@@ -225,6 +227,7 @@ fn start(
         probe: handle.probe.clone(),
         commands: rx,
         self_tx: tx,
+        lease_deadline: handle.lease_deadline.clone(),
         handed: lease,
         lease: None,
         watching: None,
@@ -257,5 +260,6 @@ pub fn finished(tenant: TenantId, state: SessionState, reason: String) -> Sessio
         client: Arc::default(),
         sends: None,
         link: None,
+        lease_deadline: LeaseDeadline::default(),
     }
 }

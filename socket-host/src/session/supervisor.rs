@@ -17,6 +17,7 @@ use whatsapp_rust::store::traits::Backend;
 
 use super::attempt::Ending;
 use super::handle::Command;
+use super::handle::LeaseDeadline;
 use super::lease::HeldLease;
 use super::link::Linking;
 use super::marks::TenantWrite;
@@ -33,6 +34,8 @@ pub(super) struct Supervisor {
     pub(super) probe: Arc<LinkProbe>,
     pub(super) commands: mpsc::UnboundedReceiver<Command>,
     pub(super) self_tx: mpsc::UnboundedSender<Command>,
+    /// Shared with the handle and the lease keeper.
+    pub(super) lease_deadline: LeaseDeadline,
     /// The lease the caller took before starting the session (ensure, link); installed when the task starts.
     pub(super) handed: Option<HeldLease>,
     pub(super) lease: Option<Lease>,
@@ -139,6 +142,16 @@ impl Supervisor {
             // Not paired (yet): the attempt's own endings. Nothing is marked in the tenant table.
             return self.after_link_attempt(ending).await;
         }
+        let ending = match ending {
+            // A 440 seen by a host that has just lost the lease (paused past it, say) is the new holder's
+            // connect, not another client: this host lets go instead of ending the tenant.
+            Ending::Outcome(Outcome::Terminal { state: SessionState::Replaced, .. })
+                if !self.still_holds_lease().await =>
+            {
+                Ending::LeaseLost
+            }
+            other => other,
+        };
         match ending {
             Ending::Outcome(Outcome::Terminal { state, reason }) => Flow::Break(Exit::Terminal { state, reason }),
             Ending::Stop { reply, logout } => Flow::Break(Exit::Stopped { reply, logout }),

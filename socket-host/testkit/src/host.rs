@@ -119,6 +119,11 @@ impl TestHost {
         .await;
     }
 
+    /// The process id while the child runs (for signals the tests send themselves, such as SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no flush, no lease release.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -140,6 +145,22 @@ impl TestHost {
             if started.elapsed() > limit {
                 let _ = c.kill();
                 panic!("host did not exit within {limit:?} of SIGTERM; log: {}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the host to exit on its own (a refused start) up to `limit`; returns its status, or panics.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("host running");
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            if started.elapsed() > limit {
+                let _ = c.kill();
+                panic!("host still running after {limit:?}; log: {}", self.log_tail());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

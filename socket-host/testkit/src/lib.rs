@@ -17,6 +17,7 @@
 //! The host binary's path comes from the calling test crate ([`socket_host_bin!`]): cargo names it only to
 //! the integration tests of the `socket-host` package, and builds it for them first.
 
+pub mod baileys;
 pub mod cloud;
 pub mod dirs;
 pub mod engine_client;

@@ -37,8 +37,8 @@ use tracing::warn;
 
 use crate::crypto::Cipher;
 use crate::domain::{
-    ChangeBatch, CredentialSnapshot, Lease, MAX_RECORD_KEY_LEN, MAX_WRITES_PER_COMMIT, RecordKey, RecordKind,
-    StatusUpdate, TenantId, TenantRecord, TenantStatus, UnixMillis,
+    ChangeBatch, CredentialSnapshot, Lease, MAX_RECORD_KEY_LEN, MAX_RECORD_VALUE_LEN, MAX_WRITES_PER_COMMIT, RecordKey,
+    RecordKind, StatusUpdate, TenantId, TenantRecord, TenantStatus, UnixMillis,
 };
 use crate::ports::{Conflict, CredentialStore, Page, StoreError, StoredAt, TenantStore};
 
@@ -159,6 +159,7 @@ impl EmbeddedStore {
     /// directory is created 0700 and the file is made 0600: the tenant table is not encrypted.
     pub fn open(path: impl AsRef<Path>, cipher: Cipher) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
+        crate::private_files::refuse_symlink(&path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
             let mut builder = std::fs::DirBuilder::new();
             builder.recursive(true);
@@ -248,6 +249,13 @@ impl EmbeddedStore {
                     return Err(StoreError::Invalid(format!(
                         "a {} record key is longer than {MAX_RECORD_KEY_LEN} bytes",
                         key.kind.as_str()
+                    )));
+                }
+                if let Some(v) = value.filter(|v| v.len() > MAX_RECORD_VALUE_LEN) {
+                    return Err(StoreError::Invalid(format!(
+                        "a {} record of {} bytes is longer than the {MAX_RECORD_VALUE_LEN} bytes a record may hold",
+                        key.kind.as_str(),
+                        v.len()
                     )));
                 }
                 Ok(SealedChange {

@@ -27,7 +27,10 @@ impl FirestoreCredentialStore {
     }
 
     /// Every document of a record set as it is now, page by page. Not a snapshot by itself: callers check
-    /// the meta document did not move meanwhile (see `read`) or commit under a precondition on it.
+    /// the meta document did not move meanwhile (see `read`) or commit under a precondition on it. Pages are
+    /// bounded by count; a page whose answer outgrows the client's message limit (large records) is asked
+    /// again at half the size, down to one document, which always fits (records are at most
+    /// [`MAX_RECORD_VALUE_LEN`]).
     pub(super) async fn list_set(
         &self,
         tenant: &TenantId,
@@ -36,22 +39,27 @@ impl FirestoreCredentialStore {
     ) -> Result<Vec<Document>, StoreError> {
         let mut docs = Vec::new();
         let mut page_token = String::new();
+        let mut page_size = PAGE_SIZE;
         loop {
             let req = ListDocumentsRequest {
                 parent: self.meta_name(tenant),
                 collection_id: set_collection(set),
-                page_size: PAGE_SIZE,
-                page_token: std::mem::take(&mut page_token),
+                page_size,
+                page_token: page_token.clone(),
                 // An empty mask returns names only.
                 mask: names_only.then(DocumentMask::default),
                 ..Default::default()
             };
-            let mut client = self.db.client().get();
-            let resp = self
-                .call("list records", client.list_documents(req))
-                .await?
-                .map_err(|s| map_status("list records", s))?
-                .into_inner();
+            let mut client = self.db.client().get().max_decoding_message_size(MAX_MESSAGE_LEN);
+            let resp = match self.call("list records", client.list_documents(req)).await? {
+                Ok(resp) => resp.into_inner(),
+                Err(s) if page_too_large(&s) && page_size > 1 => {
+                    page_size = (page_size / 2).max(1);
+                    debug!(%tenant, page_size, "a page of records outgrew the message limit; asking for fewer");
+                    continue;
+                }
+                Err(s) => return Err(map_status("list records", s)),
+            };
             docs.extend(resp.documents);
             if resp.next_page_token.is_empty() {
                 return Ok(docs);
@@ -302,9 +310,9 @@ impl FirestoreCredentialStore {
     /// Seals each value, refusing keys and values Firestore cannot hold.
     pub(super) fn seal(&self, tenant: &TenantId, key: &RecordKey, value: &[u8]) -> Result<Vec<u8>, StoreError> {
         check_key(key)?;
-        if value.len() + SEAL_OVERHEAD > MAX_SEALED_VALUE_LEN {
+        if value.len() > MAX_RECORD_VALUE_LEN {
             return Err(StoreError::Invalid(format!(
-                "a {} record of {} bytes exceeds firestore's document limit",
+                "a {} record of {} bytes is longer than the {MAX_RECORD_VALUE_LEN} bytes a record may hold",
                 key.kind.as_str(),
                 value.len()
             )));

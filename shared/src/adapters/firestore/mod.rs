@@ -57,15 +57,26 @@ use firestore::gcloud_sdk::tonic::{Code, Status};
 use firestore::{FirestoreDb, FirestoreDbOptions};
 use tracing::{debug, warn};
 
-use crate::crypto::{Cipher, SEAL_OVERHEAD};
+use crate::crypto::Cipher;
 use crate::domain::{
-    ChangeBatch, CredentialSnapshot, MAX_RECORD_KEY_LEN, MAX_WRITES_PER_COMMIT, RecordKey, RecordKind, TenantId,
+    ChangeBatch, CredentialSnapshot, MAX_RECORD_KEY_LEN, MAX_RECORD_VALUE_LEN, MAX_WRITES_PER_COMMIT, RecordKey,
+    RecordKind, TenantId,
 };
 use crate::ports::{Conflict, CredentialStore, StoreError, StoredAt};
 
 /// Largest sealed value stored in one record document: Firestore caps a document at 1 MiB, and the
-/// document's name and other fields need room too.
+/// document's name and other fields need room too. Holds every [`MAX_RECORD_VALUE_LEN`] value once sealed.
 pub const MAX_SEALED_VALUE_LEN: usize = 1_000_000;
+const _: () = assert!(MAX_RECORD_VALUE_LEN + crate::crypto::SEAL_OVERHEAD <= MAX_SEALED_VALUE_LEN);
+
+/// The largest answer the client decodes (tonic's default is 4 MiB): a page of records is asked again smaller
+/// when it outgrows this, so one document of up to 1 MiB always fits.
+const MAX_MESSAGE_LEN: usize = 16 * 1024 * 1024;
+
+/// Whether a call failed because its answer outgrew the client's message limit.
+fn page_too_large(s: &Status) -> bool {
+    matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted) && s.message().contains("message length too large")
+}
 
 /// How often a write re-reads the meta document after losing a race before giving up (as `Unavailable`).
 const MAX_ATTEMPTS: usize = 8;

@@ -2,8 +2,6 @@
 
 use std::str::FromStr;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use serde_json::Value;
 use wakeeper_shared::domain::{RecordKey, RecordKind, TenantId};
 use whatsapp_rust::wacore::libsignal::protocol::{IdentityKey, KeyPair, LegacySessionLocalContext, SenderKeyRecord};
@@ -93,31 +91,17 @@ fn buffers_in_every_form_baileys_writes() {
 }
 
 fn buf(b: &[u8]) -> Value {
-    serde_json::json!({"type": "Buffer", "data": STANDARD.encode(b)})
+    wakeeper_testkit::baileys::buffer_json(b)
 }
 
 fn pair_json(k: &KeyPair) -> Value {
-    serde_json::json!({"private": buf(k.private_key.serialize()), "public": buf(k.public_key.public_key_bytes())})
+    wakeeper_testkit::baileys::key_pair_json(k)
 }
 
 /// Key material from the engine itself (no RNG crate needed here), written the way Baileys writes creds.
 fn synthetic() -> (Device, Value) {
     let d = Device::new();
-    let creds = serde_json::json!({
-        "noiseKey": pair_json(&d.noise_key),
-        "signedIdentityKey": pair_json(&d.identity_key),
-        "signedPreKey": {"keyPair": pair_json(&d.signed_pre_key), "keyId": d.signed_pre_key_id,
-                         "signature": buf(&d.signed_pre_key_signature)},
-        "registrationId": d.registration_id,
-        "advSecretKey": STANDARD.encode(d.adv_secret_key),
-        "me": {"id": "5511999990000:3@s.whatsapp.net", "lid": "123456789012345:3@lid", "name": "Cantina"},
-        "account": {"details": "CAEQAg==", "accountSignature": STANDARD.encode([1u8; 64]),
-                    "deviceSignature": STANDARD.encode([2u8; 64])},
-        "nextPreKeyId": 5,
-        "firstUnuploadedPreKeyId": 5,
-        "lastPropHash": "abc",
-        "routingInfo": buf(&[8, 1])
-    });
+    let creds = wakeeper_testkit::baileys::creds_json(&d);
     (d, creds)
 }
 
