@@ -47,6 +47,15 @@ pub enum AlertEvent {
         /// Why, in words.
         reason: String,
     },
+    /// A host reports a fault of its own (such as a wrong data key) that an operator must fix; raised once
+    /// while it lasts.
+    #[serde(rename = "alert.host_error")]
+    HostError {
+        /// The fault's code (`data_key_mismatch`).
+        code: String,
+        /// What is wrong, in words.
+        reason: String,
+    },
 }
 
 /// An alert as delivered: the JSON body of a webhook, the message of an SNS notification.
@@ -83,6 +92,7 @@ impl AlertMessage {
             }
             AlertEvent::TenantRecovered { tenant_id } => format!("wakeeper: tenant {tenant_id} recovered"),
             AlertEvent::HostUnreachable { .. } => "wakeeper: host unreachable".to_owned(),
+            AlertEvent::HostError { code, .. } => format!("wakeeper: host error {code}"),
         };
         s.truncate(100);
         s

@@ -134,15 +134,63 @@ impl KeySource for StaticKey {
     }
 }
 
-/// Seals and opens records with one data key.
+/// A data key's name: the first 8 bytes of HMAC-SHA256 under the key of a fixed label, as 16 hex digits. It
+/// tells two keys apart and reveals nothing about either, so it may be stored beside what the key sealed and
+/// shown in logs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyFingerprint(String);
+
+impl KeyFingerprint {
+    /// The fingerprint of `key`.
+    pub fn of(key: &[u8; 32]) -> Self {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
+        mac.update(b"wakeeper data key fingerprint v1");
+        let digest = mac.finalize().into_bytes();
+        Self(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// A fingerprint as stored (16 lowercase hex digits); `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        (s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then(|| Self(s.into()))
+    }
+
+    /// The 16 hex digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for KeyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One data key, ready to use.
+#[derive(Clone)]
+struct Key {
+    aead: Aes256Gcm,
+    fingerprint: KeyFingerprint,
+}
+
+impl Key {
+    fn new(key: &[u8; 32]) -> Self {
+        Self { aead: Aes256Gcm::new(key.into()), fingerprint: KeyFingerprint::of(key) }
+    }
+}
+
+/// Seals records with the current data key and opens what it or, during a key rotation, the previous key
+/// sealed.
 #[derive(Clone)]
 pub struct Cipher {
-    aead: Aes256Gcm,
+    current: Key,
+    previous: Option<Key>,
 }
 
 impl fmt::Debug for Cipher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Cipher(..)")
+        f.debug_struct("Cipher").field("fingerprint", &self.current.fingerprint.as_str()).finish_non_exhaustive()
     }
 }
 
@@ -154,7 +202,32 @@ impl Cipher {
 
     /// A cipher over `key`.
     pub fn new(key: &[u8; 32]) -> Self {
-        Self { aead: Aes256Gcm::new(key.into()) }
+        Self { current: Key::new(key), previous: None }
+    }
+
+    /// This cipher, also opening what `previous` sealed (a key being rotated out). Sealing always uses the
+    /// current key.
+    pub fn with_previous(mut self, previous: &[u8; 32]) -> Self {
+        let previous = Key::new(previous);
+        if previous.fingerprint != self.current.fingerprint {
+            self.previous = Some(previous);
+        }
+        self
+    }
+
+    /// The fingerprint of the key that seals.
+    pub fn fingerprint(&self) -> &KeyFingerprint {
+        &self.current.fingerprint
+    }
+
+    /// The fingerprint of the previous key, when one is held.
+    pub fn previous_fingerprint(&self) -> Option<&KeyFingerprint> {
+        self.previous.as_ref().map(|k| &k.fingerprint)
+    }
+
+    /// Whether this cipher opens what the key named `fingerprint` sealed.
+    pub fn holds(&self, fingerprint: &KeyFingerprint) -> bool {
+        self.current.fingerprint == *fingerprint || self.previous_fingerprint() == Some(fingerprint)
     }
 
     /// Encrypts one record's value: `nonce || ciphertext || tag`.
@@ -172,6 +245,7 @@ impl Cipher {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).expect("the OS random source works");
         let ct = self
+            .current
             .aead
             .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: ad })
             .expect("AES-GCM encryption of an in-memory buffer cannot fail");
@@ -187,8 +261,14 @@ impl Cipher {
             return Err(CryptoError::Undecryptable);
         }
         let (nonce, ct) = sealed.split_at(NONCE_LEN);
-        self.aead
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: ad })
+        let payload = || Payload { msg: ct, aad: ad };
+        self.current
+            .aead
+            .decrypt(Nonce::from_slice(nonce), payload())
+            .or_else(|e| match &self.previous {
+                Some(previous) => previous.aead.decrypt(Nonce::from_slice(nonce), payload()),
+                None => Err(e),
+            })
             .map_err(|_| CryptoError::Undecryptable)
     }
 }
@@ -220,6 +300,29 @@ mod tests {
         let mut flipped = sealed.clone();
         flipped[14] ^= 1;
         assert!(c.open(&t("a"), &k, &flipped).is_err());
+    }
+
+    #[test]
+    fn fingerprints_name_keys_and_a_previous_key_still_opens() {
+        let (old, new) = ([7u8; 32], [8u8; 32]);
+        let fp = KeyFingerprint::of(&old);
+        assert_eq!(fp, KeyFingerprint::of(&old));
+        assert_ne!(fp, KeyFingerprint::of(&new));
+        assert_eq!(KeyFingerprint::parse(fp.as_str()), Some(fp.clone()));
+        assert_eq!(KeyFingerprint::parse("not hex at all!!"), None);
+        assert!(!fp.as_str().contains("0707"), "the fingerprint is not the key");
+
+        let k = RecordKey::device();
+        let sealed_old = Cipher::new(&old).seal(&t("a"), &k, b"v");
+        let rotating = Cipher::new(&new).with_previous(&old);
+        assert_eq!(rotating.open(&t("a"), &k, &sealed_old).unwrap(), b"v");
+        assert_eq!(rotating.fingerprint(), &KeyFingerprint::of(&new));
+        assert!(rotating.holds(&fp) && rotating.holds(&KeyFingerprint::of(&new)));
+        assert!(!Cipher::new(&new).holds(&fp));
+        // Sealing uses the new key only.
+        let sealed_new = rotating.seal(&t("a"), &k, b"v");
+        assert!(Cipher::new(&old).open(&t("a"), &k, &sealed_new).is_err());
+        assert!(!format!("{rotating:?}").contains("[8"));
     }
 
     #[test]

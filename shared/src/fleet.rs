@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use crate::domain::{SessionList, TenantId};
+use crate::domain::{HostCondition, SessionList, TenantId};
 use crate::ports::{EnsureAnswer, HostError, HostOps};
 
 /// Several hosts seen as one: tenant `t` lives on host `t.shard(n)` (DESIGN.md, scale-out), the same hash the
@@ -48,17 +48,22 @@ impl<H: HostOps> HostOps for HostFleet<H> {
         let answers = futures_util::future::join_all(self.hosts.iter().map(|h| h.sessions())).await;
         let mut boot_ids = Vec::with_capacity(answers.len());
         let mut sessions = Vec::new();
+        let mut host_errors = Vec::new();
         for (i, answer) in answers.into_iter().enumerate() {
             match answer {
                 Ok(list) => {
                     boot_ids.push(list.boot_id);
                     sessions.extend(list.sessions);
+                    host_errors.extend(list.host_errors.into_iter().map(|c| HostCondition {
+                        message: format!("host {i}: {}", c.message),
+                        ..c
+                    }));
                 }
                 Err(HostError::Unreachable(e)) => return Err(HostError::Unreachable(format!("host {i}: {e}"))),
                 Err(e) => return Err(HostError::Refused(format!("host {i}: {e}"))),
             }
         }
-        Ok(SessionList { boot_id: boot_ids.join(","), sessions })
+        Ok(SessionList { boot_id: boot_ids.join(","), sessions, host_errors })
     }
 
     async fn ensure(&self, tenant: &TenantId) -> Result<EnsureAnswer, HostError> {

@@ -53,6 +53,9 @@ pub mod codes {
     pub const ALREADY_LINKED: &str = "already_linked";
     /// Another host holds the tenant's lease (409).
     pub const LEASE_HELD: &str = "lease_held";
+    /// The tenant's credentials were sealed with a data key this host does not hold (503): the host's
+    /// configuration is wrong, the tenant is fine and nothing was marked.
+    pub const DATA_KEY_MISMATCH: &str = "data_key_mismatch";
     /// A `phone` that is not 7 to 15 digits in international form (400).
     pub const BAD_PHONE: &str = "bad_phone";
     /// No QR code came from WhatsApp in time; the link attempt was cancelled (504).
@@ -72,6 +75,9 @@ pub struct Health {
     pub uptime_s: u64,
     /// Session counts by state name.
     pub sessions: BTreeMap<String, u64>,
+    /// Faults of the host itself while they last (e.g. `data_key_mismatch`); the host still answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<crate::domain::HostCondition>,
 }
 
 /// `PUT /v1/sessions/{id}` and `POST .../reconnect`: accepted, with the state the session is in now.

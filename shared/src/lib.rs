@@ -31,6 +31,8 @@ pub mod domain;
 pub mod emf;
 pub mod fleet;
 pub mod host_api;
+#[cfg(feature = "kms")]
+pub mod kms;
 pub mod lambda;
 #[cfg(feature = "local")]
 pub mod local;

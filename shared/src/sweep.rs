@@ -9,7 +9,7 @@
 //! The I/O is injected: a [`HostOps`] (the control API, a [`HostFleet`](crate::fleet::HostFleet) of them, or
 //! the host itself in-process), a [`TenantStore`] and an [`AlertSink`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::alerts::{AlertEvent, AlertMessage, AlertSink};
 use crate::domain::reconcile::{self, Action, HostView, Policy};
-use crate::domain::{SessionState, SessionView, StatusUpdate, TenantId, TenantRecord, TenantStatus, UnixMillis};
+use crate::domain::{SessionList, SessionState, SessionView, StatusUpdate, TenantId, TenantRecord, TenantStatus, UnixMillis};
 use crate::emf::Emf;
 use crate::ports::{Conflict, EnsureAnswer, HostError, HostOps, StoreError, TenantStore};
 
@@ -54,6 +54,8 @@ impl Default for SweepPolicy {
 pub struct SweepMemory {
     /// The host's boot id seen by the previous sweep.
     pub last_boot_id: Option<String>,
+    /// The host faults already alerted (by code and message), so each raises one alert while it lasts.
+    pub host_errors_alerted: BTreeSet<(String, String)>,
 }
 
 /// What a sweep did. Serialized as the function's answer.
@@ -97,6 +99,9 @@ pub struct SweepReport {
     /// Why the host's sessions could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_error: Option<String>,
+    /// Codes of the faults the hosts report of themselves (`data_key_mismatch`), while they last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_faults: Vec<String>,
     /// How long the sweep took.
     pub duration_ms: u64,
 }
@@ -193,6 +198,7 @@ pub async fn run_sweep(
         policy.reconcile,
     );
     memory.last_boot_id = Some(list.boot_id.clone());
+    report_host_faults(&mut report, &list, memory, alerts, now).await;
     report.desired = desired.len();
     report.healthy = plan.healthy;
     report.unhealthy = plan.unhealthy;
@@ -229,6 +235,35 @@ pub async fn run_sweep(
         "sweep done"
     );
     Ok(report)
+}
+
+/// Reports the faults the hosts list of themselves, and raises one alert for each new one (a fault that
+/// clears and comes back alerts again).
+async fn report_host_faults(
+    report: &mut SweepReport,
+    list: &SessionList,
+    memory: &mut SweepMemory,
+    alerts: &dyn AlertSink,
+    now: UnixMillis,
+) {
+    let mut alerted = BTreeSet::new();
+    for condition in &list.host_errors {
+        let fault = (condition.code.clone(), condition.message.clone());
+        if !memory.host_errors_alerted.contains(&fault) {
+            warn!(code = %fault.0, reason = %fault.1, "a host reports a fault of its own");
+            let event = AlertEvent::HostError { code: fault.0.clone(), reason: fault.1.clone() };
+            if let Err(e) = alerts.send(&AlertMessage::new(event, now)).await {
+                // Not remembered: the next sweep tries again.
+                warn!(error = %e, "host-error alert not delivered");
+                report.alerts_failed += 1;
+                continue;
+            }
+            report.alerts += 1;
+        }
+        alerted.insert(fault);
+    }
+    report.host_faults = list.host_errors.iter().map(|c| c.code.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    memory.host_errors_alerted = alerted;
 }
 
 /// Fills the report of a sweep whose host did not answer, and raises its one alert.

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use firestore::gcloud_sdk::google::firestore::v1::{GetDocumentRequest, ListDocumentsRequest, value::ValueType};
 use firestore::{FirestoreDb, FirestoreDbOptions};
-use wakeeper_shared::adapters::firestore::FirestoreCredentialStore;
+use wakeeper_shared::adapters::firestore::{FirestoreCredentialStore, Resealed};
 use wakeeper_shared::contract::{self, fresh_tenant, restorable_device};
-use wakeeper_shared::crypto::Cipher;
+use wakeeper_shared::crypto::{Cipher, KeyFingerprint};
 use wakeeper_shared::domain::{
     ChangeBatch, CredentialSnapshot, MAX_WRITES_PER_COMMIT, RecordChange, RecordKey, RecordKind,
 };
@@ -287,25 +287,82 @@ async fn collection_prefixes_separate_deployments() {
     assert!(FirestoreCredentialStore::new(PROJECT, Cipher::new(&KEY), "bad/prefix").await.is_err());
 }
 
-/// Another data key: the snapshot is `Corrupt` (naming the kind, not the value), not garbage or `NotFound`.
+/// The same collections seen through another cipher.
+fn with_cipher(store: &FirestoreCredentialStore, db: FirestoreDb, cipher: Cipher) -> FirestoreCredentialStore {
+    FirestoreCredentialStore::from_db(db, cipher, store.tenants_collection().trim_end_matches("tenants").to_owned())
+        .unwrap()
+}
+
+/// Another data key: every call that would read or write records is refused as a key mismatch naming the key
+/// that sealed them (by fingerprint, never a value), before anything is written, fence included.
 #[tokio::test]
-async fn another_data_key_reads_corrupt() {
+async fn another_data_key_is_a_key_mismatch_and_writes_nothing() {
     let Some(store) = store().await else { return };
     let t = fresh_tenant();
     let batch = ChangeBatch { generation: 1, epoch: 1, changes: vec![put(RecordKind::Identity, "1.0", b"VALUE-XYZ")] };
     store.write(&t, &batch).await.unwrap();
-    let other = FirestoreCredentialStore::from_db(raw_db().await, Cipher::new(&[7; 32]), {
-        store.tenants_collection().trim_end_matches("tenants").to_owned()
-    })
-    .unwrap();
-    match other.read(&t).await {
-        Err(StoreError::Corrupt(msg)) => {
-            assert!(msg.contains("identity"), "names the kind: {msg}");
-            assert!(!msg.contains("VALUE-XYZ") && !msg.contains("1.0"), "no value or key: {msg}");
+    let sealed_with = KeyFingerprint::of(&KEY).to_string();
+    assert_eq!(store.sealed_by(&t).await.unwrap(), [sealed_with.clone()]);
+    let other = with_cipher(&store, raw_db().await, Cipher::new(&[7; 32]));
+    let is_mismatch = |r: Result<(), StoreError>, what: &str| match r {
+        Err(StoreError::KeyMismatch { sealed_with: s, holds }) => {
+            assert_eq!(s, sealed_with, "{what}");
+            assert_eq!(holds, KeyFingerprint::of(&[7; 32]).to_string(), "{what}");
         }
-        other => panic!("want Corrupt, got {other:?}"),
+        other => panic!("{what}: want KeyMismatch, got {other:?}"),
+    };
+    is_mismatch(other.read(&t).await.map(|_| ()), "read");
+    is_mismatch(other.claim(&t, 2).await.map(|_| ()), "claim");
+    let later = ChangeBatch { generation: 2, epoch: 2, changes: vec![put(RecordKind::Identity, "2.0", b"x")] };
+    is_mismatch(other.write(&t, &later).await, "write");
+    is_mismatch(other.replace(&t, &CredentialSnapshot { generation: 5, records: Default::default() }, 2).await, "replace");
+    let msg = other.read(&t).await.unwrap_err().to_string();
+    assert!(!msg.contains("VALUE-XYZ") && !msg.contains("1.0"), "no value or key: {msg}");
+    // Nothing moved: the right key still reads generation 1, and epoch 1 is still not fenced off.
+    assert_eq!(store.read(&t).await.unwrap().generation, 1);
+    let again = ChangeBatch { generation: 2, epoch: 1, changes: vec![put(RecordKind::Identity, "1.1", b"y")] };
+    store.write(&t, &again).await.expect("a claim by the wrong key fenced the owner off");
+    assert_eq!(other.generation(&t).await.unwrap(), Some(2), "metadata needs no key");
+}
+
+/// Rotation: a cipher holding the new and the previous key reads both and seals with the new one; `reseal`
+/// moves every record to the new key with generation and writer unchanged; the old key alone is then refused.
+#[tokio::test]
+async fn a_rotation_reseals_every_record_under_the_new_key() {
+    let Some(old) = store().await else { return };
+    let t = fresh_tenant();
+    // More records than one commit holds, so the re-seal builds its set in several commits.
+    let records = (0..600).map(|i| (RecordKey::new(RecordKind::PreKey, i.to_string()), format!("v{i}").into_bytes()));
+    old.replace(&t, &CredentialSnapshot { generation: 1, records: records.collect() }, 3).await.unwrap();
+    let new_key = [9u8; 32];
+    let rotating = with_cipher(&old, raw_db().await, Cipher::new(&new_key).with_previous(&KEY));
+    let (old_fp, new_fp) = (KeyFingerprint::of(&KEY).to_string(), KeyFingerprint::of(&new_key).to_string());
+    // A host holding both writes on top: the set now holds records of both keys, and says so.
+    rotating
+        .write(&t, &ChangeBatch { generation: 2, epoch: 3, changes: vec![put(RecordKind::Session, "s", b"new")] })
+        .await
+        .unwrap();
+    assert_eq!(old.sealed_by(&t).await.unwrap(), [old_fp.clone(), new_fp.clone()]);
+    let before = rotating.read(&t).await.unwrap();
+    assert_eq!(before.records.len(), 601);
+    assert!(matches!(old.read(&t).await, Err(StoreError::KeyMismatch { .. })), "the old key reads new records");
+
+    assert_eq!(rotating.reseal(&t).await.unwrap(), Resealed::Done { records: 601 });
+    assert_eq!(rotating.reseal(&t).await.unwrap(), Resealed::AlreadyCurrent);
+    assert_eq!(old.sealed_by(&t).await.unwrap(), [new_fp.clone()]);
+    let new_only = with_cipher(&old, raw_db().await, Cipher::new(&new_key));
+    assert_eq!(new_only.read(&t).await.unwrap(), before, "records or generation changed in the re-seal");
+    // The writer's retry is still recognised, and the fence still holds.
+    new_only
+        .write(&t, &ChangeBatch { generation: 2, epoch: 3, changes: vec![put(RecordKind::Session, "s", b"retry")] })
+        .await
+        .unwrap();
+    assert_eq!(new_only.read(&t).await.unwrap(), before, "a retry of generation 2 was applied again");
+    match old.read(&t).await {
+        Err(StoreError::KeyMismatch { sealed_with, .. }) => assert_eq!(sealed_with, new_fp),
+        other => panic!("want KeyMismatch, got {other:?}"),
     }
-    assert_eq!(other.generation(&t).await.unwrap(), Some(1), "metadata needs no key");
+    assert_eq!(new_only.reseal(&fresh_tenant()).await.unwrap(), Resealed::Absent);
 }
 
 /// A TCP relay to the emulator that the test can cut, as an outage would.

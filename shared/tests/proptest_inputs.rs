@@ -232,7 +232,7 @@ proptest! {
         rejected in proptest::collection::vec((any::<String>(), "[a-z_]{1,20}"), 0..4),
         counts in proptest::collection::btree_map("[a-z_]{1,20}", any::<u64>(), 0..9),
     ) {
-        let list = SessionList { boot_id: boot.clone(), sessions: views };
+        let list = SessionList::new(boot.clone(), views);
         prop_assert_eq!(serde_json::from_slice::<SessionList>(&serde_json::to_vec(&list).unwrap()).unwrap(), list);
         let accepted = Accepted { tenant_id: tenant, state, already_running: already };
         prop_assert_eq!(serde_json::from_slice::<Accepted>(&serde_json::to_vec(&accepted).unwrap()).unwrap(), accepted);
@@ -242,7 +242,7 @@ proptest! {
             rejected: rejected.into_iter().map(|(tenant_id, error)| Rejected { tenant_id, error }).collect(),
         };
         prop_assert_eq!(serde_json::from_slice::<RestoreResponse>(&serde_json::to_vec(&response).unwrap()).unwrap(), response);
-        let health = Health { status: "ok".into(), boot_id: boot, uptime_s: 5, sessions: counts };
+        let health = Health { status: "ok".into(), boot_id: boot, uptime_s: 5, sessions: counts, errors: vec![] };
         prop_assert_eq!(serde_json::from_slice::<Health>(&serde_json::to_vec(&health).unwrap()).unwrap(), health);
     }
 

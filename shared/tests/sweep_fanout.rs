@@ -135,7 +135,7 @@ impl HostOps for ScriptedHost {
             if !s.reachable {
                 return Err(HostError::Unreachable("connection refused".into()));
             }
-            Ok(SessionList { boot_id: s.boot_id.clone(), sessions: s.sessions.values().cloned().collect() })
+            Ok(SessionList::new(s.boot_id.clone(), s.sessions.values().cloned().collect()))
         })
     }
 
@@ -287,7 +287,7 @@ async fn an_unreachable_host_marks_nothing_and_raises_one_alert() {
     let host = ScriptedHost::new("boot-1");
     host.with(|h| h.reachable = false);
     let alerts = Alerts::default();
-    let mut memory = SweepMemory { last_boot_id: Some("boot-0".into()) };
+    let mut memory = SweepMemory { last_boot_id: Some("boot-0".into()), ..Default::default() };
 
     for _ in 0..5 {
         let r = run_sweep(s.store.as_ref(), &host, &mut memory, &alerts, &SweepPolicy::default(), NOW).await.unwrap();
@@ -316,7 +316,7 @@ async fn missing_tenants_are_started_and_only_definitive_answers_mark() {
         h.flaky.insert(fleet[4].clone());
     });
     let alerts = Alerts::default();
-    let mut memory = SweepMemory { last_boot_id: Some("boot-1".into()) };
+    let mut memory = SweepMemory { last_boot_id: Some("boot-1".into()), ..Default::default() };
 
     let r = run_sweep(s.store.as_ref(), &host, &mut memory, &alerts, &SweepPolicy::default(), NOW).await.unwrap();
     assert!(r.host_restarted);

@@ -92,6 +92,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         boot_id: state.boot_id.clone(),
         uptime_s: state.started.elapsed().as_secs(),
         sessions: state.host.counts().into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        errors: state.host.host_errors(),
     })
 }
 
@@ -104,7 +105,11 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn list_sessions(State(state): State<Arc<AppState>>) -> Json<SessionList> {
-    Json(SessionList { boot_id: state.boot_id.clone(), sessions: state.host.list() })
+    Json(SessionList {
+        boot_id: state.boot_id.clone(),
+        sessions: state.host.list(),
+        host_errors: state.host.host_errors(),
+    })
 }
 
 async fn get_session(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
@@ -123,6 +128,9 @@ async fn put_session(State(state): State<Arc<AppState>>, Path(id): Path<String>)
         Err(EnsureError::CredentialsMissing) => Err(ApiError::new(StatusCode::CONFLICT, codes::CREDENTIALS_MISSING)),
         Err(EnsureError::CredentialsCorrupt) => Err(ApiError::new(StatusCode::CONFLICT, codes::CREDENTIALS_CORRUPT)),
         Err(EnsureError::ShuttingDown) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE)),
+        Err(EnsureError::DataKeyMismatch(_)) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::DATA_KEY_MISMATCH))
+        }
     }
 }
 
@@ -203,6 +211,7 @@ async fn restore(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Resp
                     EnsureError::CredentialsMissing => codes::CREDENTIALS_MISSING,
                     EnsureError::CredentialsCorrupt => codes::CREDENTIALS_CORRUPT,
                     EnsureError::ShuttingDown => codes::UNAVAILABLE,
+                    EnsureError::DataKeyMismatch(_) => codes::DATA_KEY_MISMATCH,
                 }
                 .into(),
             }),

@@ -14,6 +14,7 @@ use crate::api::AppState;
 use crate::config::Config;
 use crate::governor::{Governor, GovernorConfig};
 use crate::host::Host;
+use crate::key_check::KeyCheck;
 use crate::replicator::{Replicator, ReplicatorConfig};
 use crate::session::SessionConfig;
 use crate::stores::{Connect, Stores};
@@ -96,7 +97,8 @@ impl App {
 
         let replicator = Replicator::start(credentials.clone(), ReplicatorConfig::default());
         let local = LocalCopies::new(config.data_dir.clone(), cipher.clone());
-        let engines = Arc::new(TenantOpener::new(credentials, local, replicator.handle()));
+        let key_check = Arc::new(KeyCheck::new());
+        let engines = Arc::new(TenantOpener::new(credentials, local, replicator.handle(), key_check.clone()));
         let governor = Arc::new(Governor::new(GovernorConfig {
             rate_per_sec: config.connect_rate,
             burst: config.connect_burst,
@@ -106,6 +108,7 @@ impl App {
         session_config.lease_ttl = Duration::from_secs(config.lease_ttl_s.max(3));
         session_config.silent_after = Duration::from_secs(config.silent_after_s.max(5));
         let host = Host::new(tenants, engines, governor, session_config);
+        host.set_key_check(key_check);
 
         if let Some(mut fenced) = replicator.take_fenced_events() {
             let host = host.clone();

@@ -23,6 +23,9 @@ pub enum Command {
     },
     /// Ask the running host (at `--listen`) to run one health sweep now and print its report.
     Sweep,
+    /// The data key: its fingerprint, and rotation to a new key.
+    #[command(subcommand)]
+    Keys(crate::key_rotation::KeysCommand),
 }
 
 /// A parsed command line.

@@ -99,6 +99,23 @@ pub const SETTINGS: &[Setting] = &[
                WAKEEPER_KEY_FILE). With Firestore one of the two must be set",
         secret: true,
     },
+    Setting {
+        var: "WAKEEPER_DATA_KEY_KMS",
+        flag: "data-key-kms",
+        default: None,
+        help: "Or: the data key wrapped by AWS KMS (base64 of the ciphertext blob), unwrapped with KMS Decrypt at \
+               start",
+        secret: true,
+    },
+    setting("WAKEEPER_KMS_ENDPOINT", "kms-endpoint", None, "KMS endpoint override (a local server in tests)"),
+    Setting {
+        var: "WAKEEPER_DATA_KEY_PREVIOUS",
+        flag: "data-key-previous",
+        default: None,
+        help: "While rotating the data key: the old key, base64. Records it sealed still open; everything \
+               written is sealed with the current key (`socket-host keys rotate` re-seals the rest)",
+        secret: true,
+    },
     setting(
         "WAKEEPER_FIRESTORE_PROJECT",
         "firestore-project",
@@ -222,6 +239,12 @@ pub struct Config {
     pub key_file: Option<PathBuf>,
     /// The data key itself (`WAKEEPER_DATA_KEY`, base64); its `Debug` never shows it.
     pub data_key: Option<StaticKey>,
+    /// The data key wrapped by KMS (`WAKEEPER_DATA_KEY_KMS`, base64 of the ciphertext blob).
+    pub data_key_kms: Option<String>,
+    /// KMS endpoint override.
+    pub kms_endpoint: Option<String>,
+    /// The key being rotated out (`WAKEEPER_DATA_KEY_PREVIOUS`): still opens, never seals.
+    pub data_key_previous: Option<StaticKey>,
     /// Google Cloud project of the Firestore credential store; `None` = the embedded store.
     pub firestore_project: Option<String>,
     /// Prefix of the Firestore collections.
@@ -314,6 +337,13 @@ impl Config {
                 .map(|raw| StaticKey::from_base64(&raw))
                 .transpose()
                 .map_err(|e| ConfigError { var: "WAKEEPER_DATA_KEY", message: e.to_string() })?,
+            data_key_kms: r.raw("WAKEEPER_DATA_KEY_KMS"),
+            kms_endpoint: r.raw("WAKEEPER_KMS_ENDPOINT"),
+            data_key_previous: r
+                .raw("WAKEEPER_DATA_KEY_PREVIOUS")
+                .map(|raw| StaticKey::from_base64(&raw))
+                .transpose()
+                .map_err(|e| ConfigError { var: "WAKEEPER_DATA_KEY_PREVIOUS", message: e.to_string() })?,
             firestore_project: r.raw("WAKEEPER_FIRESTORE_PROJECT"),
             firestore_prefix: r.required("WAKEEPER_FIRESTORE_PREFIX")?,
             dynamodb_table: r.raw("WAKEEPER_DYNAMODB_TABLE"),
@@ -353,6 +383,9 @@ impl fmt::Debug for Config {
             .field("host_id", &self.host_id)
             .field("key_file", &self.key_file)
             .field("data_key", &self.data_key.as_ref().map(|_| "<redacted>"))
+            .field("data_key_kms", &self.data_key_kms.as_ref().map(|_| "<redacted>"))
+            .field("kms_endpoint", &self.kms_endpoint)
+            .field("data_key_previous", &self.data_key_previous.as_ref().map(|_| "<redacted>"))
             .field("firestore_project", &self.firestore_project)
             .field("firestore_prefix", &self.firestore_prefix)
             .field("dynamodb_table", &self.dynamodb_table)

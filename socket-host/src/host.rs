@@ -26,6 +26,9 @@ pub enum EnsureError {
     /// The host is shutting down.
     #[error("host shutting down")]
     ShuttingDown,
+    /// The credentials were sealed with a data key this host does not hold (nothing marked, lease released).
+    #[error("{0}")]
+    DataKeyMismatch(String),
 }
 
 /// Why `link` refused.
@@ -63,6 +66,8 @@ pub struct Host {
     link_starts: tokio::sync::Mutex<()>,
     /// Ensure, link and logout of one tenant take its lease one at a time.
     gates: TenantGates,
+    /// Tenants refused for their data key (none set: no check, as in unit tests).
+    key_check: std::sync::OnceLock<Arc<crate::key_check::KeyCheck>>,
 }
 
 impl Host {
@@ -88,12 +93,23 @@ impl Host {
             closing: std::sync::atomic::AtomicBool::new(false),
             link_starts: tokio::sync::Mutex::new(()),
             gates: TenantGates::default(),
+            key_check: std::sync::OnceLock::new(),
         })
     }
 
     /// State changes of every session.
     pub fn subscribe(&self) -> broadcast::Receiver<StateChange> {
         self.deps.changes.subscribe()
+    }
+
+    /// Reports tenants refused for their data key to `keys` (set once, at start; a second call is ignored).
+    pub fn set_key_check(&self, keys: Arc<crate::key_check::KeyCheck>) {
+        let _ = self.key_check.set(keys);
+    }
+
+    /// Faults of this host itself while they last (a wrong data key), for `/health`, `/ready` and the sweep.
+    pub fn host_errors(&self) -> Vec<wakeeper_shared::domain::HostCondition> {
+        self.key_check.get().and_then(|k| k.condition()).into_iter().collect()
     }
 
     /// Routes every session's received messages through `outbox` (set once, before sessions start; a second
@@ -185,6 +201,11 @@ impl Host {
                     let _ = deps.tenants.release_lease(tenant, l).await;
                     self.insert(tenant, session::finished(tenant.clone(), state, reason));
                     return Err(err);
+                }
+                Err(OpenError::KeyMismatch(why)) => {
+                    // Another host may hold the right key: the lease goes back, nothing is marked or started.
+                    let _ = deps.tenants.release_lease(tenant, l).await;
+                    return Err(EnsureError::DataKeyMismatch(why));
                 }
                 Err(OpenError::Unavailable(_) | OpenError::LeaseHeld) => {}
             }

@@ -36,6 +36,8 @@ pub mod engine_store;
 pub mod governor;
 pub mod host;
 pub mod import;
+pub mod key_check;
+pub mod key_rotation;
 pub(crate) mod messages;
 pub(crate) mod outbox;
 pub mod replicator;

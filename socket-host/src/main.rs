@@ -29,6 +29,7 @@ async fn main() -> anyhow::Result<()> {
             call_host(&cli.config, "/v1/restore", body).await
         }
         Command::Sweep => call_host(&cli.config, "/v1/sweep", serde_json::json!({})).await,
+        Command::Keys(cmd) => socket_host::key_rotation::run(&cli.config, &cmd, &mut std::io::stdout()).await,
         Command::Import(cmd) => Ok(socket_host::import::run(&cli.config, &cmd, &mut std::io::stdout()).await?),
     }
 }

@@ -36,13 +36,13 @@ pub enum StoresError {
     DataKey(String),
     /// No data key source was given where the host may not generate one.
     #[error(
-        "no data key given: with a Firestore credential store set WAKEEPER_DATA_KEY (base64 of the 32-byte key) or \
-         WAKEEPER_KEY_FILE (a file holding it). A generated key could not open the snapshots already stored, so \
+        "no data key given: with a Firestore credential store set WAKEEPER_DATA_KEY (base64 of the 32-byte key), \
+         WAKEEPER_KEY_FILE (a file holding it) or WAKEEPER_DATA_KEY_KMS (the key wrapped by AWS KMS). A generated key could not open the snapshots already stored, so \
          the host never makes one there"
     )]
     NoDataKey,
     /// Both key sources were given.
-    #[error("both WAKEEPER_DATA_KEY and WAKEEPER_KEY_FILE are set: set one")]
+    #[error("more than one of WAKEEPER_DATA_KEY, WAKEEPER_KEY_FILE and WAKEEPER_DATA_KEY_KMS is set: set one")]
     TwoDataKeys,
     /// The embedded store cannot be opened (another process may hold it).
     #[error("opening the embedded store ({0}); it is opened by one process at a time: stop the host first")]
@@ -67,9 +67,7 @@ impl Stores {
     /// (`<data dir>/store.redb`) serves whichever of the two has no cloud store configured.
     pub async fn from_config(config: &Config, firestore_connect: Connect) -> Result<Self, StoresError> {
         private_dir(&config.data_dir)?;
-        let (source, from) = key_source(config)?;
-        let cipher = Cipher::from_source(source.as_ref()).map_err(|e| StoresError::DataKey(e.to_string()))?;
-        tracing::info!(source = %from, "data key loaded");
+        let cipher = load_cipher(config).await?;
         let embedded = match (&config.firestore_project, &config.dynamodb_table) {
             (Some(_), Some(_)) => None,
             _ => Some(Arc::new(
@@ -93,6 +91,33 @@ impl Stores {
         };
         Ok(Self { credentials, tenants, cipher })
     }
+}
+
+/// The cipher of the configured data key (and of the previous key while rotating). Logs where the key came from
+/// and its fingerprint, never the key.
+pub(crate) async fn load_cipher(config: &Config) -> Result<Cipher, StoresError> {
+    let (source, from) = match &config.data_key_kms {
+        Some(_) if config.data_key.is_some() || config.key_file.is_some() => return Err(StoresError::TwoDataKeys),
+        Some(wrapped) => {
+            let key = wakeeper_shared::kms::unwrap_data_key(wrapped, config.kms_endpoint.as_deref())
+                .await
+                .map_err(|e| StoresError::DataKey(e.to_string()))?;
+            (Box::new(key) as Box<dyn KeySource>, "WAKEEPER_DATA_KEY_KMS".to_string())
+        }
+        None => key_source(config)?,
+    };
+    let mut cipher = Cipher::from_source(source.as_ref()).map_err(|e| StoresError::DataKey(e.to_string()))?;
+    if let Some(previous) = &config.data_key_previous {
+        let previous = previous.data_key().map_err(|e| StoresError::DataKey(e.to_string()))?;
+        cipher = cipher.with_previous(&previous);
+    }
+    tracing::info!(
+        source = %from,
+        fingerprint = %cipher.fingerprint(),
+        previous = ?cipher.previous_fingerprint().map(|f| f.to_string()),
+        "data key loaded"
+    );
+    Ok(cipher)
 }
 
 /// Where the data key comes from, and how to name that source in the log (never the key). A key is generated

@@ -29,7 +29,11 @@ impl InProcessHost {
 #[async_trait]
 impl HostOps for InProcessHost {
     async fn sessions(&self) -> Result<SessionList, HostError> {
-        Ok(SessionList { boot_id: self.boot_id.clone(), sessions: self.host.list() })
+        Ok(SessionList {
+            boot_id: self.boot_id.clone(),
+            sessions: self.host.list(),
+            host_errors: self.host.host_errors(),
+        })
     }
 
     async fn ensure(&self, tenant: &TenantId) -> Result<EnsureAnswer, HostError> {
@@ -39,6 +43,7 @@ impl HostOps for InProcessHost {
             Err(EnsureError::CredentialsMissing) => Ok(EnsureAnswer::CredentialsMissing),
             Err(EnsureError::CredentialsCorrupt) => Ok(EnsureAnswer::CredentialsCorrupt),
             Err(EnsureError::ShuttingDown) => Err(HostError::Unreachable("host shutting down".into())),
+            Err(e @ EnsureError::DataKeyMismatch(_)) => Err(HostError::Refused(e.to_string())),
         }
     }
 

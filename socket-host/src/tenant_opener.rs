@@ -12,6 +12,7 @@ use wakeeper_shared::ports::{CredentialStore, StoreError};
 use whatsapp_rust::store::traits::Backend;
 
 use crate::engine_store::{EngineStore, EngineStoreError};
+use crate::key_check::KeyCheck;
 use crate::replicator::{Replica, ReplicatorHandle};
 use crate::session::{EngineProvider, OpenError, Stored};
 
@@ -21,12 +22,34 @@ pub struct TenantOpener {
     hydrator: Hydrator,
     replicator: ReplicatorHandle,
     local: LocalCopies,
+    keys: Arc<KeyCheck>,
 }
 
 impl TenantOpener {
-    /// Opens tenants from `store` into the working copies of `local`, replicated by `replicator`.
-    pub fn new(store: Arc<dyn CredentialStore>, local: LocalCopies, replicator: ReplicatorHandle) -> Self {
-        Self { hydrator: Hydrator::over(store.clone(), local.clone()), store, replicator, local }
+    /// Opens tenants from `store` into the working copies of `local`, replicated by `replicator`; tenants
+    /// refused for their data key are reported to `keys`.
+    pub fn new(
+        store: Arc<dyn CredentialStore>,
+        local: LocalCopies,
+        replicator: ReplicatorHandle,
+        keys: Arc<KeyCheck>,
+    ) -> Self {
+        Self { hydrator: Hydrator::over(store.clone(), local.clone()), store, replicator, local, keys }
+    }
+
+    /// A store error as an open error; a key mismatch is reported to the key check on the way.
+    fn store_refusal(&self, tenant: &TenantId, e: StoreError) -> OpenError {
+        match e {
+            StoreError::KeyMismatch { sealed_with, holds } => self.key_refusal(tenant, &sealed_with, &holds),
+            other => unavailable(other),
+        }
+    }
+
+    fn key_refusal(&self, tenant: &TenantId, sealed_with: &str, holds: &str) -> OpenError {
+        self.keys.refused(tenant, sealed_with, holds);
+        OpenError::KeyMismatch(format!(
+            "credentials sealed with data key {sealed_with}, which this host (key {holds}) does not hold"
+        ))
     }
 }
 
@@ -55,8 +78,10 @@ impl EngineProvider for TenantOpener {
             HydrateOutcome::Missing => OpenError::Missing,
             HydrateOutcome::Corrupt(why) => OpenError::Corrupt(why),
             HydrateOutcome::Unavailable(why) | HydrateOutcome::Fenced(why) => OpenError::Unavailable(why),
+            HydrateOutcome::KeyMismatch { sealed_with, holds } => self.key_refusal(tenant, &sealed_with, &holds),
             other => OpenError::Unavailable(format!("{other:?}")),
         })?;
+        self.keys.opened(tenant);
         engine_store(ready.copy, self.replicator.attach(tenant.clone(), epoch)).await
     }
 
@@ -65,14 +90,14 @@ impl EngineProvider for TenantOpener {
             Ok(snapshot) if snapshot.check_restorable().is_ok() => Ok(Stored::Restorable),
             Ok(_) | Err(StoreError::Corrupt(_)) => Ok(Stored::Unusable),
             Err(StoreError::NotFound) => Ok(Stored::Missing),
-            Err(e) => Err(unavailable(e)),
+            Err(e) => Err(self.store_refusal(tenant, e)),
         }
     }
 
     async fn open_new(&self, tenant: &TenantId, epoch: u64) -> Result<Arc<dyn Backend>, OpenError> {
         // What was stored cannot bring a device back (the caller checked), and the new device's generations
         // start again from zero: a stale snapshot left in the store would make them look already applied.
-        self.store.delete(tenant, epoch).await.map_err(unavailable)?;
+        self.store.delete(tenant, epoch).await.map_err(|e| self.store_refusal(tenant, e))?;
         let copy = self
             .local
             .with_copy(tenant, move |mut copy| {

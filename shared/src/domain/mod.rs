@@ -17,7 +17,7 @@ pub fn now_millis() -> UnixMillis {
 }
 
 mod session;
-pub use session::{SessionLease, SessionList, SessionState, SessionView, StateChange};
+pub use session::{HostCondition, SessionLease, SessionList, SessionState, SessionView, StateChange};
 
 pub mod reconcile;
 

@@ -221,7 +221,7 @@ mod tests {
     }
 
     fn list(boot: &str, sessions: Vec<SessionView>) -> SessionList {
-        SessionList { boot_id: boot.into(), sessions }
+        SessionList::new(boot, sessions)
     }
 
     fn run(desired: &[TenantRecord], l: &SessionList, last_boot: Option<&str>) -> Plan {

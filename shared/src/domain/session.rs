@@ -168,4 +168,23 @@ pub struct SessionList {
     pub boot_id: String,
     /// Every session the host holds.
     pub sessions: Vec<SessionView>,
+    /// Faults of the host itself (not of one tenant) while they last, such as a wrong data key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_errors: Vec<HostCondition>,
+}
+
+impl SessionList {
+    /// A list with no host faults.
+    pub fn new(boot_id: impl Into<String>, sessions: Vec<SessionView>) -> Self {
+        Self { boot_id: boot_id.into(), sessions, host_errors: Vec::new() }
+    }
+}
+
+/// A fault of a whole host that an operator must fix (the tenants it touches are left alone, never marked).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCondition {
+    /// Stable code, e.g. `data_key_mismatch`.
+    pub code: String,
+    /// What is wrong and what to do, in words (never a secret).
+    pub message: String,
 }

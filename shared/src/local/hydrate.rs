@@ -50,6 +50,14 @@ pub enum HydrateOutcome {
     Unavailable(String),
     /// The store refused a push for a stale epoch: another host owns the tenant.
     Fenced(String),
+    /// The stored records were sealed with a data key this host does not hold: a host-level fault (the wrong
+    /// key was given), never a verdict on the tenant. Nothing was written.
+    KeyMismatch {
+        /// Fingerprint of the key that sealed them.
+        sealed_with: String,
+        /// Fingerprint of this host's key.
+        holds: String,
+    },
 }
 
 impl HydrateOutcome {
@@ -69,6 +77,7 @@ fn from_store_error(e: StoreError) -> HydrateOutcome {
         StoreError::NotFound => HydrateOutcome::Missing,
         StoreError::Corrupt(reason) => HydrateOutcome::Corrupt(reason),
         StoreError::Conflict(c) => HydrateOutcome::Fenced(c.to_string()),
+        StoreError::KeyMismatch { sealed_with, holds } => HydrateOutcome::KeyMismatch { sealed_with, holds },
         // Neither an outage nor a malformed request is a verdict on the tenant's credentials.
         e @ (StoreError::Unavailable(_) | StoreError::Invalid(_)) => HydrateOutcome::Unavailable(e.to_string()),
     }

@@ -22,6 +22,15 @@ pub enum StoreError {
     /// The request itself was malformed (e.g. too many writes in one batch).
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The tenant's records were sealed with a data key this process does not hold (a host started with the
+    /// wrong key). Not a verdict on the credentials: the right key reads them, so nobody is marked.
+    #[error("records sealed with data key {sealed_with}, which this host does not hold (its key is {holds})")]
+    KeyMismatch {
+        /// Fingerprint of the key that sealed them.
+        sealed_with: String,
+        /// Fingerprint of this process's key.
+        holds: String,
+    },
 }
 
 /// The kinds of [`StoreError::Conflict`].

@@ -178,7 +178,7 @@ fn sweep_decision(t: &mut Table, ids: &[TenantId]) -> anyhow::Result<()> {
             r
         })
         .collect();
-    let list = SessionList { boot_id: "bench".into(), sessions: ids.iter().map(|id| open_view(id, now)).collect() };
+    let list = SessionList::new("bench", ids.iter().map(|id| open_view(id, now)).collect());
     // The sweep receives the list as JSON: decode it as part of the decision.
     let wire = serde_json::to_vec(&list)?;
     let mut times = Vec::new();

@@ -62,6 +62,10 @@ pub enum OpenError {
     /// Another host holds the tenant's lease: only it may act on the tenant's credentials.
     #[error("lease held by another host")]
     LeaseHeld,
+    /// The credentials were sealed with a data key this host does not hold: the host's fault, not the
+    /// tenant's (see [`crate::key_check`]). Nothing is marked.
+    #[error("{0}")]
+    KeyMismatch(String),
 }
 
 /// Opens a tenant's engine store (hydrating its working copy first when needed).

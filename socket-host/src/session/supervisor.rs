@@ -26,6 +26,10 @@ use super::{OpenError, SessionDeps};
 use crate::messages::ClientSlot;
 use crate::transport::LinkProbe;
 
+/// The least wait before a tenant refused for its data key is tried again: only a restart with the right key
+/// (or another host taking it) changes the answer.
+const KEY_MISMATCH_RETRY: Duration = Duration::from_secs(60);
+
 /// The task that runs one tenant's session.
 pub(super) struct Supervisor {
     pub(super) tenant: TenantId,
@@ -126,6 +130,13 @@ impl Supervisor {
                 Err(e @ (OpenError::Unavailable(_) | OpenError::LeaseHeld)) => {
                     self.note_error(e.to_string());
                     let delay = self.next_delay(false);
+                    return Err(self.wait_then(SessionState::Backoff, delay).await);
+                }
+                Err(OpenError::KeyMismatch(why)) => {
+                    // This host cannot read the tenant; one that holds the key can: let the lease go to it.
+                    self.note_error(why);
+                    self.let_go_of_lease(true).await;
+                    let delay = self.next_delay(false).max(KEY_MISMATCH_RETRY);
                     return Err(self.wait_then(SessionState::Backoff, delay).await);
                 }
             }

@@ -28,6 +28,23 @@ pub fn dynamodb_endpoint() -> Option<String> {
     )
 }
 
+/// The local AWS server (moto) for KMS, Secrets Manager, SNS and SQS; like [`firestore_emulator`].
+pub fn aws_endpoint() -> Option<String> {
+    configured(
+        "WAKEEPER_TEST_AWS_ENDPOINT",
+        "WAKEEPER_TEST_AWS_ENDPOINT is not set: start moto with scripts/local-servers (or set WAKEEPER_SKIP_CLOUD_TESTS=1)",
+    )
+}
+
+/// The variables an AWS SDK client needs to reach the local AWS server (dummy credentials, one region).
+pub fn local_aws_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", "wakeeperlocal".into()),
+        ("AWS_SECRET_ACCESS_KEY", "wakeeperlocal".into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ]
+}
+
 fn configured(variable: &str, missing: &str) -> Option<String> {
     match std::env::var(variable) {
         Ok(v) if !v.is_empty() => Some(v),

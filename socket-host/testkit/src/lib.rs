@@ -26,7 +26,7 @@ pub mod host;
 pub mod seed;
 pub mod wait;
 
-pub use cloud::{CloudStores, dynamodb_endpoint, firestore_emulator, fresh_prefix};
+pub use cloud::{CloudStores, aws_endpoint, dynamodb_endpoint, firestore_emulator, fresh_prefix, local_aws_env};
 pub use dirs::Dirs;
 pub use engine_client::{TestClient, event_name};
 pub use engine_log::{init_logging, warnings};

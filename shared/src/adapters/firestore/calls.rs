@@ -104,7 +104,7 @@ impl FirestoreCredentialStore {
         &self,
         tenant: &TenantId,
         transaction: &[u8],
-    ) -> Result<Option<(u64, Vec<Document>)>, Attempt> {
+    ) -> Result<Option<(Meta, Vec<Document>)>, Attempt> {
         let req = GetDocumentRequest {
             name: self.meta_name(tenant),
             consistency_selector: Some(get_document_request::ConsistencySelector::Transaction(transaction.to_vec())),
@@ -119,12 +119,12 @@ impl FirestoreCredentialStore {
         let Some(set) = &meta.set else { return Ok(None) };
         // Plain strong reads: while the transaction holds the meta document, no commit changes the set.
         let docs = self.list_set(tenant, set, false).await?;
-        Ok(Some((meta.generation, docs)))
+        Ok(Some((meta, docs)))
     }
 
     /// The generation and the live set's documents as one snapshot; `None` when nothing is stored. A writer
     /// that commits between the two reads of the meta document makes this a lost race (read again).
-    pub(super) async fn read_consistent(&self, tenant: &TenantId) -> Result<Option<(u64, Vec<Document>)>, Attempt> {
+    pub(super) async fn read_consistent(&self, tenant: &TenantId) -> Result<Option<(Meta, Vec<Document>)>, Attempt> {
         let Some(before) = self.get_meta(tenant).await? else { return Ok(None) };
         let Some(set) = &before.set else { return Ok(None) };
         let docs = self.list_set(tenant, set, false).await?;
@@ -132,7 +132,7 @@ impl FirestoreCredentialStore {
         if after.map(|m| m.update_time) != Some(before.update_time) {
             return Err(Attempt::Raced);
         }
-        Ok(Some((before.generation, docs)))
+        Ok(Some((before, docs)))
     }
 
     /// Applies `writes` atomically. A failed precondition is a lost race, not an error.
@@ -157,14 +157,8 @@ impl FirestoreCredentialStore {
             ("generation".to_string(), int_value(next.generation)),
             ("write_epoch".to_string(), int_value(next.write_epoch)),
             ("max_epoch".to_string(), int_value(next.max_epoch)),
-            (
-                "garbage".to_string(),
-                Value {
-                    value_type: Some(ValueType::ArrayValue(pb::ArrayValue {
-                        values: next.garbage.iter().map(|s| string_value(s)).collect(),
-                    })),
-                },
-            ),
+            ("garbage".to_string(), string_array(&next.garbage)),
+            ("sealed_by".to_string(), string_array(&next.sealed_by)),
         ]);
         if let Some(set) = &next.set {
             fields.insert("set".into(), string_value(set));
@@ -208,8 +202,8 @@ impl FirestoreCredentialStore {
         Write { operation: Some(write::Operation::Delete(self.record_name(tenant, set, key))), ..Default::default() }
     }
 
-    /// Makes `records` the tenant's whole snapshot at `generation`, replacing what `base` (the meta
-    /// document as read) points at. Small sets go in one commit; larger ones are written to a new set
+    /// Makes `records` (sealed by the keys `sealed_by` names) the tenant's whole snapshot at `generation`,
+    /// replacing what `base` (the meta document as read) points at. Small sets go in one commit; larger ones are written to a new set
     /// first and switched to by a final commit (see the module documentation).
     pub(super) async fn install_set(
         &self,
@@ -218,6 +212,7 @@ impl FirestoreCredentialStore {
         records: &[(RecordKey, Vec<u8>)],
         generation: u64,
         epoch: u64,
+        sealed_by: Vec<String>,
     ) -> Result<(), Attempt> {
         let new_set = new_set_id();
         let before = Meta::successor(base);
@@ -229,6 +224,7 @@ impl FirestoreCredentialStore {
             max_epoch: before.max_epoch.max(epoch),
             set: Some(new_set.clone()),
             garbage,
+            sealed_by,
             ..before.clone()
         };
 

@@ -73,8 +73,9 @@ pub(super) fn get_str<'a>(doc: &'a Document, field: &str) -> Option<&'a str> {
     }
 }
 
-pub(super) fn parse_meta(doc: &Document) -> Result<Meta, StoreError> {
-    let garbage = match doc.fields.get("garbage").and_then(|v| v.value_type.as_ref()) {
+/// The strings of an array field; empty when absent.
+pub(super) fn get_strings(doc: &Document, field: &str) -> Vec<String> {
+    match doc.fields.get(field).and_then(|v| v.value_type.as_ref()) {
         Some(ValueType::ArrayValue(a)) => a
             .values
             .iter()
@@ -84,13 +85,23 @@ pub(super) fn parse_meta(doc: &Document) -> Result<Meta, StoreError> {
             })
             .collect(),
         _ => Vec::new(),
-    };
+    }
+}
+
+pub(super) fn string_array(items: &[String]) -> Value {
+    Value { value_type: Some(ValueType::ArrayValue(pb::ArrayValue { values: items.iter().map(|s| string_value(s)).collect() })) }
+}
+
+pub(super) fn parse_meta(doc: &Document) -> Result<Meta, StoreError> {
+    let garbage = get_strings(doc, "garbage");
+    let sealed_by = get_strings(doc, "sealed_by");
     Ok(Meta {
         generation: get_u64(doc, "generation")?,
         write_epoch: if doc.fields.contains_key("write_epoch") { get_u64(doc, "write_epoch")? } else { 0 },
         max_epoch: get_u64(doc, "max_epoch")?,
         set: get_str(doc, "set").map(str::to_owned),
         garbage,
+        sealed_by,
         update_time: doc
             .update_time
             .ok_or_else(|| StoreError::Unavailable("firestore returned a document without update time".into()))?,

@@ -8,6 +8,8 @@
 //!     max_epoch   integer   the fence: the newest epoch claimed or written; older epochs are refused
 //!     set         string    id of the live record set (absent: the tenant was deleted, a tombstone)
 //!     garbage     array     ids of dead record sets still to be deleted
+//!     sealed_by   array     fingerprints of the data keys that sealed the live set's records (absent: written
+//!                           before fingerprints were kept)
 //! {prefix}tenants/{tenant}/records-{set}/{kind}~{base64url(key)}   one document per record
 //!     kind        string    the record kind's wire name
 //!     key         string    the record key
@@ -57,7 +59,7 @@ use firestore::gcloud_sdk::tonic::{Code, Status};
 use firestore::{FirestoreDb, FirestoreDbOptions};
 use tracing::{debug, warn};
 
-use crate::crypto::Cipher;
+use crate::crypto::{Cipher, KeyFingerprint};
 use crate::domain::{
     ChangeBatch, CredentialSnapshot, MAX_RECORD_KEY_LEN, MAX_RECORD_VALUE_LEN, MAX_WRITES_PER_COMMIT, RecordKey,
     RecordKind, TenantId,
@@ -115,6 +117,8 @@ struct Meta {
     /// `None` for a tombstone (the tenant was deleted; `max_epoch` still fences stale writers).
     set: Option<String>,
     garbage: Vec<String>,
+    /// Fingerprints of the keys that sealed the live set's records; empty when unknown (older records).
+    sealed_by: Vec<String>,
     update_time: Timestamp,
 }
 
@@ -127,8 +131,18 @@ impl Meta {
             max_epoch: 0,
             set: None,
             garbage: Vec::new(),
+            sealed_by: Vec::new(),
             update_time: Timestamp::default(),
         })
+    }
+
+    /// The keys of a set that gets records sealed by `fingerprint` on top of this one's.
+    fn sealed_also_by(&self, fingerprint: &KeyFingerprint) -> Vec<String> {
+        let mut keys = if self.set.is_some() { self.sealed_by.clone() } else { Vec::new() };
+        if !keys.iter().any(|k| k == fingerprint.as_str()) {
+            keys.push(fingerprint.as_str().to_owned());
+        }
+        keys
     }
 
     /// Whether a batch of `epoch` at `generation` is the stored generation's writer retrying it.
@@ -143,6 +157,19 @@ impl Meta {
                 Some(m) => precondition::ConditionType::UpdateTime(m.update_time),
                 None => precondition::ConditionType::Exists(false),
             }),
+        }
+    }
+
+    /// Refuses a host that does not hold every key that sealed the live set: it could not read those records,
+    /// and what it wrote would mix keys it alone knows into them.
+    fn check_keys(meta: Option<&Meta>, cipher: &Cipher) -> Result<(), StoreError> {
+        let Some(m) = meta.filter(|m| m.set.is_some()) else { return Ok(()) };
+        match m.sealed_by.iter().find(|k| !KeyFingerprint::parse(k).is_some_and(|fp| cipher.holds(&fp))) {
+            Some(missing) => Err(StoreError::KeyMismatch {
+                sealed_with: missing.clone(),
+                holds: cipher.fingerprint().to_string(),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -211,6 +238,11 @@ impl FirestoreCredentialStore {
         self
     }
 
+    /// The cipher records are sealed and opened with.
+    pub fn cipher(&self) -> &Cipher {
+        &self.cipher
+    }
+
     /// The collection holding the tenants' meta documents.
     pub fn tenants_collection(&self) -> &str {
         &self.tenants_collection
@@ -236,9 +268,11 @@ mod calls;
 mod contract_hooks;
 mod encoding;
 mod lazy;
+mod reseal;
 mod store;
 #[cfg(test)]
 mod tests;
 
 use encoding::*;
 pub use lazy::LazyFirestoreCredentialStore;
+pub use reseal::Resealed;

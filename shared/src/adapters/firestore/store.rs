@@ -17,7 +17,9 @@ impl CredentialStore for FirestoreCredentialStore {
                 result
             };
             match result {
-                Ok(Some((generation, docs))) => {
+                Ok(Some((meta, docs))) => {
+                    Meta::check_keys(Some(&meta), &self.cipher)?;
+                    let generation = meta.generation;
                     let mut records = BTreeMap::new();
                     for doc in &docs {
                         let (key, value) = self.open_record(tenant, doc)?;
@@ -69,7 +71,9 @@ impl CredentialStore for FirestoreCredentialStore {
                     debug!(tenant = %tenant, generation = batch.generation, "batch already applied");
                     return Ok(());
                 }
+                Meta::check_keys(meta.as_ref(), &self.cipher)?;
                 let before = Meta::successor(meta.as_ref());
+                let sealed_by = before.sealed_also_by(self.cipher.fingerprint());
                 let set = before.set.clone().unwrap_or_else(new_set_id);
                 let mut writes: Vec<Write> = changes
                     .iter()
@@ -83,6 +87,7 @@ impl CredentialStore for FirestoreCredentialStore {
                     write_epoch: batch.epoch,
                     max_epoch: before.max_epoch.max(batch.epoch),
                     set: Some(set),
+                    sealed_by,
                     ..before
                 };
                 writes.push(self.meta_write(tenant, meta.as_ref(), &after));
@@ -98,6 +103,7 @@ impl CredentialStore for FirestoreCredentialStore {
                 if Meta::already_applied(meta.as_ref(), batch.epoch, batch.generation) {
                     return Ok(());
                 }
+                Meta::check_keys(meta.as_ref(), &self.cipher)?;
                 let mut records: BTreeMap<RecordKey, Vec<u8>> = BTreeMap::new();
                 if let Some(set) = live.and_then(|m| m.set.as_deref()) {
                     for doc in self.list_set(tenant, set, false).await? {
@@ -112,7 +118,8 @@ impl CredentialStore for FirestoreCredentialStore {
                     };
                 }
                 let records: Vec<_> = records.into_iter().collect();
-                self.install_set(tenant, meta.as_ref(), &records, batch.generation, batch.epoch).await
+                let sealed_by = Meta::successor(meta.as_ref()).sealed_also_by(self.cipher.fingerprint());
+                self.install_set(tenant, meta.as_ref(), &records, batch.generation, batch.epoch, sealed_by).await
             };
             match outcome {
                 Ok(()) => return Ok(()),
@@ -137,7 +144,9 @@ impl CredentialStore for FirestoreCredentialStore {
         for attempt in 0..MAX_ATTEMPTS {
             let meta = self.get_meta(tenant).await?;
             Meta::fence(meta.as_ref(), epoch)?;
-            match self.install_set(tenant, meta.as_ref(), &records, snapshot.generation, epoch).await {
+            Meta::check_keys(meta.as_ref(), &self.cipher)?;
+            let sealed_by = vec![self.cipher.fingerprint().to_string()];
+            match self.install_set(tenant, meta.as_ref(), &records, snapshot.generation, epoch, sealed_by).await {
                 Ok(()) => return Ok(()),
                 Err(Attempt::Raced) => {
                     debug!(tenant = %tenant, attempt, "firestore replace raced; retrying");
@@ -154,6 +163,8 @@ impl CredentialStore for FirestoreCredentialStore {
         for attempt in 0..MAX_ATTEMPTS {
             let meta = self.get_meta(tenant).await?;
             Meta::fence(meta.as_ref(), epoch)?;
+            // A host with the wrong key takes nothing: not even the fence, which would stop the right one.
+            Meta::check_keys(meta.as_ref(), &self.cipher)?;
             let stood = meta
                 .as_ref()
                 .filter(|m| m.set.is_some())
@@ -184,8 +195,14 @@ impl CredentialStore for FirestoreCredentialStore {
                 return Ok(());
             }
             // A tombstone keeps the fence, so a stale writer cannot bring the tenant back.
-            let mut tombstone =
-                Meta { generation: 0, write_epoch: 0, max_epoch: meta.max_epoch.max(epoch), set: None, ..meta.clone() };
+            let mut tombstone = Meta {
+                generation: 0,
+                write_epoch: 0,
+                max_epoch: meta.max_epoch.max(epoch),
+                set: None,
+                sealed_by: Vec::new(),
+                ..meta.clone()
+            };
             tombstone.garbage.extend(meta.set.clone());
             match self.commit(vec![self.meta_write(tenant, Some(&meta), &tombstone)]).await {
                 Ok(_) => {

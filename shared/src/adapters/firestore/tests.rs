@@ -25,6 +25,7 @@ fn fencing_refuses_only_older_epochs() {
         max_epoch: 5,
         set: None,
         garbage: vec![],
+        sealed_by: vec![],
         update_time: Timestamp::default(),
     };
     assert!(Meta::fence(Some(&m), 5).is_ok());
