@@ -47,6 +47,11 @@ pub mod codes {
     pub const BAD_TYPING_MS: &str = "bad_typing_ms";
     /// A store or dependency is unavailable (503).
     pub const UNAVAILABLE: &str = "unavailable";
+    /// The host's disk is full: work that needs a write is refused until space is freed (503).
+    pub const DISK_FULL: &str = "disk_full";
+    /// The host's disk refuses writes (an I/O error other than a full disk): work that needs one is refused
+    /// until it takes writes again (503).
+    pub const DISK_UNAVAILABLE: &str = "disk_unavailable";
     /// Anything else (500).
     pub const INTERNAL: &str = "internal";
     /// Linking refused: the tenant has restorable credentials and is not in a terminal state (409).

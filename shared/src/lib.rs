@@ -19,6 +19,8 @@
 //! - [`webhook`]: the one signature scheme and header names of every webhook (feature `webhook`).
 //! - [`lambda`]: what both functions share: event classification, settings, cold-start set-up.
 //! - [`emf`]: CloudWatch Embedded Metric Format lines.
+//! - [`disk`]: local disk faults: full or failing writes classified, the host's record of faulted paths,
+//!   free space and write probes, redb files reopened in place after a fault.
 //! - [`private_files`]: secret files and private directories: no symlinks, no loose modes.
 //! - [`tls`] (feature `tls`): the process's one rustls crypto provider, installed by every binary first thing.
 
@@ -27,6 +29,7 @@ pub mod alerts;
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
 pub mod crypto;
+pub mod disk;
 pub mod domain;
 pub mod emf;
 pub mod fleet;

@@ -1,6 +1,6 @@
 //! The HTTP surface: `/health`, the control API under `/v1`, `/metrics`, and the dashboard.
 //!
-//! Every route but `GET /health` and the data-less `GET /dashboard` page needs `Authorization: Bearer <token>` (compared in constant time). Every
+//! Every route but `GET /health`, `GET /ready` and the data-less `GET /dashboard` page needs `Authorization: Bearer <token>` (compared in constant time). Every
 //! input is validated before anything is touched: tenant ids, JSON bodies (unknown fields refused), body size.
 //! Errors are JSON with a stable `error` code and no internal detail; the cause goes to the log.
 
@@ -44,6 +44,10 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Runs the health sweep on request (`POST /v1/sweep`) and on the timer.
     pub sweeper: Arc<crate::sweep_timer::Sweeper>,
+    /// The conditions of `GET /ready`.
+    pub readiness: crate::readiness::Readiness,
+    /// Local disk faults: work that needs the disk is refused while one lasts.
+    pub disk: wakeeper_shared::disk::DiskWatch,
 }
 
 impl AppState {
@@ -51,27 +55,61 @@ impl AppState {
     pub fn new(host: Arc<Host>, token: String) -> Self {
         let boot_id = wakeeper_shared::crypto::random_hex(8);
         let sweeper = Arc::new(crate::sweep_timer::Sweeper::new(host.clone(), boot_id.clone()));
-        Self { boot_id, started: Instant::now(), host, token, metrics: None, sweeper }
+        Self {
+            boot_id,
+            started: Instant::now(),
+            host,
+            token,
+            metrics: None,
+            sweeper,
+            readiness: Default::default(),
+            disk: Default::default(),
+        }
     }
 }
 
-/// A refusal with its status and stable code.
+/// A refusal with its status and stable code (and, for a few, a sentence for a person).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     code: &'static str,
+    message: Option<&'static str>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str) -> Self {
-        Self { status, code }
+        Self { status, code, message: None }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: self.code.to_owned() })).into_response()
+        match self.message {
+            Some(message) => {
+                (self.status, Json(serde_json::json!({ "error": self.code, "message": message }))).into_response()
+            }
+            None => (self.status, Json(ErrorBody { error: self.code.to_owned() })).into_response(),
+        }
     }
+}
+
+/// Refuses work that needs the disk while a disk fault lasts (503 `disk_full` / `disk_unavailable`), before
+/// anything is touched; open sessions carry on meanwhile.
+fn disk_writable(state: &AppState) -> Result<(), ApiError> {
+    use wakeeper_shared::disk::FaultKind;
+    let (code, message) = match state.disk.fault() {
+        None => return Ok(()),
+        Some(FaultKind::Full) => (
+            codes::DISK_FULL,
+            "the host's disk is full: nothing that needs a write is accepted until space is freed (see /ready)",
+        ),
+        Some(FaultKind::Unavailable) => (
+            codes::DISK_UNAVAILABLE,
+            "the host's disk refuses writes: nothing that needs one is accepted until it takes writes again \
+             (see /ready)",
+        ),
+    };
+    Err(ApiError { status: StatusCode::SERVICE_UNAVAILABLE, code, message: Some(message) })
 }
 
 fn tenant(raw: &str) -> Result<TenantId, ApiError> {
@@ -119,6 +157,7 @@ async fn get_session(State(state): State<Arc<AppState>>, Path(id): Path<String>)
 
 async fn put_session(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = tenant(&id)?;
+    disk_writable(&state)?;
     match state.host.ensure(&id).await {
         Ok(e) => Ok((
             StatusCode::ACCEPTED,
@@ -149,6 +188,7 @@ async fn delete_session(
     let id = tenant(&id)?;
     let Query(params) = params.map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST))?;
     if params.logout {
+        disk_writable(&state)?;
         return match state.host.logout(&id).await {
             Ok(_) => Ok(StatusCode::NO_CONTENT),
             Err(OpenError::LeaseHeld) => Err(ApiError::new(StatusCode::CONFLICT, codes::LEASE_HELD)),
@@ -177,6 +217,7 @@ async fn reconnect(State(state): State<Arc<AppState>>, Path(id): Path<String>) -
 
 async fn restore(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let request: RestoreRequest = json_body(&body)?;
+    disk_writable(&state)?;
     let mut response = RestoreResponse::default();
     let ids: Vec<TenantId> = match request.tenant_ids {
         Some(raw) => raw
@@ -246,6 +287,7 @@ async fn send_message(
     let to = parse_recipient(&request.to).map_err(invalid)?;
     check_text(&request.text).map_err(invalid)?;
     let typing = check_typing(request.typing_ms).map_err(invalid)?;
+    disk_writable(&state)?;
     let jid = to.to_string();
     match state.host.queue_text(&id, to, request.text, typing) {
         Ok(message_id) => {
@@ -286,6 +328,7 @@ async fn start_link(
             crate::session::link::parse_phone(raw).ok_or(ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_PHONE))?,
         ),
     };
+    disk_writable(&state)?;
     let (handle, started) = state.host.link(&id).await.map_err(|e| match e {
         LinkError::AlreadyLinked => ApiError::new(StatusCode::CONFLICT, codes::ALREADY_LINKED),
         LinkError::LeaseHeld => ApiError::new(StatusCode::CONFLICT, codes::LEASE_HELD),
@@ -368,6 +411,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(crate::readiness::ready))
         // The page itself holds no data (its script calls /v1 with the bearer token), so a browser can load it.
         .route("/dashboard", get(dashboard))
         .merge(protected)

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use wakeeper_shared::crypto::random_hex;
+use wakeeper_shared::disk::DiskWatch;
 use wakeeper_shared::local::LocalCopies;
 
 use crate::api::AppState;
@@ -29,6 +30,8 @@ pub struct App {
     /// What the HTTP handlers share.
     pub state: Arc<AppState>,
     config: Config,
+    /// The readiness condition restore on start reports to.
+    restore_finished: crate::readiness::Condition,
 }
 
 /// Reads a secret-ish file, trimmed; never logs its content.
@@ -92,11 +95,15 @@ fn host_id(config: &Config) -> anyhow::Result<String> {
 impl App {
     /// Builds every part from `config`. Fails fast on bad configuration.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // Every local writer reports its disk faults here (see `disk_health`).
+        let disk = DiskWatch::new();
         let Stores { credentials, tenants, cipher } =
-            Stores::from_config(&config, Connect::OnFirstUse).await.context("opening the stores")?;
+            Stores::from_config_watched(&config, Connect::OnFirstUse, disk.clone())
+                .await
+                .context("opening the stores")?;
 
         let replicator = Replicator::start(credentials.clone(), ReplicatorConfig::default());
-        let local = LocalCopies::new(config.data_dir.clone(), cipher.clone());
+        let local = LocalCopies::new(config.data_dir.clone(), cipher.clone()).reporting_to(disk.clone());
         let key_check = Arc::new(KeyCheck::new());
         let engines = Arc::new(TenantOpener::new(credentials, local, replicator.handle(), key_check.clone()));
         let governor = Arc::new(Governor::new(GovernorConfig {
@@ -108,7 +115,7 @@ impl App {
         session_config.lease_ttl = Duration::from_secs(config.lease_ttl_s.max(3));
         session_config.silent_after = Duration::from_secs(config.silent_after_s.max(5));
         let host = Host::new(tenants, engines, governor, session_config);
-        host.set_key_check(key_check);
+        host.set_key_check(key_check.clone());
 
         if let Some(mut fenced) = replicator.take_fenced_events() {
             let host = host.clone();
@@ -119,20 +126,38 @@ impl App {
                 }
             });
         }
-        crate::webhooks::start(host.subscribe(), config.webhook_urls.clone(), config.webhook_secret.clone());
+        let webhooks =
+            crate::webhooks::start(host.subscribe(), config.webhook_urls.clone(), config.webhook_secret.clone());
         if !config.webhook_urls.is_empty() {
-            let outbox = crate::outbox::Outbox::open(
+            let outbox = crate::outbox::Outbox::open_watched(
                 config.data_dir.join(crate::outbox::OUTBOX_FILE),
                 cipher.clone(),
                 config.webhook_urls.clone(),
                 config.outbox_max,
+                disk.clone(),
             )
             .context("opening the message outbox")?;
             outbox.start_delivery(config.webhook_secret.clone());
             host.set_outbox(outbox);
         }
-        let state = Arc::new(AppState::new(host.clone(), control_token(&config)?));
-        Ok(Self { host, replicator, state, config })
+        let mut state = AppState::new(host.clone(), control_token(&config)?);
+        state.disk = disk.clone();
+        let restore_finished = state.readiness.condition(crate::readiness::RESTORE_FINISHED);
+        key_check.report_to(state.readiness.condition(crate::readiness::DATA_KEY_VERIFIED));
+        crate::disk_health::DiskHealth {
+            disk,
+            data_dir: config.data_dir.clone(),
+            condition: state.readiness.condition(crate::readiness::DISK_WRITABLE),
+            webhooks,
+            host: host.clone(),
+            config: crate::disk_health::DiskHealthConfig {
+                probe_every: (config.disk_probe_s > 0).then(|| Duration::from_secs(config.disk_probe_s)),
+                ..Default::default()
+            },
+        }
+        .start();
+        let state = Arc::new(state);
+        Ok(Self { host, replicator, state, config, restore_finished })
     }
 
     /// Serves until `shutdown` resolves, then stops every session, flushes replication and releases leases
@@ -150,12 +175,10 @@ impl App {
             "host started"
         );
         if self.config.restore_on_start {
-            let host = self.host.clone();
-            tokio::spawn(async move {
-                if let Err(e) = crate::restore_on_start::restore_all(&host).await {
-                    tracing::error!(error = %e, "restore on start could not read the tenant store");
-                }
-            });
+            let (host, finished) = (self.host.clone(), self.restore_finished.clone());
+            tokio::spawn(async move { crate::restore_on_start::restore_until_done(&host, finished).await });
+        } else {
+            self.restore_finished.set_ok();
         }
         if self.config.sweep_interval_s > 0 {
             self.state.sweeper.clone().start(Duration::from_secs(self.config.sweep_interval_s));

@@ -206,6 +206,13 @@ pub const SETTINGS: &[Setting] = &[
         Some("120"),
         "Seconds between in-host health sweeps (0 = off; the cloud runs the sweep as a function instead)",
     ),
+    setting(
+        "WAKEEPER_DISK_PROBE_S",
+        "disk-probe-s",
+        Some("10"),
+        "Seconds between write probes of the data dir while no disk fault is known, so a full disk shows on \
+         /ready before a write has to fail (0 = off: faults are found by failed writes)",
+    ),
 ];
 
 /// A setting whose value does not parse.
@@ -275,6 +282,8 @@ pub struct Config {
     pub silent_after_s: u64,
     /// Seconds between in-host health sweeps (0 = off).
     pub sweep_interval_s: u64,
+    /// Seconds between write probes of the data dir while no disk fault is known (0 = off).
+    pub disk_probe_s: u64,
 }
 
 /// Reads settings by variable name: the lookup's value, else the default; an empty value counts as unset.
@@ -359,6 +368,7 @@ impl Config {
             outbox_max: r.required("WAKEEPER_OUTBOX_MAX")?,
             silent_after_s: r.required("WAKEEPER_SILENT_AFTER_S")?,
             sweep_interval_s: r.required("WAKEEPER_SWEEP_INTERVAL_S")?,
+            disk_probe_s: r.required("WAKEEPER_DISK_PROBE_S")?,
         })
     }
 
@@ -401,6 +411,7 @@ impl fmt::Debug for Config {
             .field("outbox_max", &self.outbox_max)
             .field("silent_after_s", &self.silent_after_s)
             .field("sweep_interval_s", &self.sweep_interval_s)
+            .field("disk_probe_s", &self.disk_probe_s)
             .finish()
     }
 }

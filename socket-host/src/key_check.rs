@@ -12,13 +12,23 @@ use std::sync::Mutex;
 
 use wakeeper_shared::domain::{HostCondition, TenantId};
 
+use crate::readiness::Condition;
+
 /// The code of the condition, on every surface.
 pub const DATA_KEY_MISMATCH: &str = "data_key_mismatch";
 
 /// The tenants currently refused for their key, by the fingerprint of the key that sealed them.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct KeyCheck {
     inner: Mutex<Inner>,
+    /// The readiness condition `data_key_verified`, once the host's readiness exists.
+    ready: std::sync::OnceLock<Condition>,
+}
+
+impl std::fmt::Debug for KeyCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCheck").field("refused", &self.refused_count()).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -37,6 +47,14 @@ impl KeyCheck {
         Self::default()
     }
 
+    /// Reports to `condition` from now on: failing, with the condition's message, while any tenant is refused.
+    pub fn report_to(&self, condition: Condition) {
+        condition.set_ok();
+        if self.ready.set(condition).is_ok() {
+            self.publish();
+        }
+    }
+
     /// `tenant`'s records were sealed with `sealed_with`, a key this host (holding `holds`) does not have.
     pub fn refused(&self, tenant: &TenantId, sealed_with: &str, holds: &str) {
         let mut inner = self.inner.lock().expect("key check lock");
@@ -53,6 +71,8 @@ impl KeyCheck {
         }
         inner.refused.insert(tenant.clone(), sealed_with.to_owned());
         Self::export(&inner);
+        drop(inner);
+        self.publish();
     }
 
     /// `tenant` opened with this host's key (or left this host): it no longer counts.
@@ -60,6 +80,18 @@ impl KeyCheck {
         let mut inner = self.inner.lock().expect("key check lock");
         if inner.refused.remove(tenant).is_some() {
             Self::export(&inner);
+            drop(inner);
+            self.publish();
+        }
+    }
+
+    /// Sets the readiness condition from what is refused now.
+    fn publish(&self) {
+        if let Some(ready) = self.ready.get() {
+            match self.condition() {
+                Some(c) => ready.set_failing(c.message),
+                None => ready.set_ok(),
+            }
         }
     }
 
@@ -110,5 +142,20 @@ mod tests {
         assert_eq!(check.refused_count(), 1);
         check.opened(&b);
         assert!(check.condition().is_none());
+    }
+
+    #[test]
+    fn readiness_fails_while_a_tenant_is_refused() {
+        let readiness = crate::readiness::Readiness::new();
+        let check = KeyCheck::new();
+        check.report_to(readiness.condition(crate::readiness::DATA_KEY_VERIFIED));
+        assert!(readiness.is_ready());
+        let a = TenantId::parse("a").unwrap();
+        check.refused(&a, "00112233aabbccdd", "ffeeddccbbaa9988");
+        let view = readiness.view();
+        assert!(!view.ready);
+        assert!(view.conditions[0].reason.as_deref().unwrap().contains("00112233aabbccdd"));
+        check.opened(&a);
+        assert!(readiness.is_ready());
     }
 }

@@ -7,7 +7,9 @@
 //! - [`cli`]: the command line: a flag per setting, the sub-commands.
 //! - [`config`]: the settings, built from a lookup of `WAKEEPER_*` names (the environment, flags or a map).
 //! - [`stores`]: opens the data key and the credential and tenant stores the configuration names.
-//! - [`api`]: the HTTP surface (`/health`, control API, metrics, dashboard).
+//! - [`api`]: the HTTP surface (`/health`, `/ready`, control API, metrics, dashboard).
+//! - [`readiness`]: the named conditions behind `GET /ready` (restore finished, disk writable, ...).
+//! - [`disk_health`]: local disk faults reported once, probed with backoff and recovered in place.
 //! - [`host`]: every tenant's session and the operations on them (ensure, stop, reconnect, shutdown).
 //! - [`session`]: the per-tenant supervisor: lease, engine store, one client per connect attempt, backoff,
 //!   and linking a new number ([`session::link`]: QR code as SVG, pairing code, outcome).
@@ -32,6 +34,7 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod disk_health;
 pub mod engine_store;
 pub mod governor;
 pub mod host;
@@ -40,6 +43,7 @@ pub mod key_check;
 pub mod key_rotation;
 pub(crate) mod messages;
 pub(crate) mod outbox;
+pub mod readiness;
 pub mod replicator;
 pub(crate) mod restore_on_start;
 pub mod session;

@@ -195,7 +195,9 @@ impl whatsapp_rust::InboundDurabilityHook for InboundHook {
                 Ok(())
             }
             Err(e) => {
-                // Not acknowledged: WhatsApp delivers the batch again on the next connect.
+                // Not acknowledged: WhatsApp delivers the batch again on the next connect (which the disk
+                // health task asks for once the outbox takes writes again).
+                self.outbox.note_refused(self.tenant.as_str());
                 tracing::error!(tenant = %self.tenant, error = %e, "could not store received messages; not acknowledging them");
                 Err(whatsapp_rust::anyhow::anyhow!("outbox write failed"))
             }

@@ -24,6 +24,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use wakeeper_shared::crypto::Cipher;
+use wakeeper_shared::disk::{DiskWatch, RedbFile};
 use wakeeper_shared::webhook::{EVENT_ID_HEADER, SIGNATURE_HEADER, sign};
 
 /// The file name of the outbox inside the data dir.
@@ -38,13 +39,33 @@ const EVENT_IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_SEQ: &str = "next_seq";
 
-/// An outbox failure: the local file could not be read or written.
+/// An outbox failure: the local file could not be read or written, or an event in it does not open.
 #[derive(Debug, thiserror::Error)]
-#[error("outbox: {0}")]
-pub struct OutboxError(String);
+#[error("outbox: {message}")]
+pub struct OutboxError {
+    message: String,
+    /// The file failed (a disk fault), not one event's content.
+    store: bool,
+}
 
+/// The file failed.
 fn err(e: impl std::fmt::Display) -> OutboxError {
-    OutboxError(e.to_string())
+    OutboxError { message: e.to_string(), store: true }
+}
+
+/// A stored event is unusable (another data key, bad JSON) or a task failed: no fault of the disk.
+fn data_err(e: impl std::fmt::Display) -> OutboxError {
+    OutboxError { message: e.to_string(), store: false }
+}
+
+/// Creates the outbox's tables.
+fn create_tables(db: &Database) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    txn.open_table(EVENTS)?;
+    txn.open_table(EVENT_IDS)?;
+    txn.open_table(META)?;
+    txn.commit()?;
+    Ok(())
 }
 
 /// Associated data binding a sealed event to its slot.
@@ -79,13 +100,16 @@ pub struct Outbox {
 }
 
 struct Inner {
-    db: Database,
+    /// Reopened in place when its disk takes writes again after a fault.
+    db: Arc<RedbFile>,
     cipher: Cipher,
     path: PathBuf,
     max: u64,
     urls: Vec<String>,
     /// One per URL: woken when an event is stored.
     wake: Vec<Notify>,
+    /// Where refused writers are noted.
+    disk: DiskWatch,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -98,23 +122,35 @@ impl Outbox {
     /// Opens (creating when absent) the outbox at `path` for `urls`, holding at most `max` events. Delivery
     /// starts with [`Outbox::start_delivery`].
     pub fn open(path: impl AsRef<Path>, cipher: Cipher, urls: Vec<String>, max: u64) -> Result<Self, OutboxError> {
+        Self::open_watched(path, cipher, urls, max, DiskWatch::new())
+    }
+
+    /// [`Outbox::open`], reporting every failure of the file to `disk` (and registered there to be reopened
+    /// in place once the disk takes writes again).
+    pub fn open_watched(
+        path: impl AsRef<Path>,
+        cipher: Cipher,
+        urls: Vec<String>,
+        max: u64,
+        disk: DiskWatch,
+    ) -> Result<Self, OutboxError> {
         let path = path.as_ref().to_path_buf();
-        wakeeper_shared::private_files::refuse_symlink(&path).map_err(err)?;
-        let db = Database::create(&path).map_err(err)?;
+        wakeeper_shared::private_files::refuse_symlink(&path).map_err(data_err)?;
+        let db = RedbFile::open(&path, create_tables, disk.clone()).map_err(err)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
         }
-        let txn = db.begin_write().map_err(err)?;
-        txn.open_table(EVENTS).map_err(err)?;
-        txn.open_table(EVENT_IDS).map_err(err)?;
-        txn.open_table(META).map_err(err)?;
-        txn.commit().map_err(err)?;
         let wake = urls.iter().map(|_| Notify::new()).collect();
-        let outbox = Self { inner: Arc::new(Inner { db, cipher, path, max: max.max(1), urls, wake }) };
+        let outbox = Self { inner: Arc::new(Inner { db, cipher, path, max: max.max(1), urls, wake, disk }) };
         metrics::gauge!("wakeeper_outbox_events").set(outbox.len_blocking()? as f64);
         Ok(outbox)
+    }
+
+    /// Notes that `tenant`'s received messages could not be stored (see [`DiskWatch::note_refused_writer`]).
+    pub fn note_refused(&self, tenant: &str) {
+        self.inner.disk.note_refused_writer(tenant);
     }
 
     /// The configured URLs.
@@ -123,14 +159,24 @@ impl Outbox {
     }
 
     fn len_blocking(&self) -> Result<u64, OutboxError> {
-        let txn = self.inner.db.begin_read().map_err(err)?;
+        let db = self.inner.db.get().map_err(err)?;
+        let txn = db.begin_read().map_err(err)?;
         txn.open_table(EVENTS).map_err(err)?.len().map_err(err)
     }
 
     /// How many events are waiting for at least one URL.
     pub async fn len(&self) -> Result<u64, OutboxError> {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.len_blocking()).await.map_err(err)?
+        self.blocking(|o| o.len_blocking()).await
+    }
+
+    /// Reports a failure of the file to the disk watch (an event that does not open is no disk fault).
+    fn reported<T>(&self, op: &str, result: Result<T, OutboxError>) -> Result<T, OutboxError> {
+        if let Err(e) = &result
+            && e.store
+        {
+            self.inner.db.failed(op, e);
+        }
+        result
     }
 
     /// Whether nothing is waiting.
@@ -146,7 +192,10 @@ impl Outbox {
             return Ok(());
         }
         let me = self.clone();
-        let (dropped, len) = tokio::task::spawn_blocking(move || me.enqueue_blocking(events)).await.map_err(err)??;
+        let (dropped, len) =
+            tokio::task::spawn_blocking(move || me.reported("storing events", me.enqueue_blocking(events)))
+                .await
+                .map_err(data_err)??;
         if !dropped.is_empty() {
             metrics::counter!("wakeeper_outbox_dropped_total").increment(dropped.len() as u64);
             tracing::warn!(
@@ -164,7 +213,8 @@ impl Outbox {
     }
 
     fn enqueue_blocking(&self, events: Vec<OutboxEvent>) -> Result<(Vec<String>, u64), OutboxError> {
-        let txn = self.inner.db.begin_write().map_err(err)?;
+        let db = self.inner.db.get().map_err(err)?;
+        let txn = db.begin_write().map_err(err)?;
         let mut dropped = Vec::new();
         let len = {
             let mut table = txn.open_table(EVENTS).map_err(err)?;
@@ -196,7 +246,8 @@ impl Outbox {
 
     /// The first event at or after `from` that `url` has not answered yet.
     fn next_for(&self, url: &str, from: u64) -> Result<Option<(u64, Stored)>, OutboxError> {
-        let txn = self.inner.db.begin_read().map_err(err)?;
+        let db = self.inner.db.get().map_err(err)?;
+        let txn = db.begin_read().map_err(err)?;
         let table = txn.open_table(EVENTS).map_err(err)?;
         for entry in table.range(from..).map_err(err)? {
             let (k, v) = entry.map_err(err)?;
@@ -225,19 +276,21 @@ impl Outbox {
             .inner
             .cipher
             .open_with_ad(&slot_ad(seq), value)
-            .map_err(|_| err(format!("event {seq} does not open with this data key")))?;
-        serde_json::from_slice(&json).map_err(err)
+            .map_err(|_| data_err(format!("event {seq} does not open with this data key")))?;
+        serde_json::from_slice(&json).map_err(data_err)
     }
 
     fn still_waiting(&self, seq: u64) -> Result<bool, OutboxError> {
-        let txn = self.inner.db.begin_read().map_err(err)?;
+        let db = self.inner.db.get().map_err(err)?;
+        let txn = db.begin_read().map_err(err)?;
         Ok(txn.open_table(EVENTS).map_err(err)?.get(seq).map_err(err)?.is_some())
     }
 
     /// Records that `url` answered event `seq`; removes the event once every configured URL has. Not fsynced on
     /// its own (a crash before the next durable commit only means a redelivery, which at-least-once allows).
     fn mark_delivered(&self, seq: u64, url: &str) -> Result<u64, OutboxError> {
-        let mut txn = self.inner.db.begin_write().map_err(err)?;
+        let db = self.inner.db.get().map_err(err)?;
+        let mut txn = db.begin_write().map_err(err)?;
         txn.set_durability(Durability::None).map_err(err)?;
         let len = {
             let mut table = txn.open_table(EVENTS).map_err(err)?;
@@ -277,7 +330,7 @@ impl Outbox {
         f: impl FnOnce(&Outbox) -> Result<T, OutboxError> + Send + 'static,
     ) -> Result<T, OutboxError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&me)).await.map_err(err)?
+        tokio::task::spawn_blocking(move || me.reported("reading or marking events", f(&me))).await.map_err(data_err)?
     }
 
     async fn deliver(self, index: usize, http: reqwest::Client, secret: Arc<Vec<u8>>) {

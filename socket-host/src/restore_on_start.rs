@@ -45,3 +45,24 @@ pub async fn restore_all(host: &Arc<Host>) -> Result<(usize, usize), StoreError>
     tracing::info!(total, refused, "restore on start handed every desired tenant to its supervisor");
     Ok((total - refused, refused))
 }
+
+/// Restores every desired tenant, retrying with backoff while the tenant store cannot be read, then reports
+/// `restore_finished` ok.
+pub async fn restore_until_done(host: &Arc<Host>, finished: crate::readiness::Condition) {
+    let mut delay = std::time::Duration::from_secs(1);
+    finished.set_failing("restore on start is running");
+    loop {
+        match restore_all(host).await {
+            Ok(_) => {
+                finished.set_ok();
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, retry_in_s = delay.as_secs(), "restore on start could not read the tenant store");
+                finished.set_failing(format!("restore on start could not read the tenant store: {e}"));
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+}

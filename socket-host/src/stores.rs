@@ -7,6 +7,7 @@ use std::sync::Arc;
 use wakeeper_shared::adapters::embedded::EmbeddedStore;
 use wakeeper_shared::adapters::{dynamodb, firestore};
 use wakeeper_shared::crypto::{Cipher, KeySource, LocalKeyFile};
+use wakeeper_shared::disk::DiskWatch;
 use wakeeper_shared::ports::{CredentialStore, TenantStore};
 
 use crate::config::Config;
@@ -66,12 +67,22 @@ impl Stores {
     /// Creates the data dir (mode 0700), loads the data key and opens the configured stores; the embedded store
     /// (`<data dir>/store.redb`) serves whichever of the two has no cloud store configured.
     pub async fn from_config(config: &Config, firestore_connect: Connect) -> Result<Self, StoresError> {
+        Self::from_config_watched(config, firestore_connect, DiskWatch::new()).await
+    }
+
+    /// [`Stores::from_config`], the embedded store reporting its failed reads and commits to `disk` (and
+    /// reopened in place from there once the disk takes writes again).
+    pub async fn from_config_watched(
+        config: &Config,
+        firestore_connect: Connect,
+        disk: DiskWatch,
+    ) -> Result<Self, StoresError> {
         private_dir(&config.data_dir)?;
         let cipher = load_cipher(config).await?;
         let embedded = match (&config.firestore_project, &config.dynamodb_table) {
             (Some(_), Some(_)) => None,
             _ => Some(Arc::new(
-                EmbeddedStore::open(config.data_dir.join("store.redb"), cipher.clone())
+                EmbeddedStore::open_watched(config.data_dir.join("store.redb"), cipher.clone(), disk)
                     .map_err(|e| StoresError::Embedded(e.to_string()))?,
             )),
         };

@@ -5,7 +5,8 @@
 //! webhook is ([`wakeeper_shared::webhook`]: `X-Wakeeper-Signature: sha256=<hex>`, `X-Wakeeper-Event-Id`).
 //!
 //! Alerts: a tenant whose consecutive failures go past [`ALERT_AFTER_FAILURES`] raises `alert.failing`; the
-//! same tenant reaching `open` again raises `alert.recovered`.
+//! same tenant reaching `open` again raises `alert.recovered`. The host's own alerts (a disk fault and its
+//! end, [`crate::disk_health`]) go to the same URLs through [`Webhooks::send`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -91,10 +92,40 @@ struct Queue {
     ready: Notify,
 }
 
-/// Starts delivery of `changes` to `urls`. Returns at once; runs until the channel closes.
-pub fn start(mut changes: broadcast::Receiver<StateChange>, urls: Vec<String>, secret: Option<String>) {
+impl Queue {
+    async fn push(&self, id: String, body: Vec<u8>) {
+        let mut items = self.items.lock().await;
+        if items.len() >= QUEUE_LIMIT {
+            items.pop_front();
+            metrics::counter!("wakeeper_webhook_dropped_total").increment(1);
+            tracing::warn!("webhook queue full; dropped the oldest event");
+        }
+        items.push_back((id, body));
+        self.ready.notify_one();
+    }
+}
+
+/// The delivery queues of the configured URLs, for events that are no session's state change (the host's
+/// own alerts). Cheap to clone; with no URL configured, events go nowhere.
+#[derive(Clone, Default)]
+pub struct Webhooks {
+    queues: Arc<Vec<Arc<Queue>>>,
+}
+
+impl Webhooks {
+    /// Queues one signed event (`id` its idempotency key, `body` its JSON) for every URL.
+    pub async fn send(&self, id: &str, body: Vec<u8>) {
+        for q in self.queues.iter() {
+            q.push(id.to_owned(), body.clone()).await;
+        }
+    }
+}
+
+/// Starts delivery of `changes` to `urls`. Returns at once (the handle queues further events on the same
+/// URLs); runs until the channel closes.
+pub fn start(mut changes: broadcast::Receiver<StateChange>, urls: Vec<String>, secret: Option<String>) -> Webhooks {
     if urls.is_empty() {
-        return;
+        return Webhooks::default();
     }
     let secret: Arc<Vec<u8>> = Arc::new(secret.unwrap_or_default().into_bytes());
     let http =
@@ -107,6 +138,7 @@ pub fn start(mut changes: broadcast::Receiver<StateChange>, urls: Vec<String>, s
             q
         })
         .collect();
+    let handle = Webhooks { queues: Arc::new(queues.clone()) };
     tokio::spawn(async move {
         let mut tracker = AlertTracker::default();
         loop {
@@ -122,18 +154,12 @@ pub fn start(mut changes: broadcast::Receiver<StateChange>, urls: Vec<String>, s
             for event in tracker.events_for(&change) {
                 let body = serde_json::to_vec(&event).expect("event serializes");
                 for q in &queues {
-                    let mut items = q.items.lock().await;
-                    if items.len() >= QUEUE_LIMIT {
-                        items.pop_front();
-                        metrics::counter!("wakeeper_webhook_dropped_total").increment(1);
-                        tracing::warn!("webhook queue full; dropped the oldest event");
-                    }
-                    items.push_back((event.id.clone(), body.clone()));
-                    q.ready.notify_one();
+                    q.push(event.id.clone(), body.clone()).await;
                 }
             }
         }
     });
+    handle
 }
 
 async fn deliver(url: String, q: Arc<Queue>, http: reqwest::Client, secret: Arc<Vec<u8>>) {

@@ -141,6 +141,14 @@ async fn with_a_wrong_key_nobody_is_marked_undesired_or_written_and_the_host_say
     let message = &health.errors[0].message;
     assert!(message.contains(&sealed_by) && message.contains(&KeyFingerprint::of(&wrong).to_string()), "{message}");
     assert!(host.client.sessions().await.unwrap().host_errors.iter().any(|e| e.code == "data_key_mismatch"));
+    // Not ready, and `/ready` says why.
+    let ready = reqwest::get(format!("{}/ready", host.base)).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    let verified = body["conditions"].as_array().unwrap().iter().find(|c| c["name"] == "data_key_verified").cloned();
+    let verified = verified.unwrap_or_else(|| panic!("no data_key_verified condition: {body}"));
+    assert_eq!(verified["ok"], false, "{body}");
+    assert!(verified["reason"].as_str().unwrap().contains(&sealed_by), "{body}");
     match host.client.ensure(&ids[0]).await {
         Err(wakeeper_shared::host_api::ClientError::Refused { status: 503, code }) => {
             assert_eq!(code, "data_key_mismatch")
@@ -166,8 +174,9 @@ async fn with_a_wrong_key_nobody_is_marked_undesired_or_written_and_the_host_say
         assert_eq!(&cloud.creds.read(id).await.unwrap(), snapshot, "{id}'s credentials were written");
         assert_eq!(cloud.creds.sealed_by(id).await.unwrap(), [sealed_by.clone()]);
         let now = cloud.tenants.get(id).await.unwrap().unwrap();
-        assert!(now.desired, "{id} was un-desired");
         assert_eq!(now.status, record.status, "{id} was marked");
+        let desired = cloud.tenants.list_desired(None, 100).await.unwrap().items;
+        assert!(desired.iter().any(|r| &r.tenant_id == id), "{id} was un-desired");
     }
     let log = std::fs::read_to_string(&host.log).unwrap();
     assert!(!log.contains(&b64(&wrong)) && !log.contains(&key_b64()), "a key is in the host's log");
@@ -179,6 +188,12 @@ async fn with_a_wrong_key_nobody_is_marked_undesired_or_written_and_the_host_say
     host.ready().await;
     host.all_open(2, Duration::from_secs(60)).await;
     assert!(host.client.health().await.unwrap().errors.is_empty());
+    let base = host.base.clone();
+    wait_until(Duration::from_secs(30), "/ready 200 with the right key", || {
+        let url = format!("{base}/ready");
+        async move { reqwest::get(url).await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+    })
+    .await;
     drop(host);
     sim.shutdown().await;
 }

@@ -27,6 +27,8 @@ use crate::domain::TenantId;
 pub struct LocalCopies {
     data_dir: PathBuf,
     cipher: Cipher,
+    /// Where the copies' failed writes are reported.
+    disk: Option<crate::disk::DiskWatch>,
 }
 
 impl std::fmt::Debug for LocalCopies {
@@ -38,7 +40,13 @@ impl std::fmt::Debug for LocalCopies {
 impl LocalCopies {
     /// The copies under `<data_dir>/tenants/`.
     pub fn new(data_dir: impl Into<PathBuf>, cipher: Cipher) -> Self {
-        Self { data_dir: data_dir.into(), cipher }
+        Self { data_dir: data_dir.into(), cipher, disk: None }
+    }
+
+    /// The same copies, each reporting its failed writes to `disk` (see [`WorkingCopy::report_to`]).
+    pub fn reporting_to(mut self, disk: crate::disk::DiskWatch) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     /// The data dir.
@@ -53,7 +61,11 @@ impl LocalCopies {
 
     /// Opens `tenant`'s working copy (blocking: reads its file headers).
     pub fn open(&self, tenant: &TenantId) -> Result<WorkingCopy, WorkingCopyError> {
-        WorkingCopy::open(&self.data_dir, tenant.clone(), self.cipher.clone())
+        let mut copy = WorkingCopy::open(&self.data_dir, tenant.clone(), self.cipher.clone())?;
+        if let Some(disk) = &self.disk {
+            copy.report_to(disk.clone());
+        }
+        Ok(copy)
     }
 
     /// [`LocalCopies::open`] off the async workers.

@@ -124,6 +124,20 @@ pub struct WorkingCopy {
     epoch: Option<u64>,
     /// The epoch the next append writes under, when it differs from the one on disk.
     epoch_pending: Option<u64>,
+    /// Where a reported disk fault is recorded (`None`: nowhere).
+    disk: Option<crate::disk::DiskWatch>,
+    /// Tests: the file-system step that fails next, as a full disk would.
+    #[cfg(test)]
+    fail_at: Option<(&'static str, Step)>,
+}
+
+/// The steps of writing a file, named so tests can fail each one as a full disk would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Write,
+    Sync,
+    Rename,
+    SyncDir,
 }
 
 impl WorkingCopy {
@@ -145,6 +159,9 @@ impl WorkingCopy {
             unsynced: false,
             epoch: None,
             epoch_pending: None,
+            disk: None,
+            #[cfg(test)]
+            fail_at: None,
         };
         // Nothing is read or written through a symlink, inside the data dir or out of it.
         refuse_symlink(&wc.dir)?;
@@ -170,6 +187,22 @@ impl WorkingCopy {
     /// Makes every later append count as written under `epoch`: recorded durably before the first of them.
     pub fn continue_under(&mut self, epoch: u64) {
         self.epoch_pending = (self.epoch != Some(epoch)).then_some(epoch);
+    }
+
+    /// Reports every I/O failure of a write to `disk` (under the `tenants` directory), so a full disk is
+    /// seen as the host's condition and not only as one tenant's failed write.
+    pub fn report_to(&mut self, disk: crate::disk::DiskWatch) {
+        self.disk = Some(disk);
+    }
+
+    /// Hands a write's error to the disk watch (when there is one) and returns it.
+    fn reported<T>(&self, result: Result<T, WorkingCopyError>) -> Result<T, WorkingCopyError> {
+        if let (Err(WorkingCopyError::Io { op, source }), Some(disk)) = (&result, &self.disk) {
+            let path = self.dir.parent().unwrap_or(&self.dir);
+            disk.report_io(path, op, source);
+            disk.note_refused_writer(self.tenant.as_str());
+        }
+        result
     }
 
     /// The tenant.
@@ -322,6 +355,11 @@ impl WorkingCopy {
     }
 
     fn write_base_with(&mut self, snapshot: &CredentialSnapshot, durable: bool) -> Result<(), WorkingCopyError> {
+        let result = self.write_base_unreported(snapshot, durable);
+        self.reported(result)
+    }
+
+    fn write_base_unreported(&mut self, snapshot: &CredentialSnapshot, durable: bool) -> Result<(), WorkingCopyError> {
         self.ensure_dir(durable)?;
         let base_id = random_u64();
         let mut out = Vec::with_capacity(BASE_HEADER_LEN + BASE_TRAILER_LEN + snapshot.records.len() * 128);
@@ -343,27 +381,42 @@ impl WorkingCopy {
         if out.len() > u32::MAX as usize {
             return Err(WorkingCopyError::Invalid("snapshot too large for one base file".into()));
         }
+        let base = BaseMeta { base_id, generation: snapshot.generation, len: out.len() as u64 };
+        let generation = snapshot.generation;
+        // The whole base goes to its temp name first (the large write, the one a full disk refuses): until the
+        // rename below nothing the copy reads has changed.
+        let tmp = self.write_temp(BASE_FILE, &out, durable)?;
         if durable {
-            self.replace_file(BASE_FILE, &out, true)?;
-            // The new base is live from here; the old journal no longer matches its id and is ignored.
+            self.rename_into_place(&tmp, BASE_FILE)?;
+            // The new base is live from here and the old journal, naming the old base, is ignored: anything
+            // appended to it now would be lost on the next load. Until a fresh journal names the new base the
+            // copy has none, and the next append starts one before it writes (should a step below fail).
+            self.state = State::Present { base, journal_current: false, journal_len: 0, generation };
+            self.torn_tail_bytes = 0;
+            self.sync_dir_step(BASE_FILE)?;
             self.reset_journal(base_id, true)?;
+            self.journal_started();
             if self.unsynced {
                 // Replacing a hydrated copy: the files and their directory are durable now, its entry may not be.
                 self.make_durable()?;
             }
         } else {
-            // The unsynced journal first: whatever else of the new copy is on disk, it says so.
-            self.reset_journal(base_id, false)?;
+            // The unsynced journal before the base: whatever else of the new copy is on disk, it says so.
+            if let Err(e) = self.reset_journal(base_id, false) {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
             self.unsynced = true;
-            self.replace_file(BASE_FILE, &out, false)?;
+            if let Err(e) = self.rename_into_place(&tmp, BASE_FILE) {
+                // The old base has lost its journal to the new one: neither copy is whole. Nothing may build on
+                // it; the copy is hydrated again.
+                self.state = State::Corrupt("a hydration was cut short; hydrate again".into());
+                return Err(e);
+            }
+            self.state =
+                State::Present { base, journal_current: true, journal_len: JOURNAL_HEADER_LEN as u64, generation };
+            self.torn_tail_bytes = 0;
         }
-        self.state = State::Present {
-            base: BaseMeta { base_id, generation: snapshot.generation, len: out.len() as u64 },
-            journal_current: true,
-            journal_len: JOURNAL_HEADER_LEN as u64,
-            generation: snapshot.generation,
-        };
-        self.torn_tail_bytes = 0;
         debug!(tenant = %self.tenant, generation = snapshot.generation, records = snapshot.records.len(), "working copy base written");
         Ok(())
     }
@@ -377,6 +430,11 @@ impl WorkingCopy {
 
     /// [`WorkingCopy::append`], also returning where each change's frame landed (in the order of `changes`).
     pub fn append_located(&mut self, changes: &[RecordChange]) -> Result<(u64, Vec<RecordLoc>), WorkingCopyError> {
+        let result = self.append_unreported(changes);
+        self.reported(result)
+    }
+
+    fn append_unreported(&mut self, changes: &[RecordChange]) -> Result<(u64, Vec<RecordLoc>), WorkingCopyError> {
         for c in changes {
             check_record(&c.key, c.value.as_deref())?;
         }
@@ -405,11 +463,8 @@ impl WorkingCopy {
         }
         if !journal_current {
             self.reset_journal(base_id, true)?;
-            if let State::Present { journal_current, journal_len, generation, .. } = &mut self.state {
-                *journal_current = true;
-                *journal_len = JOURNAL_HEADER_LEN as u64;
-                *generation = base_generation;
-            }
+            self.journal_started();
+            debug_assert_eq!(self.generation(), Some(base_generation));
         }
         let State::Present { journal_len, generation, .. } = &self.state else { unreachable!() };
         let (start, prev) = (*journal_len, *generation);
@@ -449,8 +504,10 @@ impl WorkingCopy {
         }
         {
             use std::os::unix::fs::FileExt;
+            self.step(JOURNAL_FILE, Step::Write)?;
             file.write_all_at(&entry, start).map_err(io_err("appending to the journal"))?;
         }
+        self.step(JOURNAL_FILE, Step::Sync)?;
         file.sync_data().map_err(io_err("syncing the journal"))?;
         if let State::Present { journal_len, generation, .. } = &mut self.state {
             *journal_len = end;
@@ -537,19 +594,77 @@ impl WorkingCopy {
 
     /// Writes `bytes` to `name` atomically: temp file, fsync, rename, directory fsync (the fsyncs only when
     /// `durable`; the rename alone still replaces the file whole for every reader until a crash).
-    fn replace_file(&self, name: &str, bytes: &[u8], durable: bool) -> Result<(), WorkingCopyError> {
+    fn replace_file(&self, name: &'static str, bytes: &[u8], durable: bool) -> Result<(), WorkingCopyError> {
+        let tmp = self.write_temp(name, bytes, durable)?;
+        self.rename_into_place(&tmp, name)?;
+        if durable { self.sync_dir_step(name) } else { Ok(()) }
+    }
+
+    /// Writes `bytes` to `name`'s temp file (fsynced when `durable`); a failure removes what it wrote, so a
+    /// full disk is not kept full by a half-written temp file.
+    fn write_temp(&self, name: &'static str, bytes: &[u8], durable: bool) -> Result<PathBuf, WorkingCopyError> {
         let tmp = self.dir.join(format!("{name}{TMP_SUFFIX}"));
-        let mut opts = OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut file = opts.open(&tmp).map_err(io_err("creating a temp file"))?;
-        file.write_all(bytes).map_err(io_err("writing a temp file"))?;
-        if durable {
-            file.sync_all().map_err(io_err("syncing a temp file"))?;
+        let written = (|| {
+            let mut opts = OpenOptions::new();
+            opts.write(true).create(true).truncate(true).custom_flags(libc::O_NOFOLLOW);
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut file = opts.open(&tmp).map_err(io_err("creating a temp file"))?;
+            self.step(name, Step::Write)?;
+            file.write_all(bytes).map_err(io_err("writing a temp file"))?;
+            if durable {
+                self.step(name, Step::Sync)?;
+                file.sync_all().map_err(io_err("syncing a temp file"))?;
+            }
+            Ok(())
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
         }
-        drop(file);
-        fs::rename(&tmp, self.dir.join(name)).map_err(io_err("renaming a temp file"))?;
-        if durable { sync_dir(&self.dir) } else { Ok(()) }
+        written.map(|()| tmp)
+    }
+
+    /// Renames a written temp file over `name`: the one step after which readers see the new file.
+    fn rename_into_place(&self, tmp: &Path, name: &'static str) -> Result<(), WorkingCopyError> {
+        let renamed = self
+            .step(name, Step::Rename)
+            .and_then(|()| fs::rename(tmp, self.dir.join(name)).map_err(io_err("renaming a temp file")));
+        if renamed.is_err() {
+            let _ = fs::remove_file(tmp);
+        }
+        renamed
+    }
+
+    /// Makes the renames in the tenant's directory durable.
+    fn sync_dir_step(&self, name: &'static str) -> Result<(), WorkingCopyError> {
+        self.step(name, Step::SyncDir)?;
+        sync_dir(&self.dir)
+    }
+
+    /// The journal on disk is a fresh, empty one naming the current base.
+    fn journal_started(&mut self) {
+        if let State::Present { base, journal_current, journal_len, generation } = &mut self.state {
+            *journal_current = true;
+            *journal_len = JOURNAL_HEADER_LEN as u64;
+            *generation = base.generation;
+        }
+    }
+
+    /// Tests: fails the step `fail_at` names (once), as a full disk would.
+    #[cfg(test)]
+    fn step(&self, name: &'static str, step: Step) -> Result<(), WorkingCopyError> {
+        if self.fail_at == Some((name, step)) {
+            return Err(WorkingCopyError::Io {
+                op: "an injected fault",
+                source: io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn step(&self, _name: &'static str, _step: Step) -> Result<(), WorkingCopyError> {
+        Ok(())
     }
 
     /// Starts an empty journal extending base `base_id`; marked unsynced when not `durable`.
@@ -631,5 +746,129 @@ mod tests {
         assert_eq!(generation_step(500), 1);
         assert_eq!(generation_step(501), 2);
         assert_eq!(generation_step(1200), 3);
+    }
+
+    use crate::domain::{RecordKey, RecordKind};
+
+    fn put(key: &str, value: u8) -> RecordChange {
+        RecordChange { key: RecordKey::new(RecordKind::Session, key), value: Some(vec![value; 64]) }
+    }
+
+    fn copy(dir: &Path) -> WorkingCopy {
+        WorkingCopy::open(dir, TenantId::parse("t-1").unwrap(), Cipher::new(&[9; 32])).unwrap()
+    }
+
+    const EVERY_STEP: [(&str, Step); 8] = [
+        (BASE_FILE, Step::Write),
+        (BASE_FILE, Step::Sync),
+        (BASE_FILE, Step::Rename),
+        (BASE_FILE, Step::SyncDir),
+        (JOURNAL_FILE, Step::Write),
+        (JOURNAL_FILE, Step::Sync),
+        (JOURNAL_FILE, Step::Rename),
+        (JOURNAL_FILE, Step::SyncDir),
+    ];
+
+    /// A compaction cut short by a full disk at any step (before the new base is live, between it and the
+    /// fresh journal, after both) loses none of the appends acknowledged before it or after it: the journal is
+    /// never one the base on disk ignores. On the code before this test, a failed journal reset left later
+    /// appends in the old journal, which names the old base, and a reload dropped them.
+    #[test]
+    fn a_compaction_cut_short_at_any_step_loses_no_acknowledged_append() {
+        for (file, step) in EVERY_STEP {
+            let dir = tempfile::tempdir().unwrap();
+            let mut wc = copy(dir.path());
+            wc.append(&[put("a", 1)]).unwrap();
+            wc.append(&[put("b", 2)]).unwrap();
+            wc.fail_at = Some((file, step));
+            let err = wc.compact().expect_err("the injected fault fails the compaction");
+            assert!(matches!(err, WorkingCopyError::Io { .. }), "{file} {step:?}: {err}");
+            wc.fail_at = None;
+            let generation = wc.append(&[put("c", 3)]).unwrap();
+            wc.append(&[put("a", 4)]).unwrap();
+            drop(wc);
+
+            let reopened = copy(dir.path());
+            let snapshot = reopened.load().unwrap().expect("a copy");
+            let value = |k: &str| snapshot.records.get(&RecordKey::new(RecordKind::Session, k)).map(|v| v[0]);
+            assert_eq!(
+                (value("a"), value("b"), value("c")),
+                (Some(4), Some(2), Some(3)),
+                "after a fault at {file} {step:?}"
+            );
+            assert_eq!(snapshot.generation, generation + 1, "after a fault at {file} {step:?}");
+            assert!(
+                std::fs::read_dir(dir.path().join("tenants/t-1")).unwrap().all(|e| !e
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(TMP_SUFFIX)),
+                "no temp file is left to keep the disk full ({file} {step:?})"
+            );
+        }
+    }
+
+    /// A failed append acknowledges nothing and leaves nothing behind that a later append would sit behind.
+    #[test]
+    fn a_failed_append_is_not_kept_and_the_next_one_lands() {
+        for step in [Step::Write, Step::Sync] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut wc = copy(dir.path());
+            wc.append(&[put("a", 1)]).unwrap();
+            wc.fail_at = Some((JOURNAL_FILE, step));
+            wc.append(&[put("lost", 2)]).expect_err("refused");
+            wc.fail_at = None;
+            wc.append(&[put("b", 3)]).unwrap();
+            drop(wc);
+            let snapshot = copy(dir.path()).load().unwrap().unwrap();
+            let keys: Vec<_> = snapshot.records.keys().map(|k| k.key.as_str()).collect();
+            assert_eq!(keys, ["a", "b"], "after a fault at {step:?}");
+        }
+    }
+
+    /// A hydration cut short never leaves a copy later appends build on: it reads as the old copy whole, or
+    /// the copy refuses appends until it is hydrated again.
+    #[test]
+    fn a_hydration_cut_short_leaves_the_old_copy_or_refuses_appends() {
+        for (file, step) in EVERY_STEP {
+            let dir = tempfile::tempdir().unwrap();
+            let mut wc = copy(dir.path());
+            wc.append(&[put("old", 1)]).unwrap();
+            let mut fresh = CredentialSnapshot { generation: 50, ..Default::default() };
+            fresh.records.insert(RecordKey::new(RecordKind::Session, "new"), vec![5; 64]);
+            wc.fail_at = Some((file, step));
+            let failed = wc.write_hydrated_base(&fresh).is_err();
+            wc.fail_at = None;
+            if !failed {
+                // This step is not taken by a hydration (no fsyncs): the copy is the new one.
+                assert_eq!(wc.load().unwrap().unwrap().generation, 50);
+                continue;
+            }
+            match wc.append(&[put("after", 2)]) {
+                Ok(_) => {
+                    let snapshot = copy(dir.path()).load().unwrap().unwrap();
+                    let keys: Vec<_> = snapshot.records.keys().map(|k| k.key.as_str()).collect();
+                    assert_eq!(keys, ["after", "old"], "after a fault at {file} {step:?}");
+                }
+                Err(e) => assert!(matches!(e, WorkingCopyError::Corrupt(_)), "{file} {step:?}: {e}"),
+            }
+        }
+    }
+
+    /// An I/O failure of a write is reported to the disk watch under the tenants directory.
+    #[test]
+    fn write_failures_are_reported_to_the_disk_watch() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = crate::disk::DiskWatch::new();
+        let mut wc = copy(dir.path());
+        wc.report_to(watch.clone());
+        wc.append(&[put("a", 1)]).unwrap();
+        assert_eq!(watch.fault(), None);
+        wc.fail_at = Some((JOURNAL_FILE, Step::Write));
+        wc.append(&[put("b", 2)]).unwrap_err();
+        let faults = watch.faults();
+        assert_eq!(faults.len(), 1);
+        assert_eq!(faults[0].path, dir.path().join("tenants"));
+        assert_eq!(faults[0].kind, crate::disk::FaultKind::Full);
     }
 }

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, RwLock, RwLockWriteGuard};
-use tracing::debug;
+use tracing::{debug, warn};
 use wakeeper_shared::domain::{RecordChange, RecordKey, RecordKind, TenantId};
 use wakeeper_shared::local::{RecordReader, WorkingCopy, WorkingCopyError};
 use whatsapp_rust::wacore::store::error::{Result as EResult, StoreError as EStoreError};
@@ -292,20 +292,26 @@ impl EngineStore {
     }
 
     /// Folds the journal into a new base and rebuilds the view (every location moves), holding the view
-    /// exclusively so no reader follows an old location.
+    /// exclusively so no reader follows an old location. A compaction a full disk cuts short is no failure of
+    /// the write before it (that is durable already): the copy stays consistent, the view is rebuilt from
+    /// whatever base is live now, and the next write tries again.
     async fn compact(&self, mut st: RwLockWriteGuard<'_, State>) -> EResult<()> {
         let working_copy = self.working_copy.clone();
-        let fresh = tokio::task::spawn_blocking(move || {
+        let (compacted, fresh) = tokio::task::spawn_blocking(move || {
             let mut wc = working_copy.lock().expect("working copy");
-            wc.compact()?;
-            State::scan(&wc)
+            let compacted = wc.compact();
+            (compacted, State::scan(&wc))
         })
         .await
-        .map_err(|e| database_error(EngineStoreError::Task(e.to_string())))?
-        .map_err(database_error)?;
-        *st = fresh;
-        self.counts.lock().expect("counters").compactions += 1;
-        debug!(tenant = %self.tenant, "engine store compacted");
+        .map_err(|e| database_error(EngineStoreError::Task(e.to_string())))?;
+        *st = fresh.map_err(database_error)?;
+        match compacted {
+            Ok(()) => {
+                self.counts.lock().expect("counters").compactions += 1;
+                debug!(tenant = %self.tenant, "engine store compacted");
+            }
+            Err(e) => warn!(tenant = %self.tenant, error = %e, "working copy compaction failed; kept the journal"),
+        }
         Ok(())
     }
 }

@@ -155,6 +155,10 @@ pub(crate) async fn handle(shared: &Shared, from: &str, inbound: Inbound) {
         }
         Inbound::Receipt { ids, to, kind, retry_count, node } => {
             let t = now_secs();
+            if kind.as_deref() != Some("retry") {
+                // A retry receipt says the device could not decrypt: that is no acknowledgement.
+                shared.update(|s| acknowledged(s, from, &ids));
+            }
             shared.update(|s| match recipient(s, &to) {
                 Recipient::Contact(phone) => {
                     let contact = s.contacts.get_mut(&phone).expect("recipient found it");
@@ -182,6 +186,7 @@ pub(crate) async fn handle(shared: &Shared, from: &str, inbound: Inbound) {
         Inbound::Ack { id, to } => {
             let t = now_secs();
             shared.update(|s| {
+                acknowledged(s, from, std::slice::from_ref(&id));
                 if let Recipient::Contact(phone) = recipient(s, &to) {
                     s.contacts.get_mut(&phone).expect("recipient found it").receipts.push(ReceiptSeen {
                         message_id: id,
@@ -298,9 +303,30 @@ pub(crate) fn deliver(s: &mut State, device: &str, node: Node) {
     s.offline.entry(device.to_owned()).or_default().extend(node);
 }
 
-/// The device's offline queue, emptied, each stanza marked as offline delivery.
+/// The device acknowledged these messages: none of them is redelivered.
+fn acknowledged(s: &mut State, device: &str, ids: &[String]) {
+    if let Some(waiting) = s.unacked.get_mut(device) {
+        waiting.retain(|(id, _)| !ids.contains(id));
+    }
+}
+
+/// The device's offline queue, emptied, each stanza marked as offline delivery. With redelivery on, the
+/// contacts' messages it received before but never acknowledged come first, in the order they were sent.
 pub(crate) fn take_offline(s: &mut State, device: &str) -> Vec<Node> {
     let mut queued = s.offline.remove(device).unwrap_or_default();
+    if s.redeliver_unacked
+        && let Some(waiting) = s.unacked.get(device)
+    {
+        let id_of = |n: &Node| n.attrs.get("id").map(|v| v.as_str().into_owned());
+        let already: std::collections::HashSet<String> = queued.iter().filter_map(id_of).collect();
+        let mut again: Vec<Node> =
+            waiting.iter().filter(|(id, _)| !already.contains(id)).map(|(_, node)| node.clone()).collect();
+        if !again.is_empty() {
+            tracing::debug!(device, redelivered = again.len(), "redelivering unacknowledged messages");
+            again.append(&mut queued);
+            queued = again;
+        }
+    }
     for node in &mut queued {
         if node.tag == "message" {
             node.attrs.insert("offline", "1");
@@ -372,6 +398,9 @@ pub(crate) async fn contact_send(
     // Delivered while the session is still held, so a contact's messages reach a device in order.
     shared.update(|s| {
         let delivered_live = s.live_by_jid.get(device).is_some_and(|l| !l.is_empty());
+        if s.redeliver_unacked {
+            s.unacked.entry(device.to_owned()).or_default().push((id.clone(), node.clone()));
+        }
         deliver(s, device, node);
         if let Some(c) = s.contacts.get_mut(phone) {
             c.sent.push(ContactSent {

@@ -103,6 +103,11 @@ pub(crate) struct State {
     pub(crate) contact_by_lid: HashMap<String, String>,
     /// Stanzas waiting for a device to log in, by device JID (the offline queue).
     pub(crate) offline: HashMap<String, Vec<Node>>,
+    /// Redeliver a contact's message the device never acknowledged on its next connect, as WhatsApp does
+    /// (off by default: see [`crate::SimHandle::redeliver_unacked`]).
+    pub(crate) redeliver_unacked: bool,
+    /// Contacts' messages each device has not acknowledged yet (receipt or ack), in send order, by device JID.
+    pub(crate) unacked: HashMap<String, Vec<(String, Node)>>,
 }
 
 impl State {

@@ -9,7 +9,8 @@ impl crate::contract::SwapRecords for EmbeddedStore {
     async fn swap_stored_values(&self, tenant: &TenantId, a: &RecordKey, b: &RecordKey) {
         let (tenant, a, b) = (tenant.clone(), a.clone(), b.clone());
         self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(db_err)?;
+            let db = inner.db.get().map_err(db_err)?;
+            let txn = db.begin_write().map_err(db_err)?;
             {
                 let mut credentials = txn.open_table(CREDENTIALS).map_err(db_err)?;
                 let row_a = (tenant.as_str(), a.kind.as_str(), a.key.as_str());
@@ -28,7 +29,8 @@ impl crate::contract::SwapRecords for EmbeddedStore {
     async fn copy_stored_value(&self, from: &TenantId, to: &TenantId, key: &RecordKey) {
         let (from, to, key) = (from.clone(), to.clone(), key.clone());
         self.blocking(move |inner| {
-            let txn = inner.db.begin_write().map_err(db_err)?;
+            let db = inner.db.get().map_err(db_err)?;
+            let txn = db.begin_write().map_err(db_err)?;
             {
                 let mut credentials = txn.open_table(CREDENTIALS).map_err(db_err)?;
                 let value = credentials

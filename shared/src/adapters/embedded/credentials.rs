@@ -9,7 +9,8 @@ pub(super) fn tenant_bounds(tenant: &TenantId) -> (String, String) {
 }
 
 pub(super) fn read_snapshot(inner: &Inner, tenant: &TenantId) -> Result<CredentialSnapshot, StoreError> {
-    let txn = inner.db.begin_read().map_err(db_err)?;
+    let db = inner.db.get().map_err(db_err)?;
+    let txn = db.begin_read().map_err(db_err)?;
     let generations = txn.open_table(GENERATIONS).map_err(db_err)?;
     let Some(generation) = generations.get(tenant.as_str()).map_err(db_err)?.map(|g| g.value()) else {
         return Err(StoreError::NotFound);
@@ -90,7 +91,8 @@ impl CredentialStore for EmbeddedStore {
     async fn generation(&self, tenant: &TenantId) -> Result<Option<u64>, StoreError> {
         let tenant = tenant.clone();
         self.blocking(move |inner| {
-            let txn = inner.db.begin_read().map_err(db_err)?;
+            let db = inner.db.get().map_err(db_err)?;
+            let txn = db.begin_read().map_err(db_err)?;
             let generations = txn.open_table(GENERATIONS).map_err(db_err)?;
             Ok(generations.get(tenant.as_str()).map_err(db_err)?.map(|g| g.value()))
         })
@@ -183,7 +185,8 @@ impl CredentialStore for EmbeddedStore {
 
     async fn list_tenants(&self) -> Result<Vec<TenantId>, StoreError> {
         self.blocking(|inner| {
-            let txn = inner.db.begin_read().map_err(db_err)?;
+            let db = inner.db.get().map_err(db_err)?;
+            let txn = db.begin_read().map_err(db_err)?;
             let generations = txn.open_table(GENERATIONS).map_err(db_err)?;
             let mut out = Vec::new();
             for entry in generations.iter().map_err(db_err)? {

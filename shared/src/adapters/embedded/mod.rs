@@ -33,6 +33,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+
+use crate::disk::{DiskWatch, RedbFile};
 use tracing::warn;
 
 use crate::crypto::Cipher;
@@ -61,7 +63,8 @@ pub struct EmbeddedStore {
 }
 
 struct Inner {
-    db: Database,
+    /// Reopened in place when its disk takes writes again after a fault.
+    db: Arc<RedbFile>,
     cipher: Cipher,
     path: PathBuf,
     /// Writes waiting for the next group commit.
@@ -121,8 +124,9 @@ where
 }
 
 /// Runs one group in one write transaction and answers every write in it.
-fn commit_group(db: &Database, mut group: Vec<Box<dyn GroupWrite>>) {
+fn commit_group(file: &RedbFile, mut group: Vec<Box<dyn GroupWrite>>) {
     let outcome = (|| {
+        let db = file.get().map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
         let mut wrote = false;
         for write in &mut group {
@@ -131,6 +135,10 @@ fn commit_group(db: &Database, mut group: Vec<Box<dyn GroupWrite>>) {
         }
         if wrote { txn.commit().map_err(db_err) } else { txn.abort().map_err(db_err) }
     })();
+    if let Err(e) = &outcome {
+        // Not durable: reported, so the host sees a disk fault and not only this write's refusal.
+        file.failed("committing a write", e);
+    }
     for write in group {
         write.finish(outcome.as_ref().map(|_| ()));
     }
@@ -140,6 +148,18 @@ impl fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EmbeddedStore").field("path", &self.inner.path).finish_non_exhaustive()
     }
+}
+
+/// Creates every table up front so read transactions never meet a missing one.
+fn create_tables(db: &Database) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    txn.open_table(CREDENTIALS)?;
+    txn.open_table(GENERATIONS)?;
+    txn.open_table(EPOCHS)?;
+    txn.open_table(TENANTS)?;
+    txn.open_table(DESIRED)?;
+    txn.commit()?;
+    Ok(())
 }
 
 /// A redb failure is an outage of the local store, never a verdict on a tenant's data.
@@ -158,6 +178,12 @@ impl EmbeddedStore {
     /// Opens (creating when absent) the store file at `path`, e.g. `<data_dir>/store.redb`. The parent
     /// directory is created 0700 and the file is made 0600: the tenant table is not encrypted.
     pub fn open(path: impl AsRef<Path>, cipher: Cipher) -> Result<Self, StoreError> {
+        Self::open_watched(path, cipher, DiskWatch::new())
+    }
+
+    /// [`EmbeddedStore::open`], reporting every failed read or commit to `disk` as a fault of the file, and
+    /// registered there to be reopened in place once the disk takes writes again.
+    pub fn open_watched(path: impl AsRef<Path>, cipher: Cipher, disk: DiskWatch) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         crate::private_files::refuse_symlink(&path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
@@ -167,21 +193,13 @@ impl EmbeddedStore {
             std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
             builder.create(dir).map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
         }
-        let db = Database::create(&path).map_err(db_err)?;
+        let db = RedbFile::open(&path, create_tables, disk).map_err(db_err)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| StoreError::Unavailable(format!("restricting {}: {e}", path.display())))?;
         }
-        // Create every table up front so read transactions never meet a missing one.
-        let txn = db.begin_write().map_err(db_err)?;
-        txn.open_table(CREDENTIALS).map_err(db_err)?;
-        txn.open_table(GENERATIONS).map_err(db_err)?;
-        txn.open_table(EPOCHS).map_err(db_err)?;
-        txn.open_table(TENANTS).map_err(db_err)?;
-        txn.open_table(DESIRED).map_err(db_err)?;
-        txn.commit().map_err(db_err)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -191,6 +209,12 @@ impl EmbeddedStore {
                 committer: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// Closes the store file and opens it again, as the host does once its disk takes writes after a fault
+    /// (redb answers every call after one failed write with an error until then).
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        self.inner.db.reopen().map_err(db_err)
     }
 
     /// The store file's path.
@@ -205,9 +229,15 @@ impl EmbeddedStore {
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("embedded store task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let result = f(&inner);
+            if let Err(e @ StoreError::Unavailable(_)) = &result {
+                inner.db.failed("reading", e);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("embedded store task failed: {e}")))?
     }
 
     /// Runs `op` in a write transaction shared with the writes that arrive while another group commits (see

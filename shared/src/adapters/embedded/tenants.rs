@@ -68,7 +68,8 @@ impl TenantStore for EmbeddedStore {
         };
         let limit = limit.max(1);
         self.blocking(move |inner| {
-            let txn = inner.db.begin_read().map_err(db_err)?;
+            let db = inner.db.get().map_err(db_err)?;
+            let txn = db.begin_read().map_err(db_err)?;
             let desired = txn.open_table(DESIRED).map_err(db_err)?;
             let tenants = txn.open_table(TENANTS).map_err(db_err)?;
             let lower = match &after {
@@ -106,7 +107,8 @@ impl TenantStore for EmbeddedStore {
     async fn get(&self, tenant: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
         let tenant = tenant.clone();
         self.blocking(move |inner| {
-            let txn = inner.db.begin_read().map_err(db_err)?;
+            let db = inner.db.get().map_err(db_err)?;
+            let txn = db.begin_read().map_err(db_err)?;
             let tenants = txn.open_table(TENANTS).map_err(db_err)?;
             match tenants.get(tenant.as_str()).map_err(db_err)? {
                 Some(v) => Ok(Some(decode_tenant(&tenant, v.value())?)),

@@ -20,6 +20,24 @@ impl SimHandle {
         Ok(self.shared.update(|s| s.add_contact(phone).info()))
     }
 
+    /// Turns redelivery on or off: with it on, a contact's message the device has not acknowledged (with a
+    /// receipt or an ack) is delivered again when the device next connects, as WhatsApp keeps a message
+    /// until it is acknowledged. Off by default, so tests that count deliveries see each message once.
+    pub fn redeliver_unacked(&self, on: bool) {
+        self.shared.update(|s| {
+            s.redeliver_unacked = on;
+            if !on {
+                s.unacked.clear();
+            }
+        });
+    }
+
+    /// How many of the contacts' messages `device_jid` has not acknowledged (tracked only with
+    /// [`SimHandle::redeliver_unacked`] on).
+    pub fn unacked_len(&self, device_jid: &str) -> usize {
+        self.shared.lock().unacked.get(device_jid).map_or(0, Vec::len)
+    }
+
     /// A contact's public facts.
     pub fn contact(&self, phone: &str) -> Option<ContactInfo> {
         self.shared.lock().contacts.get(phone).map(|c| c.info())
