@@ -149,12 +149,14 @@ async fn with_a_wrong_key_nobody_is_marked_undesired_or_written_and_the_host_say
     let verified = verified.unwrap_or_else(|| panic!("no data_key_verified condition: {body}"));
     assert_eq!(verified["ok"], false, "{body}");
     assert!(verified["reason"].as_str().unwrap().contains(&sealed_by), "{body}");
-    match host.client.ensure(&ids[0]).await {
-        Err(wakeeper_shared::host_api::ClientError::Refused { status: 503, code }) => {
-            assert_eq!(code, "data_key_mismatch")
-        }
-        other => panic!("ensure with the wrong key answered {other:?}"),
-    }
+    let put = reqwest::Client::new()
+        .put(format!("{}/v1/sessions/{}", host.base, ids[0]))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 503);
+    assert_eq!(put.json::<serde_json::Value>().await.unwrap()["error"], "data_key_mismatch");
     // A sweep marks nobody and raises the host's fault as one alert.
     let report: serde_json::Value = reqwest::Client::new()
         .post(format!("{}/v1/sweep", host.base))
