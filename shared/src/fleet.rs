@@ -54,10 +54,11 @@ impl<H: HostOps> HostOps for HostFleet<H> {
                 Ok(list) => {
                     boot_ids.push(list.boot_id);
                     sessions.extend(list.sessions);
-                    host_errors.extend(list.host_errors.into_iter().map(|c| HostCondition {
-                        message: format!("host {i}: {}", c.message),
-                        ..c
-                    }));
+                    host_errors.extend(
+                        list.host_errors
+                            .into_iter()
+                            .map(|c| HostCondition { message: format!("host {i}: {}", c.message), ..c }),
+                    );
                 }
                 Err(HostError::Unreachable(e)) => return Err(HostError::Unreachable(format!("host {i}: {e}"))),
                 Err(e) => return Err(HostError::Refused(format!("host {i}: {e}"))),

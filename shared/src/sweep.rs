@@ -18,7 +18,9 @@ use tracing::{debug, info, warn};
 
 use crate::alerts::{AlertEvent, AlertMessage, AlertSink};
 use crate::domain::reconcile::{self, Action, HostView, Policy};
-use crate::domain::{SessionList, SessionState, SessionView, StatusUpdate, TenantId, TenantRecord, TenantStatus, UnixMillis};
+use crate::domain::{
+    SessionList, SessionState, SessionView, StatusUpdate, TenantId, TenantRecord, TenantStatus, UnixMillis,
+};
 use crate::emf::Emf;
 use crate::ports::{Conflict, EnsureAnswer, HostError, HostOps, StoreError, TenantStore};
 

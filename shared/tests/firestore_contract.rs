@@ -315,7 +315,10 @@ async fn another_data_key_is_a_key_mismatch_and_writes_nothing() {
     is_mismatch(other.claim(&t, 2).await.map(|_| ()), "claim");
     let later = ChangeBatch { generation: 2, epoch: 2, changes: vec![put(RecordKind::Identity, "2.0", b"x")] };
     is_mismatch(other.write(&t, &later).await, "write");
-    is_mismatch(other.replace(&t, &CredentialSnapshot { generation: 5, records: Default::default() }, 2).await, "replace");
+    is_mismatch(
+        other.replace(&t, &CredentialSnapshot { generation: 5, records: Default::default() }, 2).await,
+        "replace",
+    );
     let msg = other.read(&t).await.unwrap_err().to_string();
     assert!(!msg.contains("VALUE-XYZ") && !msg.contains("1.0"), "no value or key: {msg}");
     // Nothing moved: the right key still reads generation 1, and epoch 1 is still not fenced off.

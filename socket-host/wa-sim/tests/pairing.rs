@@ -40,6 +40,13 @@ async fn scanning_a_qr_code_links_a_fresh_client() {
     snapshot.set_device(&wa_sim::device_to_record(&device).unwrap());
     snapshot.check_restorable().expect("a paired device is restorable");
     client.stop().await;
+    // A restart follows the old process's exit: wait until the server has seen its connection close, so the
+    // check below counts two clients at once only if they really overlapped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sim.device(&jid).is_some_and(|d| d.current_connections > 0) {
+        assert!(std::time::Instant::now() < deadline, "the stopped client's connection stayed open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut restored = TestClient::start(&sim.url(), &snapshot).await;
     restored.connected(Duration::from_secs(60)).await;
     let obs = sim.device(&jid).unwrap();

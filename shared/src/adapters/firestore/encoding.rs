@@ -89,7 +89,11 @@ pub(super) fn get_strings(doc: &Document, field: &str) -> Vec<String> {
 }
 
 pub(super) fn string_array(items: &[String]) -> Value {
-    Value { value_type: Some(ValueType::ArrayValue(pb::ArrayValue { values: items.iter().map(|s| string_value(s)).collect() })) }
+    Value {
+        value_type: Some(ValueType::ArrayValue(pb::ArrayValue {
+            values: items.iter().map(|s| string_value(s)).collect(),
+        })),
+    }
 }
 
 pub(super) fn parse_meta(doc: &Document) -> Result<Meta, StoreError> {

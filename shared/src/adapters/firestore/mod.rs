@@ -165,10 +165,9 @@ impl Meta {
     fn check_keys(meta: Option<&Meta>, cipher: &Cipher) -> Result<(), StoreError> {
         let Some(m) = meta.filter(|m| m.set.is_some()) else { return Ok(()) };
         match m.sealed_by.iter().find(|k| !KeyFingerprint::parse(k).is_some_and(|fp| cipher.holds(&fp))) {
-            Some(missing) => Err(StoreError::KeyMismatch {
-                sealed_with: missing.clone(),
-                holds: cipher.fingerprint().to_string(),
-            }),
+            Some(missing) => {
+                Err(StoreError::KeyMismatch { sealed_with: missing.clone(), holds: cipher.fingerprint().to_string() })
+            }
             None => Ok(()),
         }
     }
