@@ -94,7 +94,7 @@ pub async fn rotate(store: &FirestoreCredentialStore, concurrency: usize) -> any
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;
-    let mut report = RotateReport { fingerprint: store_fingerprint(store), ..Default::default() };
+    let mut report = RotateReport { fingerprint: store.cipher().fingerprint().to_string(), ..Default::default() };
     for (tenant, outcome) in outcomes {
         match outcome {
             Ok(Resealed::Done { records }) => {
@@ -115,8 +115,4 @@ pub async fn rotate(store: &FirestoreCredentialStore, concurrency: usize) -> any
         "key rotation done"
     );
     Ok(report)
-}
-
-fn store_fingerprint(store: &FirestoreCredentialStore) -> String {
-    store.cipher().fingerprint().to_string()
 }
