@@ -5,7 +5,6 @@
 //! Make one: `aws kms generate-data-key --key-id <key> --key-spec AES_256 --query CiphertextBlob --output text`
 //! (base64 of the wrapped key, which is what the variable holds).
 
-use aws_config::BehaviorVersion;
 use aws_sdk_kms::error::DisplayErrorContext;
 use aws_sdk_kms::primitives::Blob;
 use base64::Engine;
@@ -13,19 +12,19 @@ use base64::Engine;
 use crate::crypto::{CryptoError, StaticKey};
 
 /// Unwraps `wrapped` (base64 of a KMS ciphertext blob holding the 32-byte data key) with KMS, at `endpoint`
-/// when given (a local server in tests), else wherever the AWS configuration of the environment points.
+/// when given (a local server in tests), else wherever the AWS configuration of the environment points, with
+/// `timeouts` on the call.
 /// Errors name what failed, never the key.
-pub async fn unwrap_data_key(wrapped: &str, endpoint: Option<&str>) -> Result<StaticKey, CryptoError> {
+pub async fn unwrap_data_key(
+    wrapped: &str,
+    endpoint: Option<&str>,
+    timeouts: &crate::aws::AwsTimeouts,
+) -> Result<StaticKey, CryptoError> {
     let unavailable = |why: String| CryptoError::KeyUnavailable(format!("WAKEEPER_DATA_KEY_KMS: {why}"));
     let blob = base64::engine::general_purpose::STANDARD
         .decode(wrapped.trim())
         .map_err(|_| unavailable("not valid base64 of a KMS ciphertext".into()))?;
-    crate::tls::install_crypto_provider();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
-    if let Some(url) = endpoint {
-        loader = loader.endpoint_url(url);
-    }
-    let client = aws_sdk_kms::Client::new(&loader.load().await);
+    let client = aws_sdk_kms::Client::new(&crate::aws::sdk_config(timeouts, endpoint).await);
     let answer = client
         .decrypt()
         .ciphertext_blob(Blob::new(blob))

@@ -26,6 +26,8 @@
 
 pub mod adapters;
 pub mod alerts;
+#[cfg(any(feature = "dynamodb", feature = "kms", feature = "sns"))]
+pub mod aws;
 #[cfg(any(test, feature = "contract-tests"))]
 pub mod contract;
 pub mod crypto;

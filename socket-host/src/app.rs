@@ -95,6 +95,12 @@ fn host_id(config: &Config) -> anyhow::Result<String> {
 impl App {
     /// Builds every part from `config`. Fails fast on bad configuration.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // A receiver can only trust events signed with a key it shares: never sign with an empty one.
+        anyhow::ensure!(
+            config.webhook_urls.is_empty() || config.webhook_secret.is_some(),
+            "WAKEEPER_WEBHOOK_URLS is set but WAKEEPER_WEBHOOK_SECRET is not: set the secret the receivers verify \
+             the signature with (e.g. `head -c 32 /dev/urandom | base64`)"
+        );
         // Every local writer reports its disk faults here (see `disk_health`).
         let disk = DiskWatch::new();
         let Stores { credentials, tenants, cipher } =
@@ -183,11 +189,36 @@ impl App {
         if self.config.sweep_interval_s > 0 {
             self.state.sweeper.clone().start(Duration::from_secs(self.config.sweep_interval_s));
         }
-        crate::run(listener, self.state.clone(), shutdown).await?;
+        // The whole shutdown fits the deadline counted from the signal: the HTTP drain a quarter of it, then
+        // stopping sessions, then flushing replication until the end.
+        let (signalled, signalled_at) = tokio::sync::oneshot::channel();
+        let signal = async move {
+            shutdown.await;
+            let _ = signalled.send(tokio::time::Instant::now());
+        };
+        let limits = crate::http::HttpLimits {
+            header_read_timeout: Duration::from_secs(self.config.http_header_timeout_s.max(1)),
+            max_connections: self.config.http_max_connections.max(1),
+        };
+        let mut server =
+            tokio::spawn(crate::http::serve(listener, crate::api::router(self.state.clone()), limits, signal));
+        let started = signalled_at.await.unwrap_or_else(|_| tokio::time::Instant::now());
         let deadline = Duration::from_secs(self.config.shutdown_deadline_s);
-        let started = tokio::time::Instant::now();
-        let still_running = self.host.shutdown(deadline.mul_f64(0.6)).await;
-        let report = self.replicator.flush(started + deadline).await;
+        let end = started + deadline;
+        match tokio::time::timeout_at(started + deadline / 4, &mut server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "the HTTP server failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "the HTTP server task failed"),
+            Err(_) => {
+                server.abort();
+                tracing::warn!(
+                    "HTTP requests still running at a quarter of the shutdown deadline; not waiting for them"
+                );
+            }
+        }
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        let still_running = self.host.shutdown(left.mul_f64(0.6)).await;
+        let report = self.replicator.flush(end).await;
         tracing::info!(
             still_running,
             pending_tenants = report.pending_tenants,

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use wakeeper_shared::aws::AwsTimeouts;
 use wakeeper_shared::crypto::StaticKey;
 
 /// Log output format.
@@ -122,6 +123,15 @@ pub const SETTINGS: &[Setting] = &[
         None,
         "Google Cloud project of the Firestore credential store; unset = the embedded store",
     ),
+    Setting {
+        var: "WAKEEPER_FIRESTORE_CREDENTIALS",
+        flag: "firestore-credentials",
+        default: None,
+        help: "The Firestore service account's JSON key itself (the key file's text), for platforms whose \
+               secrets are variables. Unset: Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, \
+               the metadata server)",
+        secret: true,
+    },
     setting(
         "WAKEEPER_FIRESTORE_PREFIX",
         "firestore-prefix",
@@ -135,6 +145,24 @@ pub const SETTINGS: &[Setting] = &[
         "dynamodb-endpoint",
         None,
         "DynamoDB endpoint override (DynamoDB Local, moto)",
+    ),
+    setting(
+        "WAKEEPER_AWS_CONNECT_TIMEOUT_MS",
+        "aws-connect-timeout-ms",
+        None,
+        "Connect timeout of every AWS call (DynamoDB, KMS), in ms. Default 3000",
+    ),
+    setting(
+        "WAKEEPER_AWS_ATTEMPT_TIMEOUT_MS",
+        "aws-attempt-timeout-ms",
+        None,
+        "Timeout of one attempt of an AWS call, in ms (the SDK makes up to 3). Default 5000",
+    ),
+    setting(
+        "WAKEEPER_AWS_OPERATION_TIMEOUT_MS",
+        "aws-operation-timeout-ms",
+        None,
+        "Timeout of one AWS call, every attempt included, in ms. Default 15000",
     ),
     setting(
         "WAKEEPER_CONNECT_RATE",
@@ -207,6 +235,19 @@ pub const SETTINGS: &[Setting] = &[
         "Seconds between in-host health sweeps (0 = off; the cloud runs the sweep as a function instead)",
     ),
     setting(
+        "WAKEEPER_HTTP_HEADER_TIMEOUT_S",
+        "http-header-timeout-s",
+        Some("10"),
+        "Seconds a connection to the API may take to send a whole request head (after it opens, or idle after a \
+         response) before it is closed",
+    ),
+    setting(
+        "WAKEEPER_HTTP_MAX_CONNECTIONS",
+        "http-max-connections",
+        Some("1024"),
+        "Most connections to the API open at once; more wait in the accept queue",
+    ),
+    setting(
         "WAKEEPER_DISK_PROBE_S",
         "disk-probe-s",
         Some("10"),
@@ -254,12 +295,17 @@ pub struct Config {
     pub data_key_previous: Option<StaticKey>,
     /// Google Cloud project of the Firestore credential store; `None` = the embedded store.
     pub firestore_project: Option<String>,
+    /// The Firestore service account's JSON key (`WAKEEPER_FIRESTORE_CREDENTIALS`); `None` = Application
+    /// Default Credentials.
+    pub firestore_credentials: Option<String>,
     /// Prefix of the Firestore collections.
     pub firestore_prefix: String,
     /// DynamoDB table of tenants; `None` = the embedded store.
     pub dynamodb_table: Option<String>,
     /// DynamoDB endpoint override.
     pub dynamodb_endpoint: Option<String>,
+    /// Timeouts of every AWS call.
+    pub aws_timeouts: AwsTimeouts,
     /// Host-wide connect attempts per second (0 = unlimited).
     pub connect_rate: f64,
     /// Connect attempts allowed in one burst.
@@ -284,6 +330,10 @@ pub struct Config {
     pub sweep_interval_s: u64,
     /// Seconds between write probes of the data dir while no disk fault is known (0 = off).
     pub disk_probe_s: u64,
+    /// Seconds a connection may take to send a whole request head.
+    pub http_header_timeout_s: u64,
+    /// Most connections to the API open at once.
+    pub http_max_connections: usize,
 }
 
 /// Reads settings by variable name: the lookup's value, else the default; an empty value counts as unset.
@@ -354,9 +404,12 @@ impl Config {
                 .transpose()
                 .map_err(|e| ConfigError { var: "WAKEEPER_DATA_KEY_PREVIOUS", message: e.to_string() })?,
             firestore_project: r.raw("WAKEEPER_FIRESTORE_PROJECT"),
+            firestore_credentials: r.raw("WAKEEPER_FIRESTORE_CREDENTIALS"),
             firestore_prefix: r.required("WAKEEPER_FIRESTORE_PREFIX")?,
             dynamodb_table: r.raw("WAKEEPER_DYNAMODB_TABLE"),
             dynamodb_endpoint: r.raw("WAKEEPER_DYNAMODB_ENDPOINT"),
+            aws_timeouts: AwsTimeouts::from_lookup(|var| (r.lookup)(var))
+                .map_err(|message| ConfigError { var: "WAKEEPER_AWS_*_TIMEOUT_MS", message })?,
             connect_rate: r.required("WAKEEPER_CONNECT_RATE")?,
             connect_burst: r.required("WAKEEPER_CONNECT_BURST")?,
             connect_in_flight: r.required("WAKEEPER_CONNECT_IN_FLIGHT")?,
@@ -369,6 +422,8 @@ impl Config {
             silent_after_s: r.required("WAKEEPER_SILENT_AFTER_S")?,
             sweep_interval_s: r.required("WAKEEPER_SWEEP_INTERVAL_S")?,
             disk_probe_s: r.required("WAKEEPER_DISK_PROBE_S")?,
+            http_header_timeout_s: r.required("WAKEEPER_HTTP_HEADER_TIMEOUT_S")?,
+            http_max_connections: r.required("WAKEEPER_HTTP_MAX_CONNECTIONS")?,
         })
     }
 
@@ -397,9 +452,11 @@ impl fmt::Debug for Config {
             .field("kms_endpoint", &self.kms_endpoint)
             .field("data_key_previous", &self.data_key_previous.as_ref().map(|_| "<redacted>"))
             .field("firestore_project", &self.firestore_project)
+            .field("firestore_credentials", &redacted(&self.firestore_credentials))
             .field("firestore_prefix", &self.firestore_prefix)
             .field("dynamodb_table", &self.dynamodb_table)
             .field("dynamodb_endpoint", &self.dynamodb_endpoint)
+            .field("aws_timeouts", &self.aws_timeouts)
             .field("connect_rate", &self.connect_rate)
             .field("connect_burst", &self.connect_burst)
             .field("connect_in_flight", &self.connect_in_flight)
@@ -412,6 +469,8 @@ impl fmt::Debug for Config {
             .field("silent_after_s", &self.silent_after_s)
             .field("sweep_interval_s", &self.sweep_interval_s)
             .field("disk_probe_s", &self.disk_probe_s)
+            .field("http_header_timeout_s", &self.http_header_timeout_s)
+            .field("http_max_connections", &self.http_max_connections)
             .finish()
     }
 }
@@ -488,6 +547,9 @@ mod tests {
             ("WAKEEPER_CONTROL_TOKEN", "tok-s3cret"),
             ("WAKEEPER_WEBHOOK_SECRET", "hook-s3cret"),
             ("WAKEEPER_DATA_KEY", DATA_KEY),
+            ("WAKEEPER_DATA_KEY_PREVIOUS", DATA_KEY),
+            ("WAKEEPER_DATA_KEY_KMS", "kms-s3cret"),
+            ("WAKEEPER_FIRESTORE_CREDENTIALS", r#"{"private_key": "s3cret"}"#),
         ])
         .unwrap();
         assert!(c.data_key.is_some());

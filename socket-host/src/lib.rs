@@ -7,6 +7,7 @@
 //! - [`cli`]: the command line: a flag per setting, the sub-commands.
 //! - [`config`]: the settings, built from a lookup of `WAKEEPER_*` names (the environment, flags or a map).
 //! - [`stores`]: opens the data key and the credential and tenant stores the configuration names.
+//! - [`http`]: the HTTP server under it: header-read timeout, connection cap, graceful shutdown.
 //! - [`api`]: the HTTP surface (`/health`, `/ready`, control API, metrics, dashboard).
 //! - [`readiness`]: the named conditions behind `GET /ready` (restore finished, disk writable, ...).
 //! - [`disk_health`]: local disk faults reported once, probed with backoff and recovered in place.
@@ -38,6 +39,7 @@ pub mod disk_health;
 pub mod engine_store;
 pub mod governor;
 pub mod host;
+pub mod http;
 pub mod import;
 pub mod key_check;
 pub mod key_rotation;
@@ -59,11 +61,12 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-/// Serves the host's HTTP surface on `listener` until `shutdown` resolves.
+/// Serves the host's HTTP surface on `listener` until `shutdown` resolves, with the default
+/// [`http::HttpLimits`].
 pub async fn run(
     listener: TcpListener,
     state: Arc<api::AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown).await
+    http::serve(listener, api::router(state), http::HttpLimits::default(), shutdown).await
 }

@@ -32,6 +32,21 @@ pub enum StoresError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The data dir belongs to another user (a volume mounted root-owned), so it cannot be made private.
+    #[error(
+        "the data dir {path} is owned by uid {owner} and this process runs as uid {me}: start the container as \
+         the image does (its entrypoint runs as root, takes ownership of the volume and then runs the host as \
+         uid 10001; on Railway leave RAILWAY_RUN_UID unset), or give the directory to uid {me} \
+         (`chown -R {me}:{me} {path}`)"
+    )]
+    DataDirNotOurs {
+        /// The data dir.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's uid.
+        me: u32,
+    },
     /// The data key cannot be loaded or created.
     #[error("loading the data key: {0}")]
     DataKey(String),
@@ -94,7 +109,9 @@ impl Stores {
             Some(table) => {
                 let client = match &config.dynamodb_endpoint {
                     Some(url) => dynamodb::dynamo_client_for_endpoint(url),
-                    None => aws_sdk_dynamodb::Client::new(&aws_config::load_from_env().await),
+                    None => aws_sdk_dynamodb::Client::new(
+                        &wakeeper_shared::aws::sdk_config(&config.aws_timeouts, None).await,
+                    ),
                 };
                 Arc::new(dynamodb::DynamoTenantStore::new(client, table.clone()))
             }
@@ -110,9 +127,10 @@ pub(crate) async fn load_cipher(config: &Config) -> Result<Cipher, StoresError> 
     let (source, from) = match &config.data_key_kms {
         Some(_) if config.data_key.is_some() || config.key_file.is_some() => return Err(StoresError::TwoDataKeys),
         Some(wrapped) => {
-            let key = wakeeper_shared::kms::unwrap_data_key(wrapped, config.kms_endpoint.as_deref())
-                .await
-                .map_err(|e| StoresError::DataKey(e.to_string()))?;
+            let key =
+                wakeeper_shared::kms::unwrap_data_key(wrapped, config.kms_endpoint.as_deref(), &config.aws_timeouts)
+                    .await
+                    .map_err(|e| StoresError::DataKey(e.to_string()))?;
             (Box::new(key) as Box<dyn KeySource>, "WAKEEPER_DATA_KEY_KMS".to_string())
         }
         None => key_source(config)?,
@@ -159,25 +177,38 @@ async fn firestore_store(
 ) -> Result<Arc<dyn CredentialStore>, StoresError> {
     let (project, prefix, cipher) = (project.to_owned(), config.firestore_prefix.clone(), cipher.clone());
     let failed = |e: wakeeper_shared::ports::StoreError| StoresError::Firestore(e.to_string());
+    let auth = match &config.firestore_credentials {
+        Some(json) => {
+            firestore::FirestoreAuth::service_account_json(json, "WAKEEPER_FIRESTORE_CREDENTIALS").map_err(failed)?
+        }
+        None => firestore::FirestoreAuth::Default,
+    };
+    tracing::info!(project = %project, auth = ?auth, "firestore credential store");
     Ok(match connect {
-        Connect::OnFirstUse => {
-            Arc::new(firestore::LazyFirestoreCredentialStore::new(project, cipher, prefix).map_err(failed)?)
-        }
-        Connect::Now => {
-            Arc::new(firestore::FirestoreCredentialStore::new(project, cipher, prefix).await.map_err(failed)?)
-        }
+        Connect::OnFirstUse => Arc::new(
+            firestore::LazyFirestoreCredentialStore::new(project, cipher, prefix).map_err(failed)?.with_auth(auth),
+        ),
+        Connect::Now => Arc::new(
+            firestore::FirestoreCredentialStore::new_with(project, &auth, cipher, prefix).await.map_err(failed)?,
+        ),
     })
 }
 
 fn private_dir(dir: &std::path::Path) -> Result<(), StoresError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let failed = |source| StoresError::DataDir { path: dir.to_owned(), source };
     std::fs::create_dir_all(dir).map_err(failed)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)?;
-    }
-    Ok(())
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+        // A volume the platform mounted root-owned: say whose it is and what to do, not just EPERM.
+        let owner = std::fs::metadata(dir).map(|m| m.uid()).ok();
+        let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        match (e.kind(), owner, me) {
+            (std::io::ErrorKind::PermissionDenied, Some(owner), Some(me)) if owner != me => {
+                StoresError::DataDirNotOurs { path: dir.to_owned(), owner, me }
+            }
+            _ => failed(e),
+        }
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Files are what they claim to be (issue 19): a key or token file open to group or others is refused at start
-//! with the `chmod` that fixes it, a loose data dir is tightened, and a tenant directory replaced by a symlink is
+//! with the `chmod` that fixes it, a key file that is a symlink is refused, a loose data dir is tightened, and a tenant directory replaced by a symlink is
 //! never followed (the tenant does not open; nothing is written outside the data dir; the others open).
 
 use std::os::unix::fs::PermissionsExt;
@@ -31,6 +31,21 @@ async fn a_key_file_open_to_others_is_refused_at_start() {
     let fix = format!("chmod 600 {}", dirs.key_file().display());
     assert!(log.contains(&fix), "the message names the fix `{fix}`: {log}");
     assert!(!dirs.data().join("store.redb").exists(), "nothing was opened or written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_that_is_a_symlink_is_refused_at_start() {
+    let dirs = Dirs::new();
+    // A private key file elsewhere, and the configured path a symlink to it: the host must not follow it.
+    let elsewhere = dirs.root.path().join("elsewhere.key");
+    std::fs::write(&elsewhere, [9u8; 32]).unwrap();
+    chmod(&elsewhere, 0o600);
+    std::fs::create_dir_all(dirs.key_file().parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, dirs.key_file()).unwrap();
+    let log = refused_start(&dirs, &[]);
+    assert!(log.contains("symbolic link") && log.contains(&dirs.key_file().display().to_string()), "{log}");
+    assert!(!dirs.data().join("store.redb").exists(), "nothing was opened or written");
+    assert_eq!(std::fs::read(&elsewhere).unwrap(), [9u8; 32], "the link's target is untouched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

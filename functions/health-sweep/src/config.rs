@@ -18,11 +18,13 @@
 //! | `WAKEEPER_SWEEP_ALERT_AFTER` | `3` | alert when a tenant fails more sweeps in a row than this |
 //! | `WAKEEPER_SWEEP_SILENT_AFTER_S` | `120` | open but nothing received this long: reconnect (0 = off) |
 //! | `WAKEEPER_SWEEP_CONCURRENCY` | `16` | host calls and writes in flight at once |
+//! | `WAKEEPER_AWS_*_TIMEOUT_MS` | 3000, 5000, 15000 | connect, attempt and operation timeouts of AWS calls ([`wakeeper_shared::aws`]) |
 //! | `WAKEEPER_LOG` | `info` | log filter |
 
 use std::time::Duration;
 
 use anyhow::bail;
+use wakeeper_shared::aws::AwsTimeouts;
 use wakeeper_shared::domain::reconcile::Policy;
 use wakeeper_shared::lambda::{ConfigError, HostsConfig, Secret, TableConfig, number};
 use wakeeper_shared::sweep::SweepPolicy;
@@ -47,6 +49,8 @@ pub struct Config {
     pub alerts: AlertConfig,
     /// The sweep's knobs.
     pub policy: SweepPolicy,
+    /// Timeouts of every AWS call.
+    pub aws: AwsTimeouts,
 }
 
 impl Config {
@@ -56,7 +60,8 @@ impl Config {
         let table = TableConfig::from_lookup(&get)?;
         let alerts = AlertConfig::from_lookup(&get)?;
         let policy = sweep_policy(&get)?;
-        Ok(Self { hosts, table, alerts, policy })
+        let aws = AwsTimeouts::from_lookup(&get).map_err(anyhow::Error::msg)?;
+        Ok(Self { hosts, table, alerts, policy, aws })
     }
 }
 

@@ -82,7 +82,7 @@ impl State {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let settings = ClientSettings { hosts: config.hosts, alerts: config.alerts, sdk: None };
         let needs_aws = config.table.needs_aws() || settings.fetches() || settings.alerts.topic_arn.is_some();
-        let settings = ClientSettings { sdk: aws_config_if(needs_aws).await, ..settings };
+        let settings = ClientSettings { sdk: aws_config_if(needs_aws, &config.aws).await, ..settings };
         let tenants = Arc::new(config.table.tenant_store(settings.sdk.as_ref()));
         // Nothing to fetch: build the clients now, so a bad URL or setting fails the cold start.
         let clients =

@@ -12,10 +12,12 @@
 //! | `WAKEEPER_HOST_TIMEOUT_S` | `10` | per-attempt timeout of a control-API call (3 attempts) |
 //! | `WAKEEPER_RESTORE_CONCURRENCY` | `16` | ensure calls in flight at once |
 //! | `WAKEEPER_RESTORE_RESERVE_S` | 3 x timeout + 5 | no new call starts with less time than this left |
+//! | `WAKEEPER_AWS_*_TIMEOUT_MS` | 3000, 5000, 15000 | connect, attempt and operation timeouts of AWS calls ([`wakeeper_shared::aws`]) |
 //! | `WAKEEPER_LOG` | `info` | log filter |
 
 use std::time::Duration;
 
+use wakeeper_shared::aws::AwsTimeouts;
 use wakeeper_shared::lambda::{HostsConfig, TableConfig, number};
 use wakeeper_shared::restore::RestoreLimits;
 
@@ -28,6 +30,8 @@ pub struct Config {
     pub table: TableConfig,
     /// Concurrency and time reserve of the fan-out.
     pub limits: RestoreLimits,
+    /// Timeouts of every AWS call.
+    pub aws: AwsTimeouts,
 }
 
 impl Config {
@@ -39,7 +43,8 @@ impl Config {
         // A call in flight may take three attempts plus their backoff; it must finish inside the reserve.
         let default_reserve = hosts.timeout.as_secs() * 3 + 5;
         let reserve = Duration::from_secs(number(&get, "WAKEEPER_RESTORE_RESERVE_S", default_reserve)?);
-        Ok(Self { hosts, table, limits: RestoreLimits { concurrency, reserve, ..RestoreLimits::default() } })
+        let aws = AwsTimeouts::from_lookup(&get).map_err(anyhow::Error::msg)?;
+        Ok(Self { hosts, table, limits: RestoreLimits { concurrency, reserve, ..RestoreLimits::default() }, aws })
     }
 }
 

@@ -36,7 +36,7 @@ pub struct State {
 impl State {
     /// Builds the clients. Talks to AWS only when it must (the real DynamoDB), and never over the network.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let sdk = aws_config_if(config.table.needs_aws() || config.hosts.token.needs_aws()).await;
+        let sdk = aws_config_if(config.table.needs_aws() || config.hosts.token.needs_aws(), &config.aws).await;
         let tenants = Arc::new(config.table.tenant_store(sdk.as_ref()));
         // A token given as its value costs nothing: build the clients now, so a bad URL fails the cold start.
         let hosts = match config.hosts.token {

@@ -48,9 +48,10 @@ pub enum FleetError {
     Host(#[from] HostError),
 }
 
-/// The AWS configuration from the environment when `needed` (no request is made), else `None`.
-pub async fn aws_config_if(needed: bool) -> Option<SdkConfig> {
-    if needed { Some(aws_config::load_from_env().await) } else { None }
+/// The AWS configuration from the environment, with `timeouts` on every call, when `needed` (no request is
+/// made), else `None`.
+pub async fn aws_config_if(needed: bool, timeouts: &crate::aws::AwsTimeouts) -> Option<SdkConfig> {
+    if needed { Some(crate::aws::sdk_config(timeouts, None).await) } else { None }
 }
 
 /// The secret's value, trimmed and non-empty. `sdk` is needed only for a Secrets Manager reference.

@@ -19,13 +19,16 @@
 //!   values, which are taken as Buffers).
 //!
 //! The documents are read over Firestore's REST API: from `FIRESTORE_EMULATOR_HOST` when set, otherwise from
-//! `firestore.googleapis.com` with an OAuth access token (`--firestore-token`, or the metadata server on
-//! Google Cloud). File names then go through the same checks as a folder's ([`AuthFiles::insert`]).
+//! `firestore.googleapis.com`, authenticated as the host is: a service account's key (a file or a variable),
+//! else Application Default Credentials (gcloud's login, `GOOGLE_APPLICATION_CREDENTIALS`, the metadata
+//! server); `--firestore-token` gives an access token instead. File names then go through the same checks as a folder's ([`AuthFiles::insert`]).
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use clap::ValueEnum;
 use serde_json::{Map, Value};
+
+use wakeeper_shared::adapters::firestore::FirestoreAuth;
 
 use super::baileys::{AuthFiles, BaileysError, MAX_FILE_BYTES};
 
@@ -55,8 +58,10 @@ pub struct FirestoreSource {
     pub map_field: Option<String>,
     /// Field holding a file's JSON text.
     pub value_field: String,
-    /// OAuth access token for the real service (ignored by the emulator).
+    /// OAuth access token for the real service (ignored by the emulator); else `auth` makes one.
     pub token: Option<String>,
+    /// How to authenticate without a token: a service account key, or Application Default Credentials.
+    pub auth: FirestoreAuth,
 }
 
 /// Largest single HTTP response read.
@@ -92,7 +97,8 @@ fn check_field_name(name: &str, flag: &str) -> Result<(), BaileysError> {
 struct Rest {
     http: reqwest::Client,
     base: reqwest::Url,
-    token: String,
+    /// The `Authorization` header's value.
+    authorization: String,
 }
 
 impl Rest {
@@ -101,15 +107,22 @@ impl Rest {
             .timeout(std::time::Duration::from_secs(60))
             .build()
             .map_err(|e| src_err(format!("http client: {e}")))?;
-        let (root, token) = match std::env::var("FIRESTORE_EMULATOR_HOST").ok().filter(|h| !h.is_empty()) {
+        let (root, authorization) = match std::env::var("FIRESTORE_EMULATOR_HOST").ok().filter(|h| !h.is_empty()) {
             // The emulator takes this token as an administrator's and skips security rules.
-            Some(host) => (format!("http://{host}/"), "owner".to_owned()),
+            Some(host) => (format!("http://{host}/"), "Bearer owner".to_owned()),
             None => {
-                let token = match &src.token {
-                    Some(t) if !t.is_empty() => t.clone(),
-                    _ => metadata_token(&http).await?,
+                let authorization = match &src.token {
+                    Some(t) if !t.is_empty() => format!("Bearer {t}"),
+                    _ => src.auth.authorization().await.map_err(|e| {
+                        src_err(format!(
+                            "no credentials ({e}): give the service account's key (--firestore-credentials-file or \
+                             WAKEEPER_IMPORT_FIRESTORE_CREDENTIALS), use Application Default Credentials \
+                             (`gcloud auth application-default login`, GOOGLE_APPLICATION_CREDENTIALS, Google \
+                             Cloud's metadata server), or pass --firestore-token"
+                        ))
+                    })?,
                 };
-                ("https://firestore.googleapis.com/".to_owned(), token)
+                ("https://firestore.googleapis.com/".to_owned(), authorization)
             }
         };
         let mut base = reqwest::Url::parse(&root).map_err(|e| src_err(format!("bad endpoint: {e}")))?;
@@ -121,7 +134,7 @@ impl Rest {
             "(default)",
             "documents",
         ]);
-        Ok(Self { http, base, token })
+        Ok(Self { http, base, authorization })
     }
 
     fn url(&self, segments: &[&str]) -> reqwest::Url {
@@ -135,7 +148,7 @@ impl Rest {
         let mut resp = self
             .http
             .get(url)
-            .bearer_auth(&self.token)
+            .header(reqwest::header::AUTHORIZATION, &self.authorization)
             .send()
             .await
             .map_err(|e| src_err(format!("request failed: {}", e.without_url())))?;
@@ -158,24 +171,6 @@ impl Rest {
         }
         serde_json::from_slice(&body).map(Some).map_err(|_| src_err("a response is not JSON"))
     }
-}
-
-/// The default service account's token, on Google Cloud.
-async fn metadata_token(http: &reqwest::Client) -> Result<String, BaileysError> {
-    let no_token = || {
-        src_err(
-            "no access token: pass --firestore-token (e.g. `$(gcloud auth print-access-token)`) or run on Google Cloud",
-        )
-    };
-    let resp = http
-        .get("http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/token")
-        .header("Metadata-Flavor", "Google")
-        .timeout(std::time::Duration::from_secs(3))
-        .send()
-        .await
-        .map_err(|_| no_token())?;
-    let v: Value = resp.json().await.map_err(|_| no_token())?;
-    v.get("access_token").and_then(Value::as_str).map(str::to_owned).ok_or_else(no_token)
 }
 
 /// Reads the auth state at `src`.

@@ -23,6 +23,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
+use wakeeper_shared::adapters::firestore::FirestoreAuth;
 use wakeeper_shared::domain::{
     RecordChange, RecordKey, RecordKind, StatusUpdate, TenantId, TenantStatus, UnixMillis, now_millis,
 };
@@ -79,9 +80,39 @@ pub struct BaileysArgs {
     /// Project of the Baileys data (default: the credential store's project, then `GOOGLE_CLOUD_PROJECT`).
     #[arg(long, env = "WAKEEPER_IMPORT_FIRESTORE_PROJECT")]
     pub firestore_source_project: Option<String>,
-    /// OAuth access token for Firestore (not needed with the emulator or on Google Cloud).
+    /// OAuth access token for Firestore (instead of a key or Application Default Credentials).
     #[arg(long, env = "WAKEEPER_IMPORT_FIRESTORE_TOKEN", hide_env_values = true)]
     pub firestore_token: Option<String>,
+    /// The old system's service account key file (JSON; mode 0600). Default: the key text in
+    /// WAKEEPER_IMPORT_FIRESTORE_CREDENTIALS, then the host's WAKEEPER_FIRESTORE_CREDENTIALS, then Application
+    /// Default Credentials.
+    #[arg(long, env = "WAKEEPER_IMPORT_FIRESTORE_CREDENTIALS_FILE", value_name = "FILE")]
+    pub firestore_credentials_file: Option<PathBuf>,
+    /// The old system's service account key itself (the key file's text).
+    #[arg(long, env = "WAKEEPER_IMPORT_FIRESTORE_CREDENTIALS", hide_env_values = true, value_name = "JSON")]
+    pub firestore_credentials: Option<String>,
+}
+
+/// How `--from-firestore` authenticates: a key file, a key in a variable (the import's, then the host's), else
+/// Application Default Credentials.
+fn import_auth(config: &Config, args: &BaileysArgs) -> Result<FirestoreAuth, ImportError> {
+    let bad = |e: StoreError| ImportError::Config(e.to_string());
+    if let Some(path) = &args.firestore_credentials_file {
+        let raw = wakeeper_shared::private_files::read_secret_file(path)
+            .map_err(|e| ImportError::Config(e.to_string()))?
+            .ok_or_else(|| ImportError::Config(format!("{} does not exist", path.display())))?;
+        let text =
+            String::from_utf8(raw).map_err(|_| ImportError::Config(format!("{} is not text", path.display())))?;
+        return FirestoreAuth::service_account_json(&text, &path.display().to_string()).map_err(bad);
+    }
+    let given = [
+        (args.firestore_credentials.as_deref(), "WAKEEPER_IMPORT_FIRESTORE_CREDENTIALS"),
+        (config.firestore_credentials.as_deref(), "WAKEEPER_FIRESTORE_CREDENTIALS"),
+    ];
+    match given.into_iter().find_map(|(text, var)| text.filter(|t| !t.trim().is_empty()).map(|t| (t, var))) {
+        Some((text, var)) => FirestoreAuth::service_account_json(text, var).map_err(bad),
+        None => Ok(FirestoreAuth::Default),
+    }
 }
 
 /// `import tenants`.
@@ -188,9 +219,11 @@ pub async fn run(config: &Config, cmd: &ImportCommand, out: &mut dyn Write) -> R
 /// The stores `serve` would use, opened the same way.
 async fn open_stores(config: &Config) -> Result<Stores, ImportError> {
     Stores::from_config(config, Connect::Now).await.map_err(|e| match e {
-        StoresError::DataDir { .. } | StoresError::DataKey(_) | StoresError::NoDataKey | StoresError::TwoDataKeys => {
-            ImportError::Config(e.to_string())
-        }
+        StoresError::DataDir { .. }
+        | StoresError::DataDirNotOurs { .. }
+        | StoresError::DataKey(_)
+        | StoresError::NoDataKey
+        | StoresError::TwoDataKeys => ImportError::Config(e.to_string()),
         StoresError::Embedded(_) | StoresError::Firestore(_) => ImportError::Store(e.to_string()),
     })
 }
@@ -224,6 +257,7 @@ async fn import_baileys(config: &Config, args: &BaileysArgs, out: &mut dyn Write
                 map_field: args.firestore_map_field.clone(),
                 value_field: args.firestore_value_field.clone(),
                 token: args.firestore_token.clone(),
+                auth: import_auth(config, args)?,
             };
             (firestore::read(&source).await?, "firestore")
         }

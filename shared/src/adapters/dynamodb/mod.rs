@@ -37,7 +37,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
-use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
@@ -85,8 +84,8 @@ pub struct DynamoTenantStore {
 }
 
 /// A client for a DynamoDB endpoint such as DynamoDB Local or moto_server: region us-east-1 and dummy static
-/// credentials (local servers accept any; DynamoDB Local 3 wants the key id alphanumeric), a 10 s limit per
-/// operation. Tests and one-machine use only; in
+/// credentials (local servers accept any; DynamoDB Local 3 wants the key id alphanumeric), the default
+/// timeouts of [`crate::aws`]. Tests and one-machine use only; in
 /// AWS build the client from `aws-config` so credentials come from the environment or the role.
 pub fn dynamo_client_for_endpoint(url: &str) -> Client {
     let config = aws_sdk_dynamodb::Config::builder()
@@ -94,7 +93,7 @@ pub fn dynamo_client_for_endpoint(url: &str) -> Client {
         .endpoint_url(url)
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("wakeeperlocal", "wakeeperlocal", None, None, "wakeeper-static"))
-        .timeout_config(TimeoutConfig::builder().operation_timeout(Duration::from_secs(10)).build())
+        .timeout_config(crate::aws::AwsTimeouts::default().timeout_config())
         .build();
     Client::from_conf(config)
 }

@@ -10,6 +10,7 @@ pub struct LazyFirestoreCredentialStore {
     project_id: String,
     cipher: Cipher,
     prefix: String,
+    auth: FirestoreAuth,
     store: tokio::sync::OnceCell<FirestoreCredentialStore>,
 }
 
@@ -22,14 +23,31 @@ impl LazyFirestoreCredentialStore {
     ) -> Result<Self, StoreError> {
         let prefix = collection_prefix.into();
         check_prefix(&prefix)?;
-        Ok(Self { project_id: project_id.into(), cipher, prefix, store: tokio::sync::OnceCell::new() })
+        Ok(Self {
+            project_id: project_id.into(),
+            cipher,
+            prefix,
+            auth: FirestoreAuth::Default,
+            store: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// Authenticates as `auth` says when it connects.
+    pub fn with_auth(mut self, auth: FirestoreAuth) -> Self {
+        self.auth = auth;
+        self
     }
 
     pub(super) async fn store(&self) -> Result<&FirestoreCredentialStore, StoreError> {
         self.store
             .get_or_try_init(|| async {
-                let connect =
-                    FirestoreCredentialStore::new(self.project_id.clone(), self.cipher.clone(), self.prefix.clone());
+                let options = FirestoreDbOptions::new(self.project_id.clone());
+                let connect = FirestoreCredentialStore::connect_with(
+                    options,
+                    &self.auth,
+                    self.cipher.clone(),
+                    self.prefix.clone(),
+                );
                 let store = tokio::time::timeout(DEFAULT_TIMEOUT, connect).await.map_err(|_| {
                     StoreError::Unavailable(format!("connecting to firestore: timed out after {DEFAULT_TIMEOUT:?}"))
                 })??;

@@ -217,10 +217,28 @@ impl FirestoreCredentialStore {
         cipher: Cipher,
         collection_prefix: impl Into<String>,
     ) -> Result<Self, StoreError> {
+        Self::connect_with(options, &FirestoreAuth::Default, cipher, collection_prefix).await
+    }
+
+    /// [`new`](Self::new), authenticating as `auth` says.
+    pub async fn new_with(
+        project_id: impl Into<String>,
+        auth: &FirestoreAuth,
+        cipher: Cipher,
+        collection_prefix: impl Into<String>,
+    ) -> Result<Self, StoreError> {
+        Self::connect_with(FirestoreDbOptions::new(project_id.into()), auth, cipher, collection_prefix).await
+    }
+
+    /// [`connect`](Self::connect), authenticating as `auth` says.
+    pub async fn connect_with(
+        options: FirestoreDbOptions,
+        auth: &FirestoreAuth,
+        cipher: Cipher,
+        collection_prefix: impl Into<String>,
+    ) -> Result<Self, StoreError> {
         crate::tls::install_crypto_provider();
-        let db = FirestoreDb::with_options(options)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("connecting to firestore: {e}")))?;
+        let db = auth.connect(options).await?;
         Self::from_db(db, cipher, collection_prefix)
     }
 
@@ -262,6 +280,7 @@ impl FirestoreCredentialStore {
     }
 }
 
+mod auth;
 mod calls;
 #[cfg(feature = "contract-tests")]
 mod contract_hooks;
@@ -272,6 +291,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
+pub use auth::FirestoreAuth;
 use encoding::*;
 pub use lazy::LazyFirestoreCredentialStore;
 pub use reseal::Resealed;
