@@ -132,8 +132,13 @@ impl App {
                 }
             });
         }
-        let webhooks =
-            crate::webhooks::start(host.subscribe(), config.webhook_urls.clone(), config.webhook_secret.clone());
+        let signer = config
+            .webhook_secret
+            .as_deref()
+            .map(wakeeper_shared::webhook::Signer::new)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("WAKEEPER_WEBHOOK_SECRET: {e}"))?;
+        let webhooks = crate::webhooks::start(host.subscribe(), config.webhook_urls.clone(), signer.clone());
         if !config.webhook_urls.is_empty() {
             let outbox = crate::outbox::Outbox::open_watched(
                 config.data_dir.join(crate::outbox::OUTBOX_FILE),
@@ -143,7 +148,7 @@ impl App {
                 disk.clone(),
             )
             .context("opening the message outbox")?;
-            outbox.start_delivery(config.webhook_secret.clone());
+            outbox.start_delivery(signer.clone().expect("checked above: webhook URLs come with a secret"));
             host.set_outbox(outbox);
         }
         let mut state = AppState::new(host.clone(), control_token(&config)?);

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use wakeeper_shared::crypto::Cipher;
 use wakeeper_shared::disk::{DiskWatch, RedbFile};
-use wakeeper_shared::webhook::{EVENT_ID_HEADER, SIGNATURE_HEADER, sign};
+use wakeeper_shared::webhook::{Signer, unix_seconds};
 
 /// The file name of the outbox inside the data dir.
 pub const OUTBOX_FILE: &str = "outbox.redb";
@@ -316,10 +316,9 @@ impl Outbox {
     }
 
     /// Starts one delivery task per URL; each runs for the life of the process.
-    pub fn start_delivery(&self, secret: Option<String>) {
-        let secret: Arc<Vec<u8>> = Arc::new(secret.unwrap_or_default().into_bytes());
-        let http =
-            wakeeper_shared::tls::http_client().timeout(Duration::from_secs(10)).build().expect("http client builds");
+    pub fn start_delivery(&self, signer: Signer) {
+        let secret = Arc::new(signer);
+        let http = crate::webhooks::webhook_client();
         for index in 0..self.inner.urls.len() {
             tokio::spawn(self.clone().deliver(index, http.clone(), secret.clone()));
         }
@@ -333,7 +332,7 @@ impl Outbox {
         tokio::task::spawn_blocking(move || me.reported("reading or marking events", f(&me))).await.map_err(data_err)?
     }
 
-    async fn deliver(self, index: usize, http: reqwest::Client, secret: Arc<Vec<u8>>) {
+    async fn deliver(self, index: usize, http: reqwest::Client, secret: Arc<Signer>) {
         let url = self.inner.urls[index].clone();
         let mut cursor = 0u64;
         let mut store_delay = Duration::from_millis(200);
@@ -375,22 +374,18 @@ impl Outbox {
         &self,
         http: &reqwest::Client,
         url: &str,
-        secret: &[u8],
+        secret: &Signer,
         seq: u64,
         stored: &Stored,
     ) -> bool {
-        let signature = sign(secret, stored.body.as_bytes());
         let mut delay = Duration::from_millis(200);
         loop {
-            let sent = http
-                .post(url)
-                .header("content-type", "application/json")
-                .header(SIGNATURE_HEADER, &signature)
-                .header(EVENT_ID_HEADER, &stored.id)
-                .header(IDEMPOTENCY_HEADER, &stored.id)
-                .body(stored.body.clone())
-                .send()
-                .await;
+            let mut request =
+                http.post(url).header("content-type", "application/json").header(IDEMPOTENCY_HEADER, &stored.id);
+            for (name, value) in secret.headers(&stored.id, unix_seconds(), stored.body.as_bytes()) {
+                request = request.header(name, value);
+            }
+            let sent = request.body(stored.body.clone()).send().await;
             match sent {
                 Ok(r) if r.status().is_success() => return true,
                 Ok(r) => tracing::warn!(status = r.status().as_u16(), "message webhook refused; retrying"),

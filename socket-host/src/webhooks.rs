@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{Mutex, Notify, broadcast};
 use wakeeper_shared::domain::{SessionState, StateChange, TenantId};
-use wakeeper_shared::webhook::{EVENT_ID_HEADER, SIGNATURE_HEADER, sign};
+use wakeeper_shared::webhook::{Signer, unix_seconds};
 
 /// Failures in a row after which an alert fires.
 pub const ALERT_AFTER_FAILURES: u32 = 3;
@@ -123,13 +123,12 @@ impl Webhooks {
 
 /// Starts delivery of `changes` to `urls`. Returns at once (the handle queues further events on the same
 /// URLs); runs until the channel closes.
-pub fn start(mut changes: broadcast::Receiver<StateChange>, urls: Vec<String>, secret: Option<String>) -> Webhooks {
-    if urls.is_empty() {
+pub fn start(mut changes: broadcast::Receiver<StateChange>, urls: Vec<String>, signer: Option<Signer>) -> Webhooks {
+    let Some(signer) = signer.filter(|_| !urls.is_empty()) else {
         return Webhooks::default();
-    }
-    let secret: Arc<Vec<u8>> = Arc::new(secret.unwrap_or_default().into_bytes());
-    let http =
-        wakeeper_shared::tls::http_client().timeout(Duration::from_secs(10)).build().expect("http client builds");
+    };
+    let secret = Arc::new(signer);
+    let http = webhook_client();
     let queues: Vec<Arc<Queue>> = urls
         .into_iter()
         .map(|url| {
@@ -162,7 +161,17 @@ pub fn start(mut changes: broadcast::Receiver<StateChange>, urls: Vec<String>, s
     handle
 }
 
-async fn deliver(url: String, q: Arc<Queue>, http: reqwest::Client, secret: Arc<Vec<u8>>) {
+/// The HTTP client of every webhook delivery: bounded in time, and never following a redirect (a redirect
+/// would carry the signed body somewhere the operator did not name).
+pub(crate) fn webhook_client() -> reqwest::Client {
+    wakeeper_shared::tls::http_client()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client builds")
+}
+
+async fn deliver(url: String, q: Arc<Queue>, http: reqwest::Client, secret: Arc<Signer>) {
     loop {
         let next = q.items.lock().await.front().cloned();
         let Some((id, body)) = next else {
@@ -171,14 +180,11 @@ async fn deliver(url: String, q: Arc<Queue>, http: reqwest::Client, secret: Arc<
         };
         let mut delay = Duration::from_millis(200);
         loop {
-            let sent = http
-                .post(&url)
-                .header("content-type", "application/json")
-                .header(SIGNATURE_HEADER, sign(&secret, &body))
-                .header(EVENT_ID_HEADER, &id)
-                .body(body.clone())
-                .send()
-                .await;
+            let mut request = http.post(&url).header("content-type", "application/json");
+            for (name, value) in secret.headers(&id, unix_seconds(), &body) {
+                request = request.header(name, value);
+            }
+            let sent = request.body(body.clone()).send().await;
             match sent {
                 Ok(r) if r.status().is_success() => break,
                 Ok(r) => tracing::warn!(status = r.status().as_u16(), "webhook refused; retrying"),

@@ -5,25 +5,27 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{AlertError, AlertMessage, AlertSink};
-use crate::webhook::{EVENT_ID_HEADER, SIGNATURE_HEADER, sign};
+use crate::webhook::{Signer, unix_seconds};
 
 /// POSTs each alert as JSON, signed with HMAC-SHA256. Retries connection failures and 5xx a few times within
 /// a few seconds (the sweep must end well inside its two minutes); a 4xx is final.
 pub struct WebhookAlerts {
     http: reqwest::Client,
     url: String,
-    secret: Vec<u8>,
+    secret: Signer,
     attempts: u32,
 }
 
 impl WebhookAlerts {
     /// A sink posting to `url`, signing with `secret`.
     pub fn new(url: String, secret: &str) -> Result<Self, AlertError> {
+        let secret = Signer::new(secret).map_err(AlertError)?;
         let http = crate::tls::http_client()
             .timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| AlertError(format!("webhook client: {e}")))?;
-        Ok(Self { http, url, secret: secret.as_bytes().to_vec(), attempts: 3 })
+        Ok(Self { http, url, secret, attempts: 3 })
     }
 }
 
@@ -31,21 +33,16 @@ impl WebhookAlerts {
 impl AlertSink for WebhookAlerts {
     async fn send(&self, alert: &AlertMessage) -> Result<(), AlertError> {
         let body = serde_json::to_vec(alert).map_err(|e| AlertError(e.to_string()))?;
-        let signature = sign(&self.secret, &body);
         let mut last = String::new();
         for attempt in 0..self.attempts {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
             }
-            let sent = self
-                .http
-                .post(&self.url)
-                .header("content-type", "application/json")
-                .header(SIGNATURE_HEADER, &signature)
-                .header(EVENT_ID_HEADER, &alert.id)
-                .body(body.clone())
-                .send()
-                .await;
+            let mut request = self.http.post(&self.url).header("content-type", "application/json");
+            for (name, value) in self.secret.headers(&alert.id, unix_seconds(), &body) {
+                request = request.header(name, value);
+            }
+            let sent = request.body(body.clone()).send().await;
             match sent {
                 Ok(r) if r.status().is_success() => return Ok(()),
                 Ok(r) if r.status().is_server_error() => last = format!("webhook answered {}", r.status().as_u16()),
@@ -126,8 +123,12 @@ mod tests {
         assert_eq!(got.len(), 2, "one retry after the 503");
         let (headers, body) = &got[1];
         let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        assert_eq!(header("x-wakeeper-signature"), Some(sign(b"hook-secret", body)));
+        assert_eq!(header("x-wakeeper-signature"), Some(crate::webhook::sign(b"hook-secret", body)));
         assert_eq!(header("x-wakeeper-event-id"), Some(msg.id.clone()));
+        assert_eq!(header("webhook-id"), Some(msg.id.clone()));
+        let ts: u64 = header("webhook-timestamp").unwrap().parse().unwrap();
+        let signer = Signer::new("hook-secret").unwrap();
+        assert_eq!(header("webhook-signature"), Some(signer.standard_signature(&msg.id, ts, body)));
         let parsed: AlertMessage = serde_json::from_slice(body).unwrap();
         assert_eq!(parsed, msg);
     }
