@@ -108,6 +108,7 @@ impl App {
                 .await
                 .context("opening the stores")?;
 
+        let probe_stores = (credentials.clone(), tenants.clone());
         let replicator = Replicator::start(credentials.clone(), ReplicatorConfig::default());
         let local = LocalCopies::new(config.data_dir.clone(), cipher.clone()).reporting_to(disk.clone());
         let key_check = Arc::new(KeyCheck::new());
@@ -155,6 +156,12 @@ impl App {
         state.disk = disk.clone();
         let restore_finished = state.readiness.condition(crate::readiness::RESTORE_FINISHED);
         key_check.report_to(state.readiness.condition(crate::readiness::DATA_KEY_VERIFIED));
+        let (probe_credentials, probe_tenants) = probe_stores;
+        crate::store_probe::start(
+            probe_credentials,
+            probe_tenants,
+            state.readiness.condition(crate::store_probe::STORES_REACHABLE),
+        );
         crate::disk_health::DiskHealth {
             disk,
             data_dir: config.data_dir.clone(),

@@ -6,6 +6,7 @@
 //! - [`app`]: builds a whole host from its configuration and serves it.
 //! - [`cli`]: the command line: a flag per setting, the sub-commands.
 //! - [`config`]: the settings, built from a lookup of `WAKEEPER_*` names (the environment, flags or a map).
+//! - [`store_probe`]: the `stores_reachable` readiness condition (both stores answered since start).
 //! - [`stores`]: opens the data key and the credential and tenant stores the configuration names.
 //! - [`http`]: the HTTP server under it: header-read timeout, connection cap, graceful shutdown.
 //! - [`api`]: the HTTP surface (`/health`, `/ready`, control API, metrics, dashboard).
@@ -49,6 +50,7 @@ pub mod readiness;
 pub mod replicator;
 pub(crate) mod restore_on_start;
 pub mod session;
+pub(crate) mod store_probe;
 pub(crate) mod stores;
 pub(crate) mod sweep_timer;
 pub(crate) mod tenant_gates;

@@ -8,7 +8,8 @@
 //!
 //! The host's own conditions: [`RESTORE_FINISHED`] (restore on start has handed every desired tenant to its
 //! session), [`DISK_WRITABLE`] (no local disk fault, see [`crate::disk_health`]) and [`DATA_KEY_VERIFIED`]
-//! (no tenant sealed with another data key, see [`crate::key_check`]).
+//! (no tenant sealed with another data key, see [`crate::key_check`]), and `stores_reachable` (both stores
+//! answered since start, see [`crate::store_probe`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
