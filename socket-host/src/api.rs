@@ -419,5 +419,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn(json_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
+        // Outermost: it logs every answer, a timeout's included.
+        .layer(middleware::from_fn(crate::access_log::access_log))
         .with_state(state)
 }

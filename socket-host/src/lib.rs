@@ -9,6 +9,7 @@
 //! - [`store_probe`]: the `stores_reachable` readiness condition (both stores answered since start).
 //! - [`stores`]: opens the data key and the credential and tenant stores the configuration names.
 //! - [`http`]: the HTTP server under it: header-read timeout, connection cap, graceful shutdown.
+//! - [`access_log`]: one log line per API request, and the `x-request-id` it carries both ways.
 //! - [`api`]: the HTTP surface (`/health`, `/ready`, control API, metrics, dashboard).
 //! - [`readiness`]: the named conditions behind `GET /ready` (restore finished, disk writable, ...).
 //! - [`disk_health`]: local disk faults reported once, probed with backoff and recovered in place.
@@ -32,6 +33,7 @@
 //! `session`, `governor`, `engine_store`, `replicator`, `transport`, `import` and [`run`]; the rest is
 //! `pub(crate)`.
 
+pub(crate) mod access_log;
 pub mod api;
 pub mod app;
 pub mod cli;

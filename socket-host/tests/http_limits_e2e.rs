@@ -128,3 +128,41 @@ async fn webhook_urls_without_a_secret_refuse_to_start() {
     assert!(!status.success(), "started with unsigned webhooks: {log}");
     assert!(log.contains("WAKEEPER_WEBHOOK_SECRET"), "names the variable: {log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_logged_once_with_its_id_and_never_the_token() {
+    let dirs = Dirs::new();
+    let env = [("WAKEEPER_RESTORE_ON_START", "false".to_string())];
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, "ws://127.0.0.1:9", "limits-d", &env);
+    host.ready().await;
+    let http = reqwest::Client::new();
+    let given = http
+        .get(format!("{}/v1/sessions/access-log-1", host.base))
+        .bearer_auth(TOKEN)
+        .header("x-request-id", "bot-req-0001")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(given.headers()["x-request-id"], "bot-req-0001", "a caller's id comes back");
+    let made = http.get(format!("{}/v1/sessions", host.base)).bearer_auth("wrong-token").send().await.unwrap();
+    assert_eq!(made.status(), 401);
+    let made_id = made.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(made_id.len(), 32, "a generated id: {made_id}");
+
+    let log = wait_until(Duration::from_secs(10), "both requests in the access log", || {
+        let text = std::fs::read_to_string(&host.log).unwrap_or_default();
+        let id = made_id.clone();
+        async move { (text.contains("bot-req-0001") && text.contains(&id)).then_some(text) }
+    })
+    .await;
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("wakeeper::access")).collect();
+    let given_line: Vec<&&str> = lines.iter().filter(|l| l.contains("bot-req-0001")).collect();
+    assert_eq!(given_line.len(), 1, "one line per request: {lines:#?}");
+    let line = given_line[0];
+    for part in ["method=GET", "route=/v1/sessions/{tenant_id}", "status=404", "latency_ms="] {
+        assert!(line.contains(part), "`{part}` in {line}");
+    }
+    assert!(!line.contains("access-log-1"), "the route template, not the tenant's path: {line}");
+    assert!(lines.iter().any(|l| l.contains(&made_id) && l.contains("status=401")), "{lines:#?}");
+    assert!(!log.contains(TOKEN) && !log.contains("wrong-token"), "no token in the log");
+}

@@ -87,6 +87,25 @@ fn names_a_given_file(e: &BaileysError, given: &[String]) -> bool {
     }
 }
 
+/// Registration id 0 is a real Baileys account's (one in 256: Baileys keeps one random byte of it), so it
+/// imports; a registration id that is not a number is refused naming the field.
+#[test]
+fn registration_id_zero_imports() {
+    for (id, ok) in [(json!(0), true), (json!(16383), true), (json!(-1), false), (json!("x"), false)] {
+        let mut creds = valid_creds();
+        creds["registrationId"] = id.clone();
+        let mut files = AuthFiles::default();
+        files.insert("creds.json", serde_json::to_vec(&creds).unwrap()).unwrap();
+        match convert(&tenant(), &files) {
+            Ok(_) => assert!(ok, "registrationId {id} was accepted"),
+            Err(e) => {
+                assert!(!ok, "registrationId {id} refused: {e}");
+                assert!(e.to_string().contains("registrationId"), "{e}");
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(config(64))]
 

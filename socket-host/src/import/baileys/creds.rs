@@ -44,9 +44,8 @@ fn read_keys(c: &Map<String, Value>, device: &mut Device) -> Result<(), String> 
         return Err("`signedPreKey.signature` does not verify against `signedIdentityKey`".into());
     }
     device.registration_id = u32_of(c.get("registrationId"), "registrationId")?;
-    if device.registration_id == 0 {
-        return Err("`registrationId` is 0".into());
-    }
+    // 0 is a registration id like any other: Baileys' `generateRegistrationId` keeps only the first random
+    // byte, so one account in 256 has it, and WhatsApp took those registrations.
     device.adv_secret_key = match c.get("advSecretKey") {
         Some(Value::String(s)) => {
             let b = decode_b64(s).ok_or("`advSecretKey` is not valid base64")?;
