@@ -143,8 +143,9 @@ pub struct KeyFingerprint(String);
 impl KeyFingerprint {
     /// The fingerprint of `key`.
     pub fn of(key: &[u8; 32]) -> Self {
-        use hmac::Mac;
-        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
+        use hmac::{KeyInit, Mac};
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes a key of any length");
         mac.update(b"wakeeper data key fingerprint v1");
         let digest = mac.finalize().into_bytes();
         Self(digest[..8].iter().map(|b| format!("{b:02x}")).collect())

@@ -8,11 +8,15 @@ use serde::{Deserialize, Serialize};
 use crate::domain::TenantId;
 pub use crate::domain::{SessionList, SessionState, SessionView};
 
-/// Every error body: `{"error": "<stable code>"}`.
+/// Every error body: `{"error": "<stable code>"}`, for some with a `message`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// A stable machine-readable code (see [`codes`]).
     pub error: String,
+    /// What to do, in words, for the few refusals a person must act on (a full disk, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// The stable error codes of the control API.
@@ -71,6 +75,7 @@ pub mod codes {
 
 /// `GET /health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     /// Always `ok` when the host answers.
     pub status: String,
@@ -87,6 +92,7 @@ pub struct Health {
 
 /// `PUT /v1/sessions/{id}` and `POST .../reconnect`: accepted, with the state the session is in now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Accepted {
     /// The tenant.
     pub tenant_id: TenantId,
@@ -100,6 +106,7 @@ pub struct Accepted {
 /// `POST /v1/restore` body. Ids are strings so bad ones can be rejected one by one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RestoreRequest {
     /// Tenants to restore; absent means every desired tenant in the tenant store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,6 +115,7 @@ pub struct RestoreRequest {
 
 /// One tenant a restore did not accept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Rejected {
     /// The id as given.
     pub tenant_id: String,
@@ -117,6 +125,7 @@ pub struct Rejected {
 
 /// `POST /v1/restore` answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RestoreResponse {
     /// Tenants whose session was started.
     pub accepted: u64,
@@ -134,19 +143,34 @@ pub const MAX_TYPING_MS: u64 = 10_000;
 /// `POST /v1/sessions/{id}/messages` body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SendMessageRequest {
     /// A phone number (digits, optionally with `+`, spaces and dashes) or a jid (`…@s.whatsapp.net`,
-    /// `…@lid`, `…@g.us`).
+    /// `…@lid`, `…@g.us`). The schema's pattern is the plain forms; spaces and dashes in a number are also
+    /// taken.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            pattern = r"^(\+?[1-9][0-9]{5,14}|[0-9]{6,15}@s\.whatsapp\.net|[0-9]{1,20}@lid|[0-9]{1,20}(-[0-9]{1,19})?@g\.us)$",
+            example = "+4915112345678"
+        )
+    )]
     pub to: String,
     /// The text, 1 to [`MAX_TEXT_CHARS`] characters, not only whitespace.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 4096, pattern = r"\S", example = "Your order is on its way")
+    )]
     pub text: String,
     /// Show "typing..." to the recipient this long (at most [`MAX_TYPING_MS`]) before sending.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 10_000))]
     pub typing_ms: Option<u64>,
 }
 
 /// `POST /v1/sessions/{id}/messages` answer (202): the message is queued on the open session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SendMessageResponse {
     /// The tenant.
     pub tenant_id: TenantId,
@@ -159,15 +183,18 @@ pub struct SendMessageResponse {
 /// `POST /v1/sessions/{id}/link` body (may be empty).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LinkRequest {
     /// Also ask for a pairing code for this phone number (international form, digits only, e.g. `15551234567`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^\+?[1-9][0-9]{6,14}$", example = "15551234567"))]
     pub phone: Option<String>,
 }
 
 /// Where a link attempt stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum LinkStatus {
     /// Waiting for the phone: a QR code (and maybe a pairing code) is shown.
     Waiting,
@@ -184,6 +211,7 @@ pub enum LinkStatus {
 /// A link attempt as the control API shows it. The QR payload and the pairing code are for the person linking
 /// the phone; neither is ever logged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LinkView {
     /// The tenant.
     pub tenant_id: TenantId,
@@ -204,6 +232,7 @@ pub struct LinkView {
     /// Why the attempt failed or expired, in words.
     pub error: Option<String>,
     /// When the attempt started.
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub started_ms: crate::domain::UnixMillis,
 }
 

@@ -62,6 +62,7 @@ pub struct SweepMemory {
 
 /// What a sweep did. Serialized as the function's answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SweepReport {
     /// Desired tenants whose session is open.
     pub healthy: usize,

@@ -14,7 +14,7 @@ use std::fmt::Write;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 /// Standard Webhooks: the event's id.
@@ -84,6 +84,40 @@ impl Signer {
     }
 }
 
+/// Whether `url` may receive signed events: `https://`, or `http://` to a loopback host (`127.0.0.0/8`, `::1`,
+/// `localhost`: a receiver on the same machine), or any `http://` when `allow_http` (a private network the
+/// operator vouches for). Anything else carries signed events in the clear and is refused, naming only the
+/// scheme and host.
+pub fn check_url(url: &str, allow_http: bool) -> Result<(), String> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| "a webhook URL must start with https://".to_string())?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    };
+    if host.is_empty() {
+        return Err("a webhook URL has no host".into());
+    }
+    match scheme.to_ascii_lowercase().as_str() {
+        "https" => Ok(()),
+        "http" if allow_http => Ok(()),
+        "http" => {
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                Err(format!(
+                    "http://{host} would carry signed events in the clear: use https://, or allow plain http on a \
+                     private network explicitly"
+                ))
+            }
+        }
+        other => Err(format!("`{other}://` is not a webhook scheme (https:// or http://)")),
+    }
+}
+
 /// Unix seconds now, for `webhook-timestamp`.
 pub fn unix_seconds() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -121,6 +155,19 @@ mod tests {
             signer.standard_signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback_unless_allowed() {
+        for ok in ["https://bot.example/hook", "http://127.0.0.1:9/hook", "http://localhost/x", "http://[::1]:80/"] {
+            assert_eq!(check_url(ok, false), Ok(()), "{ok}");
+        }
+        for bad in ["http://bot.example/hook", "http://10.0.0.5/hook", "http://user:pw@bot/x", "ftp://x/", "bot/x"] {
+            let e = check_url(bad, false).unwrap_err();
+            assert!(!e.contains("pw"), "{e}");
+        }
+        assert_eq!(check_url("http://10.0.0.5/hook", true), Ok(()));
+        assert!(check_url("ftp://x/", true).is_err());
     }
 
     #[test]

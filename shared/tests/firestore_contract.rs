@@ -302,7 +302,7 @@ async fn another_data_key_is_a_key_mismatch_and_writes_nothing() {
     let batch = ChangeBatch { generation: 1, epoch: 1, changes: vec![put(RecordKind::Identity, "1.0", b"VALUE-XYZ")] };
     store.write(&t, &batch).await.unwrap();
     let sealed_with = KeyFingerprint::of(&KEY).to_string();
-    assert_eq!(store.sealed_by(&t).await.unwrap(), [sealed_with.clone()]);
+    assert_eq!(store.sealed_by(&t).await.unwrap(), std::slice::from_ref(&sealed_with));
     let other = with_cipher(&store, raw_db().await, Cipher::new(&[7; 32]));
     let is_mismatch = |r: Result<(), StoreError>, what: &str| match r {
         Err(StoreError::KeyMismatch { sealed_with: s, holds }) => {
@@ -352,7 +352,7 @@ async fn a_rotation_reseals_every_record_under_the_new_key() {
 
     assert_eq!(rotating.reseal(&t).await.unwrap(), Resealed::Done { records: 601 });
     assert_eq!(rotating.reseal(&t).await.unwrap(), Resealed::AlreadyCurrent);
-    assert_eq!(old.sealed_by(&t).await.unwrap(), [new_fp.clone()]);
+    assert_eq!(old.sealed_by(&t).await.unwrap(), std::slice::from_ref(&new_fp));
     let new_only = with_cipher(&old, raw_db().await, Cipher::new(&new_key));
     assert_eq!(new_only.read(&t).await.unwrap(), before, "records or generation changed in the re-seal");
     // The writer's retry is still recognised, and the fence still holds.

@@ -22,7 +22,8 @@ use wakeeper_shared::host_api::{
     Accepted, ErrorBody, Health, Rejected, RestoreRequest, RestoreResponse, SendMessageRequest, SendMessageResponse,
     SessionList, codes,
 };
-use wakeeper_shared::host_api::{LinkRequest, LinkStatus};
+use wakeeper_shared::host_api::{LinkRequest, LinkStatus, LinkView, SessionView};
+use wakeeper_shared::sweep::SweepReport;
 
 use crate::host::{EnsureError, Host, LinkError};
 use crate::session::OpenError;
@@ -41,7 +42,7 @@ pub struct AppState {
     /// The control token.
     pub token: String,
     /// Renders `/metrics` (none in tests that do not install a recorder).
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub metrics: Option<crate::telemetry::Metrics>,
     /// Runs the health sweep on request (`POST /v1/sweep`) and on the timer.
     pub sweeper: Arc<crate::sweep_timer::Sweeper>,
     /// The conditions of `GET /ready`.
@@ -84,12 +85,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        match self.message {
-            Some(message) => {
-                (self.status, Json(serde_json::json!({ "error": self.code, "message": message }))).into_response()
-            }
-            None => (self.status, Json(ErrorBody { error: self.code.to_owned() })).into_response(),
-        }
+        let body = ErrorBody { error: self.code.to_owned(), message: self.message.map(str::to_owned) };
+        (self.status, Json(body)).into_response()
     }
 }
 
@@ -116,14 +113,22 @@ fn tenant(raw: &str) -> Result<TenantId, ApiError> {
     TenantId::parse(raw).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_TENANT_ID))
 }
 
-/// Parses a JSON body strictly (unknown fields are refused by the wire types); an empty body is `T::default()`.
+/// Parses an optional JSON body strictly (unknown fields are refused by the wire types); an empty body or a
+/// JSON `null` is `T::default()`.
 fn json_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let body = body.trim_ascii();
+    if body.is_empty() || body == b"null" {
         return Ok(T::default());
+    }
+    // An object: serde would also read a struct from a JSON array.
+    if body.first() != Some(&b'{') {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST));
     }
     serde_json::from_slice(body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST))
 }
 
+#[utoipa::path(get, path = "/health", tag = "health",
+    responses((status = 200, description = "The host answers (liveness).", body = Health)))]
 async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
@@ -134,14 +139,24 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     })
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "health", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Prometheus text format (see the README's metrics table).", content_type = "text/plain", body = String),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     for (name, count) in state.host.counts() {
         metrics::gauge!("wakeeper_sessions", "state" => name).set(count as f64);
     }
     let body = state.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
+#[utoipa::path(get, path = "/v1/sessions", tag = "sessions", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every session of this host.", body = SessionList),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn list_sessions(State(state): State<Arc<AppState>>) -> Json<SessionList> {
     Json(SessionList {
         boot_id: state.boot_id.clone(),
@@ -150,11 +165,28 @@ async fn list_sessions(State(state): State<Arc<AppState>>) -> Json<SessionList> 
     })
 }
 
+#[utoipa::path(get, path = "/v1/sessions/{tenant_id}", tag = "sessions", security(("bearer" = [])),
+    params(("tenant_id" = TenantId, Path, description = "The tenant.")),
+    responses(
+        (status = 200, description = "The session.", body = SessionView),
+        (status = 400, description = "`bad_tenant_id`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: this host runs no session of the tenant.", body = ErrorBody),
+    ))]
 async fn get_session(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = tenant(&id)?;
     state.host.get(&id).map(|v| Json(v).into_response()).ok_or(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND))
 }
 
+#[utoipa::path(put, path = "/v1/sessions/{tenant_id}", tag = "sessions", security(("bearer" = [])),
+    params(("tenant_id" = TenantId, Path, description = "The tenant.")),
+    responses(
+        (status = 202, description = "The session runs (or was already running).", body = Accepted),
+        (status = 400, description = "`bad_tenant_id`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 409, description = "`credentials_missing` or `credentials_corrupt`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `data_key_mismatch`, `disk_full` or `disk_unavailable`", body = ErrorBody),
+    ))]
 async fn put_session(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = tenant(&id)?;
     disk_writable(&state)?;
@@ -173,13 +205,40 @@ async fn put_session(State(state): State<Arc<AppState>>, Path(id): Path<String>)
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeleteParams {
+    /// Log the device out (it is unlinked from the phone) and delete its credentials, instead of only
+    /// stopping the session. Only on the host that holds the tenant's lease.
     #[serde(default)]
     logout: bool,
 }
 
+/// `GET /v1/webhooks/dead-letters`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct DeadLetterList {
+    /// Oldest first.
+    dead_letters: Vec<crate::outbox::DeadLetter>,
+}
+
+/// `POST /v1/webhooks/dead-letters/{number}/replay`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct Replayed {
+    /// The dead letter's number.
+    replayed: u64,
+}
+
+#[utoipa::path(delete, path = "/v1/sessions/{tenant_id}", tag = "sessions", security(("bearer" = [])),
+    params(("tenant_id" = TenantId, Path, description = "The tenant."), DeleteParams),
+    responses(
+        (status = 204, description = "Stopped (credentials kept), or logged out and its credentials deleted."),
+        (status = 400, description = "`bad_tenant_id` or `bad_request` (a bad query)", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no session of the tenant to stop.", body = ErrorBody),
+        (status = 409, description = "`lease_held`: another host holds the tenant (log out there).", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `disk_full` or `disk_unavailable`", body = ErrorBody),
+    ))]
 async fn delete_session(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -205,6 +264,14 @@ async fn delete_session(
     }
 }
 
+#[utoipa::path(post, path = "/v1/sessions/{tenant_id}/reconnect", tag = "sessions", security(("bearer" = [])),
+    params(("tenant_id" = TenantId, Path, description = "The tenant.")),
+    responses(
+        (status = 202, description = "The session reconnects now.", body = Accepted),
+        (status = 400, description = "`bad_tenant_id`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: this host runs no session of the tenant.", body = ErrorBody),
+    ))]
 async fn reconnect(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = tenant(&id)?;
     if !state.host.reconnect(&id) {
@@ -215,6 +282,15 @@ async fn reconnect(State(state): State<Arc<AppState>>, Path(id): Path<String>) -
         .into_response())
 }
 
+#[utoipa::path(post, path = "/v1/restore", tag = "fleet", security(("bearer" = [])),
+    request_body(content = Option<RestoreRequest>, description = "Empty, or the tenants to restore.", content_type = "application/json"),
+    responses(
+        (status = 202, description = "Sessions started; refused ids listed one by one.", body = RestoreResponse),
+        (status = 400, description = "`bad_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `disk_full` or `disk_unavailable`", body = ErrorBody),
+    ))]
 async fn restore(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let request: RestoreRequest = json_body(&body)?;
     disk_writable(&state)?;
@@ -263,6 +339,18 @@ async fn restore(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Resp
 
 /// `POST /v1/sessions/{id}/messages`: validates everything, then hands the text to the open session's sender
 /// task and answers 202 with the message id at once (typing and sending happen after the answer).
+#[utoipa::path(post, path = "/v1/sessions/{tenant_id}/messages", tag = "messages", security(("bearer" = [])),
+    params(("tenant_id" = TenantId, Path, description = "The tenant.")),
+    request_body(content = SendMessageRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Queued on the open session; typing and sending follow.", body = SendMessageResponse),
+        (status = 400, description = "`bad_tenant_id`, `bad_request`, `bad_recipient`, `empty_text`, `text_too_long` or `bad_typing_ms`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 409, description = "`session_not_open`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 429, description = "`send_queue_full`", body = ErrorBody),
+        (status = 503, description = "`disk_full` or `disk_unavailable`", body = ErrorBody),
+    ))]
 async fn send_message(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -271,6 +359,10 @@ async fn send_message(
     use crate::messages::{Invalid, check_text, check_typing, parse_recipient};
     use crate::session::SendRefused;
     let id = tenant(&id)?;
+    // A JSON object (serde would also read the struct from an array).
+    if body.trim_ascii().first() != Some(&b'{') {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST));
+    }
     let request: SendMessageRequest =
         serde_json::from_slice(&body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST))?;
     let invalid = |e: Invalid| {
@@ -298,6 +390,12 @@ async fn send_message(
     }
 }
 
+#[utoipa::path(post, path = "/v1/sweep", tag = "fleet", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "What the sweep did.", body = SweepReport),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the tenant store did not answer.", body = ErrorBody),
+    ))]
 async fn sweep(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     match state.sweeper.sweep().await {
         Ok(report) => Ok(Json(report).into_response()),
@@ -308,19 +406,74 @@ async fn sweep(State(state): State<Arc<AppState>>) -> Result<Response, ApiError>
     }
 }
 
+/// `GET /v1/webhooks/dead-letters`: the events a webhook URL refused for good (none without webhooks).
+#[utoipa::path(get, path = "/v1/webhooks/dead-letters", tag = "webhooks", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The events a webhook URL refused for good.", body = DeadLetterList),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the outbox could not be read.", body = ErrorBody),
+    ))]
+async fn list_dead_letters(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let dead = match state.host.outbox() {
+        Some(outbox) => outbox.dead_letters().await.map_err(|e| {
+            tracing::warn!(error = %e, "could not read the dead letters");
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE)
+        })?,
+        None => Vec::new(),
+    };
+    Ok(Json(DeadLetterList { dead_letters: dead }).into_response())
+}
+
+/// `POST /v1/webhooks/dead-letters/{number}/replay`: the dead letter goes back to its URL's queue (202), or
+/// 404 when there is none by that number (or its URL is no longer configured).
+#[utoipa::path(post, path = "/v1/webhooks/dead-letters/{number}/replay", tag = "webhooks", security(("bearer" = [])),
+    params(("number" = u64, Path, description = "The dead letter's number (from the list).")),
+    responses(
+        (status = 202, description = "Back in its URL's queue.", body = Replayed),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no dead letter by that number, or its URL is gone.", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `disk_full` or `disk_unavailable`", body = ErrorBody),
+    ))]
+async fn replay_dead_letter(
+    State(state): State<Arc<AppState>>,
+    Path(number): Path<String>,
+) -> Result<Response, ApiError> {
+    let number: u64 = number.parse().map_err(|_| ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND))?;
+    disk_writable(&state)?;
+    let Some(outbox) = state.host.outbox() else { return Err(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND)) };
+    match outbox.replay(number).await {
+        Ok(true) => Ok((StatusCode::ACCEPTED, Json(Replayed { replayed: number })).into_response()),
+        Ok(false) => Err(ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND)),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not replay a dead letter");
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE))
+        }
+    }
+}
+
 /// Longest `POST .../link` waits for WhatsApp's first QR code; past it the attempt is cancelled (504).
 const FIRST_QR_WAIT: Duration = Duration::from_secs(20);
 
+#[utoipa::path(post, path = "/v1/sessions/{tenant_id}/link", tag = "link", security(("bearer" = [])),
+    params(("tenant_id" = TenantId, Path, description = "The tenant.")),
+    request_body(content = Option<LinkRequest>, description = "Empty, or a phone number to get a pairing code for.", content_type = "application/json"),
+    responses(
+        (status = 200, description = "The attempt already running.", body = LinkView),
+        (status = 202, description = "A new attempt: its first QR code.", body = LinkView),
+        (status = 400, description = "`bad_tenant_id`, `bad_request` or `bad_phone`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 409, description = "`already_linked` or `lease_held`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 502, description = "`pairing_code_failed`: the QR code is still shown.", body = ErrorBody),
+        (status = 503, description = "`unavailable`, `disk_full` or `disk_unavailable`", body = ErrorBody),
+        (status = 504, description = "`link_timeout`: no QR code from WhatsApp in time.", body = ErrorBody),
+    ))]
 async fn start_link(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let id = tenant(&id)?;
-    // An object or nothing: serde would also read a struct from a JSON array.
-    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| *b != b'{') {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST));
-    }
     let request: LinkRequest = json_body(&body)?;
     let phone = match request.phone.as_deref() {
         None => None,
@@ -355,6 +508,14 @@ async fn start_link(
     Ok((status, [(header::CACHE_CONTROL, "no-store")], Json(view)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/sessions/{tenant_id}/link", tag = "link", security(("bearer" = [])),
+    params(("tenant_id" = TenantId, Path, description = "The tenant.")),
+    responses(
+        (status = 200, description = "The link attempt (QR codes rotate: ask again).", body = LinkView),
+        (status = 400, description = "`bad_tenant_id`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no link attempt for the tenant.", body = ErrorBody),
+    ))]
 async fn get_link(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = tenant(&id)?;
     let view = state.host.handle(&id).and_then(|h| h.link_view());
@@ -362,6 +523,8 @@ async fn get_link(State(state): State<Arc<AppState>>, Path(id): Path<String>) ->
     Ok(([(header::CACHE_CONTROL, "no-store")], Json(view)).into_response())
 }
 
+#[utoipa::path(get, path = "/dashboard", tag = "health",
+    responses((status = 200, description = "The dashboard page (its script calls /v1 with the token).", content_type = "text/html", body = String)))]
 async fn dashboard() -> Html<&'static str> {
     Html(include_str!("dashboard.html"))
 }
@@ -397,6 +560,66 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND)
 }
 
+/// The control API's OpenAPI 3.1 description, generated from the handlers' `#[utoipa::path]` attributes and
+/// the wire types of `wakeeper_shared::host_api`. Served at `GET /openapi.json`, printed by
+/// `socket-host openapi`, committed as `docs/openapi.json` (a test keeps the file current).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "wakeeper socket host",
+        description = "The control API of a wakeeper socket host: one WhatsApp Web session per tenant. \
+            Errors are `{\"error\": \"<stable code>\"}`; every answer carries `x-request-id`."
+    ),
+    paths(
+        health, crate::readiness::ready, metrics_text, openapi_json, dashboard,
+        list_sessions, get_session, put_session, delete_session, reconnect, send_message,
+        start_link, get_link, restore, sweep, list_dead_letters, replay_dead_letter,
+    ),
+    modifiers(&BearerToken),
+    tags(
+        (name = "health", description = "Liveness, readiness, metrics, this description and the dashboard."),
+        (name = "sessions", description = "Each tenant's session on this host."),
+        (name = "messages", description = "Sending for the bot (received messages go to the webhooks)."),
+        (name = "link", description = "Linking a new number with a QR code or a pairing code."),
+        (name = "fleet", description = "Restore and the health sweep."),
+        (name = "webhooks", description = "Events a webhook URL refused for good."),
+    )
+)]
+pub struct ApiDoc;
+
+/// The `bearer` security scheme the protected routes name: the control token.
+struct BearerToken;
+
+impl utoipa::Modify for BearerToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some("The control token (`WAKEEPER_CONTROL_TOKEN` or its file)."))
+            .build();
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+/// The description as pretty JSON, as `docs/openapi.json` holds it.
+pub fn openapi_document() -> String {
+    use utoipa::OpenApi;
+    let mut text = ApiDoc::openapi().to_pretty_json().expect("the description serializes");
+    text.push('\n');
+    text
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "health",
+    responses((status = 200, description = "This description (OpenAPI 3.1).", content_type = "application/json", body = Object)))]
+async fn openapi_json() -> Response {
+    static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = DOCUMENT.get_or_init(openapi_document).clone();
+    ([(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
 /// The host's router.
 pub fn router(state: Arc<AppState>) -> Router {
     let protected = Router::new()
@@ -408,12 +631,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{tenant_id}/link", post(start_link).get(get_link))
         .route("/v1/restore", post(restore))
         .route("/v1/sweep", post(sweep))
+        .route("/v1/webhooks/dead-letters", get(list_dead_letters))
+        .route("/v1/webhooks/dead-letters/{number}/replay", post(replay_dead_letter))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(crate::readiness::ready))
         // The page itself holds no data (its script calls /v1 with the bearer token), so a browser can load it.
         .route("/dashboard", get(dashboard))
+        .route("/openapi.json", get(openapi_json))
         .merge(protected)
         .fallback(not_found)
         .layer(middleware::from_fn(json_errors))

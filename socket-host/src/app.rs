@@ -101,6 +101,11 @@ impl App {
             "WAKEEPER_WEBHOOK_URLS is set but WAKEEPER_WEBHOOK_SECRET is not: set the secret the receivers verify \
              the signature with (e.g. `head -c 32 /dev/urandom | base64`)"
         );
+        for url in &config.webhook_urls {
+            wakeeper_shared::webhook::check_url(url, config.webhook_allow_http).map_err(|why| {
+                anyhow::anyhow!("WAKEEPER_WEBHOOK_URLS: {why} (WAKEEPER_WEBHOOK_ALLOW_HTTP=true allows it)")
+            })?;
+        }
         // Every local writer reports its disk faults here (see `disk_health`).
         let disk = DiskWatch::new();
         let Stores { credentials, tenants, cipher } =
@@ -139,8 +144,10 @@ impl App {
             .map(wakeeper_shared::webhook::Signer::new)
             .transpose()
             .map_err(|e| anyhow::anyhow!("WAKEEPER_WEBHOOK_SECRET: {e}"))?;
-        let webhooks = crate::webhooks::start(host.subscribe(), config.webhook_urls.clone(), signer.clone());
-        if !config.webhook_urls.is_empty() {
+        // The outbox first: the state events' dead letters are kept there too.
+        let outbox = if config.webhook_urls.is_empty() {
+            None
+        } else {
             let outbox = crate::outbox::Outbox::open_watched(
                 config.data_dir.join(crate::outbox::OUTBOX_FILE),
                 cipher.clone(),
@@ -150,8 +157,11 @@ impl App {
             )
             .context("opening the message outbox")?;
             outbox.start_delivery(signer.clone().expect("checked above: webhook URLs come with a secret"));
-            host.set_outbox(outbox);
-        }
+            host.set_outbox(outbox.clone());
+            Some(outbox)
+        };
+        let webhooks =
+            crate::webhooks::start(host.subscribe(), config.webhook_urls.clone(), signer.clone(), outbox.clone());
         let mut state = AppState::new(host.clone(), control_token(&config)?);
         state.disk = disk.clone();
         let restore_finished = state.readiness.condition(crate::readiness::RESTORE_FINISHED);

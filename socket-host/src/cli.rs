@@ -26,6 +26,14 @@ pub enum Command {
     /// The data key: its fingerprint, and rotation to a new key.
     #[command(subcommand)]
     Keys(crate::key_rotation::KeysCommand),
+    /// Link a new number on the running host: shows the QR code here (and a pairing code with --phone) and
+    /// waits for the scan.
+    Link(crate::operator::LinkArgs),
+    /// Print the running host's sessions as a table.
+    Sessions(crate::operator::SessionsArgs),
+    /// Print the control API's OpenAPI 3.1 description (what `GET /openapi.json` serves and
+    /// `docs/openapi.json` holds).
+    Openapi,
 }
 
 /// A parsed command line.
@@ -43,7 +51,13 @@ const ABOUT: &str = "The socket host: keeps one WhatsApp Web session per tenant 
 pub fn command() -> clap::Command {
     let mut cmd = clap::Command::new("socket-host").version(env!("CARGO_PKG_VERSION")).args_override_self(true);
     for s in SETTINGS {
-        let mut arg = Arg::new(s.var).long(s.flag).env(s.var).help(s.help);
+        // Where the host is and its token may come before or after a sub-command (`socket-host link --tenant a
+        // --listen ..`); the other settings only before it, where no sub-command's own flags can clash.
+        let global = matches!(
+            s.var,
+            "WAKEEPER_LISTEN" | "WAKEEPER_CONTROL_TOKEN" | "WAKEEPER_CONTROL_TOKEN_FILE" | "WAKEEPER_DATA_DIR"
+        );
+        let mut arg = Arg::new(s.var).long(s.flag).env(s.var).help(s.help).global(global);
         if let Some(default) = s.default {
             arg = arg.default_value(default);
         }
@@ -113,6 +127,23 @@ mod tests {
         assert_eq!(cli.config.lease_ttl_s, 7);
         assert!(!cli.config.restore_on_start);
         assert!(matches!(cli.command, Command::Restore { ref tenant_ids } if tenant_ids == &["a", "b"]));
+    }
+
+    #[test]
+    fn operator_commands_take_settings_before_or_after_the_sub_command() {
+        let after =
+            ["socket-host", "link", "--tenant", "cantina-1", "--phone", "15551234567", "--listen", "127.0.0.1:9"];
+        let cli = Cli::try_parse_from(after).unwrap();
+        assert_eq!(cli.config.listen.to_string(), "127.0.0.1:9");
+        let Command::Link(args) = cli.command else { panic!("link") };
+        assert_eq!((args.tenant.as_str(), args.phone.as_deref()), ("cantina-1", Some("15551234567")));
+        let before = ["socket-host", "--listen", "127.0.0.1:9", "sessions", "--tenant", "cantina-1"];
+        let cli = Cli::try_parse_from(before).unwrap();
+        assert_eq!(cli.config.listen.to_string(), "127.0.0.1:9");
+        assert!(matches!(cli.command, Command::Sessions(ref a) if a.tenant.as_deref() == Some("cantina-1")));
+        assert!(Cli::try_parse_from(["socket-host", "link"]).is_err(), "--tenant is required");
+        // Every sub-command's flags still parse beside the global ones (clap checks for clashes here).
+        command().debug_assert();
     }
 
     #[test]

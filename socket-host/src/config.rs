@@ -215,6 +215,13 @@ pub const SETTINGS: &[Setting] = &[
         secret: true,
     },
     setting(
+        "WAKEEPER_WEBHOOK_ALLOW_HTTP",
+        "webhook-allow-http",
+        Some("false"),
+        "Allow plain http:// webhook URLs other than loopback (a private network you vouch for); otherwise \
+         https:// only",
+    ),
+    setting(
         "WAKEEPER_OUTBOX_MAX",
         "outbox-max",
         Some("100000"),
@@ -322,6 +329,8 @@ pub struct Config {
     pub webhook_urls: Vec<String>,
     /// Secret of the HMAC-SHA256 signature of webhook bodies.
     pub webhook_secret: Option<String>,
+    /// Allow plain `http://` webhook URLs other than loopback.
+    pub webhook_allow_http: bool,
     /// Most message events the durable outbox keeps.
     pub outbox_max: u64,
     /// Seconds of silence after which an open link is replaced.
@@ -418,6 +427,7 @@ impl Config {
             restore_on_start: r.flag("WAKEEPER_RESTORE_ON_START")?,
             webhook_urls: r.list("WAKEEPER_WEBHOOK_URLS"),
             webhook_secret: r.raw("WAKEEPER_WEBHOOK_SECRET"),
+            webhook_allow_http: r.flag("WAKEEPER_WEBHOOK_ALLOW_HTTP")?,
             outbox_max: r.required("WAKEEPER_OUTBOX_MAX")?,
             silent_after_s: r.required("WAKEEPER_SILENT_AFTER_S")?,
             sweep_interval_s: r.required("WAKEEPER_SWEEP_INTERVAL_S")?,
@@ -465,6 +475,7 @@ impl fmt::Debug for Config {
             .field("restore_on_start", &self.restore_on_start)
             .field("webhook_urls", &self.webhook_urls)
             .field("webhook_secret", &redacted(&self.webhook_secret))
+            .field("webhook_allow_http", &self.webhook_allow_http)
             .field("outbox_max", &self.outbox_max)
             .field("silent_after_s", &self.silent_after_s)
             .field("sweep_interval_s", &self.sweep_interval_s)

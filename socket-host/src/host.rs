@@ -62,6 +62,10 @@ pub struct Host {
     deps: Arc<SessionDeps>,
     sessions: RwLock<HashMap<TenantId, SessionHandle>>,
     closing: std::sync::atomic::AtomicBool,
+    /// Held shared by every `ensure` under way, exclusively by `shutdown` once `closing` is set: an ensure
+    /// that took a lease as the shutdown began has released it (or handed it to a session that is stopped)
+    /// before the process exits.
+    ensuring: tokio::sync::RwLock<()>,
     /// Serialises the start of link attempts (rare, and each deletes and recreates a tenant's store).
     link_starts: tokio::sync::Mutex<()>,
     /// Ensure, link and logout of one tenant take its lease one at a time.
@@ -91,6 +95,7 @@ impl Host {
             }),
             sessions: RwLock::new(HashMap::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            ensuring: tokio::sync::RwLock::new(()),
             link_starts: tokio::sync::Mutex::new(()),
             gates: TenantGates::default(),
             key_check: std::sync::OnceLock::new(),
@@ -116,6 +121,11 @@ impl Host {
     /// call is ignored).
     pub fn set_outbox(&self, outbox: crate::outbox::Outbox) {
         let _ = self.deps.outbox.set(outbox);
+    }
+
+    /// The outbox, when webhook URLs are configured.
+    pub(crate) fn outbox(&self) -> Option<&crate::outbox::Outbox> {
+        self.deps.outbox.get()
     }
 
     /// Accepts a text for the tenant's open session (see [`SessionHandle::queue_text`]); the message id.
@@ -173,6 +183,7 @@ impl Host {
     /// marked in the tenant table; transient ones (store outage, lease held elsewhere) are retried by the
     /// supervisor.
     pub async fn ensure(&self, tenant: &TenantId) -> Result<Ensured, EnsureError> {
+        let _under_way = self.ensuring.read().await;
         if self.closing.load(std::sync::atomic::Ordering::Acquire) {
             return Err(EnsureError::ShuttingDown);
         }
@@ -379,7 +390,14 @@ impl Host {
 
     /// Stops every session, releasing leases, within `deadline`. Returns how many were still running.
     pub async fn shutdown(&self, deadline: Duration) -> usize {
+        let started = tokio::time::Instant::now();
         self.closing.store(true, std::sync::atomic::Ordering::Release);
+        // Ensures under way finish first: one that took a lease just now releases it, or its session is in the
+        // list below (seen as a lease left behind by a SIGTERM during a restore).
+        if tokio::time::timeout(deadline, self.ensuring.write()).await.is_err() {
+            tracing::warn!("shutdown deadline reached with ensures still under way");
+        }
+        let deadline = deadline.saturating_sub(started.elapsed());
         let handles: Vec<SessionHandle> = self.sessions.read().expect("sessions lock").values().cloned().collect();
         let stops = futures_util::future::join_all(handles.iter().map(|h| h.stop()));
         if tokio::time::timeout(deadline, stops).await.is_err() {

@@ -5,12 +5,14 @@
 //! # Layout
 //! - [`app`]: builds a whole host from its configuration and serves it.
 //! - [`cli`]: the command line: a flag per setting, the sub-commands.
+//! - [`operator`]: `socket-host link` (QR code in the terminal) and `socket-host sessions` against a running host.
 //! - [`config`]: the settings, built from a lookup of `WAKEEPER_*` names (the environment, flags or a map).
 //! - [`store_probe`]: the `stores_reachable` readiness condition (both stores answered since start).
 //! - [`stores`]: opens the data key and the credential and tenant stores the configuration names.
 //! - [`http`]: the HTTP server under it: header-read timeout, connection cap, graceful shutdown.
 //! - [`access_log`]: one log line per API request, and the `x-request-id` it carries both ways.
 //! - [`api`]: the HTTP surface (`/health`, `/ready`, control API, metrics, dashboard).
+//! - [`telemetry`]: the Prometheus series (HELP, TYPE, histogram buckets, process metrics), all registered.
 //! - [`readiness`]: the named conditions behind `GET /ready` (restore finished, disk writable, ...).
 //! - [`disk_health`]: local disk faults reported once, probed with backoff and recovered in place.
 //! - [`host`]: every tenant's session and the operations on them (ensure, stop, reconnect, shutdown).
@@ -47,6 +49,7 @@ pub mod import;
 pub mod key_check;
 pub mod key_rotation;
 pub(crate) mod messages;
+pub mod operator;
 pub(crate) mod outbox;
 pub mod readiness;
 pub mod replicator;
@@ -55,6 +58,7 @@ pub mod session;
 pub(crate) mod store_probe;
 pub(crate) mod stores;
 pub(crate) mod sweep_timer;
+pub mod telemetry;
 pub(crate) mod tenant_gates;
 pub(crate) mod tenant_opener;
 pub mod transport;

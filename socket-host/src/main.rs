@@ -12,7 +12,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::warn!("TEST BUILD: server certificate verification is disabled (feature test-peer); never deploy this");
     match cli.command {
         Command::Serve => {
-            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+            let metrics = socket_host::telemetry::install()?;
             let listener = tokio::net::TcpListener::bind(cli.config.listen).await?;
             let mut app = App::build(cli.config).await?;
             if let Some(state) = std::sync::Arc::get_mut(&mut app.state) {
@@ -27,6 +27,12 @@ async fn main() -> anyhow::Result<()> {
                 serde_json::json!({ "tenant_ids": tenant_ids })
             };
             call_host(&cli.config, "/v1/restore", body).await
+        }
+        Command::Link(args) => socket_host::operator::link(&cli.config, &args, &mut std::io::stdout()).await,
+        Command::Sessions(args) => socket_host::operator::sessions(&cli.config, &args, &mut std::io::stdout()).await,
+        Command::Openapi => {
+            print!("{}", socket_host::api::openapi_document());
+            Ok(())
         }
         Command::Sweep => call_host(&cli.config, "/v1/sweep", serde_json::json!({})).await,
         Command::Keys(cmd) => socket_host::key_rotation::run(&cli.config, &cmd, &mut std::io::stdout()).await,

@@ -9,12 +9,17 @@
 //!   number as associated data: message text, names and numbers are never on disk in the clear, and a value
 //!   moved to another slot does not open. (Values an older release wrote unsealed are still read.)
 //! - `event_ids`: event id -> sequence number (an event enqueued twice while pending is stored once).
-//! - `meta`: `next_seq` -> the next sequence number.
+//! - `meta`: `next_seq` -> the next sequence number; `next_dead` -> the next dead-letter number.
+//! - `dead_letters`: dead-letter number (u64, rising) -> JSON [`DeadLetter`] sealed like an event (its own
+//!   associated data): an event one URL refused for good (a 4xx other than 408 and 429), kept for listing and
+//!   replay through the API instead of holding that URL's queue.
 //!
 //! Delivery: one task per URL walks the events in sequence order (so each URL sees them in arrival order),
 //! retrying one event with backoff until it answers 2xx. The URL set is the configured one: an event is removed
 //! once every currently configured URL has it, so a URL added later receives the backlog and a removed URL
-//! holds nothing back.
+//! holds nothing back. A permanent refusal dead-letters the event for that URL (counted in
+//! `wakeeper_webhook_dead_letters_total`, logged with the event id and status) and the URL goes on with the
+//! next event; [`Outbox::replay`] puts a dead letter back in that URL's queue.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,7 +42,9 @@ pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const EVENT_IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 const NEXT_SEQ: &str = "next_seq";
+const NEXT_DEAD: &str = "next_dead";
 
 /// An outbox failure: the local file could not be read or written, or an event in it does not open.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +71,7 @@ fn create_tables(db: &Database) -> Result<(), redb::Error> {
     txn.open_table(EVENTS)?;
     txn.open_table(EVENT_IDS)?;
     txn.open_table(META)?;
+    txn.open_table(DEAD_LETTERS)?;
     txn.commit()?;
     Ok(())
 }
@@ -73,6 +81,60 @@ fn slot_ad(seq: u64) -> Vec<u8> {
     let mut ad = b"wakeeper/outbox/v1\0".to_vec();
     ad.extend_from_slice(&seq.to_le_bytes());
     ad
+}
+
+/// Associated data binding a sealed dead letter to its slot.
+fn dead_ad(n: u64) -> Vec<u8> {
+    let mut ad = b"wakeeper/outbox/dead/v1\0".to_vec();
+    ad.extend_from_slice(&n.to_le_bytes());
+    ad
+}
+
+/// Whether an HTTP status is a refusal that no retry changes: a 4xx other than 408 (timeout) and 429 (rate).
+pub fn is_permanent_refusal(status: u16) -> bool {
+    (400..500).contains(&status) && status != 408 && status != 429
+}
+
+/// An event one URL refused for good.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DeadStored {
+    event_id: String,
+    url: String,
+    status: u16,
+    at_ms: u64,
+    body: String,
+}
+
+/// A dead letter as the API lists it (the body stays in the outbox; `replay` sends it again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeadLetter {
+    /// Its number, for `POST /v1/webhooks/dead-letters/{number}/replay`.
+    pub number: u64,
+    /// The event's id (the idempotency key).
+    pub event_id: String,
+    /// The event's `type`.
+    pub event_type: String,
+    /// The URL that refused it (without its query, which may hold a receiver's token).
+    pub url: String,
+    /// The status it answered.
+    pub status: u16,
+    /// When, in Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// A URL without its query and fragment, for logs and listings.
+pub fn url_for_display(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or(url)
+}
+
+/// How one event's delivery to one URL ended.
+enum Sent {
+    /// Answered 2xx.
+    Delivered,
+    /// Gone from the outbox meanwhile (dropped as the oldest of a full outbox).
+    Dropped,
+    /// Refused for good with this status.
+    Refused(u16),
 }
 
 /// One stored event.
@@ -292,27 +354,170 @@ impl Outbox {
         let db = self.inner.db.get().map_err(err)?;
         let mut txn = db.begin_write().map_err(err)?;
         txn.set_durability(Durability::None).map_err(err)?;
-        let len = {
-            let mut table = txn.open_table(EVENTS).map_err(err)?;
-            let stored = match table.get(seq).map_err(err)? {
-                Some(v) => Some(self.unseal(seq, v.value())?),
-                None => None,
-            };
-            if let Some(mut stored) = stored {
-                if !stored.delivered.iter().any(|u| u == url) {
-                    stored.delivered.push(url.to_owned());
-                }
-                if self.inner.urls.iter().all(|u| stored.delivered.contains(u)) {
-                    table.remove(seq).map_err(err)?;
-                    txn.open_table(EVENT_IDS).map_err(err)?.remove(stored.id.as_str()).map_err(err)?;
-                } else {
-                    table.insert(seq, self.seal(seq, &stored).as_slice()).map_err(err)?;
-                }
-            }
-            table.len().map_err(err)?
-        };
+        self.settle(&txn, seq, url)?;
+        let len = txn.open_table(EVENTS).map_err(err)?.len().map_err(err)?;
         txn.commit().map_err(err)?;
         Ok(len)
+    }
+
+    /// Within `txn`: `url` is done with event `seq` (answered or dead-lettered); the event leaves once every
+    /// configured URL is. Returns the event as it was, when it was still there.
+    fn settle(&self, txn: &redb::WriteTransaction, seq: u64, url: &str) -> Result<Option<Stored>, OutboxError> {
+        let mut table = txn.open_table(EVENTS).map_err(err)?;
+        let stored = match table.get(seq).map_err(err)? {
+            Some(v) => self.unseal(seq, v.value())?,
+            None => return Ok(None),
+        };
+        let mut settled = stored.clone();
+        if !settled.delivered.iter().any(|u| u == url) {
+            settled.delivered.push(url.to_owned());
+        }
+        if self.inner.urls.iter().all(|u| settled.delivered.contains(u)) {
+            table.remove(seq).map_err(err)?;
+            txn.open_table(EVENT_IDS).map_err(err)?.remove(settled.id.as_str()).map_err(err)?;
+        } else {
+            table.insert(seq, self.seal(seq, &settled).as_slice()).map_err(err)?;
+        }
+        Ok(Some(stored))
+    }
+
+    /// Within `txn`: keeps `event_id`'s `body` as a dead letter of `url`.
+    fn keep_dead(
+        &self,
+        txn: &redb::WriteTransaction,
+        event_id: &str,
+        body: &str,
+        url: &str,
+        status: u16,
+    ) -> Result<u64, OutboxError> {
+        let mut meta = txn.open_table(META).map_err(err)?;
+        let n = meta.get(NEXT_DEAD).map_err(err)?.map(|v| v.value()).unwrap_or(0);
+        let dead = DeadStored {
+            event_id: event_id.to_owned(),
+            url: url.to_owned(),
+            status,
+            at_ms: u64::try_from(wakeeper_shared::domain::now_millis()).unwrap_or(0),
+            body: body.to_owned(),
+        };
+        let json = serde_json::to_vec(&dead).expect("a dead letter serializes");
+        let sealed = self.inner.cipher.seal_with_ad(&dead_ad(n), &json);
+        txn.open_table(DEAD_LETTERS).map_err(err)?.insert(n, sealed.as_slice()).map_err(err)?;
+        meta.insert(NEXT_DEAD, n + 1).map_err(err)?;
+        Ok(n)
+    }
+
+    fn open_dead(&self, n: u64, value: &[u8]) -> Result<DeadStored, OutboxError> {
+        let json = self
+            .inner
+            .cipher
+            .open_with_ad(&dead_ad(n), value)
+            .map_err(|_| data_err(format!("dead letter {n} does not open with this data key")))?;
+        serde_json::from_slice(&json).map_err(data_err)
+    }
+
+    /// Dead-letters event `seq` for `url` (fsynced: the event leaves that URL's queue only once it is kept).
+    fn dead_letter_blocking(&self, seq: u64, url: &str, status: u16) -> Result<Option<u64>, OutboxError> {
+        let db = self.inner.db.get().map_err(err)?;
+        let txn = db.begin_write().map_err(err)?;
+        let n = match self.settle(&txn, seq, url)? {
+            Some(stored) => Some(self.keep_dead(&txn, &stored.id, &stored.body, url, status)?),
+            None => None,
+        };
+        txn.commit().map_err(err)?;
+        Ok(n)
+    }
+
+    /// Keeps an event that never was in the queue (a state event, delivered from memory) as a dead letter of
+    /// `url`.
+    pub async fn dead_letter_event(&self, event_id: String, body: String, url: String, status: u16) {
+        let (id, u) = (event_id.clone(), url.clone());
+        let kept = self
+            .blocking(move |o| {
+                let db = o.inner.db.get().map_err(err)?;
+                let txn = db.begin_write().map_err(err)?;
+                let n = o.keep_dead(&txn, &event_id, &body, &url, status)?;
+                txn.commit().map_err(err)?;
+                Ok(n)
+            })
+            .await;
+        note_dead_letter(&id, &u, status, kept.as_ref().ok().copied());
+        if let Err(e) = kept {
+            tracing::error!(error = %e, event_id = %id, "could not keep a refused event as a dead letter");
+        }
+    }
+
+    /// Every dead letter, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, OutboxError> {
+        self.blocking(|o| {
+            let db = o.inner.db.get().map_err(err)?;
+            let txn = db.begin_read().map_err(err)?;
+            let table = txn.open_table(DEAD_LETTERS).map_err(err)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(err)? {
+                let (k, v) = entry.map_err(err)?;
+                let d = o.open_dead(k.value(), v.value())?;
+                let event_type = serde_json::from_str::<serde_json::Value>(&d.body)
+                    .ok()
+                    .and_then(|b| b.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+                    .unwrap_or_default();
+                out.push(DeadLetter {
+                    number: k.value(),
+                    event_id: d.event_id,
+                    event_type,
+                    url: url_for_display(&d.url).to_owned(),
+                    status: d.status,
+                    at_ms: d.at_ms,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Puts dead letter `n` back in its URL's queue (at the end, under its own event id). `Ok(false)` when
+    /// there is no such dead letter, or its URL is no longer configured (it stays then).
+    pub async fn replay(&self, n: u64) -> Result<bool, OutboxError> {
+        let replayed = self.blocking(move |o| o.replay_blocking(n)).await?;
+        if let Some(index) = replayed {
+            self.inner.wake[index].notify_one();
+        }
+        Ok(replayed.is_some())
+    }
+
+    fn replay_blocking(&self, n: u64) -> Result<Option<usize>, OutboxError> {
+        let db = self.inner.db.get().map_err(err)?;
+        let txn = db.begin_write().map_err(err)?;
+        let dead = match txn.open_table(DEAD_LETTERS).map_err(err)?.get(n).map_err(err)? {
+            Some(v) => self.open_dead(n, v.value())?,
+            None => return Ok(None),
+        };
+        let Some(index) = self.inner.urls.iter().position(|u| *u == dead.url) else { return Ok(None) };
+        {
+            let mut table = txn.open_table(EVENTS).map_err(err)?;
+            let mut ids = txn.open_table(EVENT_IDS).map_err(err)?;
+            let mut meta = txn.open_table(META).map_err(err)?;
+            let next = meta.get(NEXT_SEQ).map_err(err)?.map(|v| v.value()).unwrap_or(0);
+            // Still waiting for other URLs: move it to the end, owed to this URL again; else a new slot owed
+            // to this URL only. Either way behind this URL's delivery cursor, which only moves forward.
+            let pending = ids.get(dead.event_id.as_str()).map_err(err)?.map(|v| v.value());
+            let delivered = match pending {
+                Some(seq) => {
+                    let old = match table.remove(seq).map_err(err)? {
+                        Some(v) => self.unseal(seq, v.value())?.delivered,
+                        None => Vec::new(),
+                    };
+                    old.into_iter().filter(|u| *u != dead.url).collect()
+                }
+                None => self.inner.urls.iter().filter(|u| **u != dead.url).cloned().collect(),
+            };
+            let stored = Stored { id: dead.event_id.clone(), body: dead.body, delivered };
+            table.insert(next, self.seal(next, &stored).as_slice()).map_err(err)?;
+            ids.insert(stored.id.as_str(), next).map_err(err)?;
+            meta.insert(NEXT_SEQ, next + 1).map_err(err)?;
+        }
+        txn.open_table(DEAD_LETTERS).map_err(err)?.remove(n).map_err(err)?;
+        txn.commit().map_err(err)?;
+        Ok(Some(index))
     }
 
     /// Starts one delivery task per URL; each runs for the life of the process.
@@ -355,21 +560,37 @@ impl Outbox {
                 continue;
             };
             drop(woken);
-            if self.send_until_answered(&http, &url, &secret, seq, &stored).await {
-                metrics::counter!("wakeeper_outbox_delivered_total").increment(1);
-                let u = url.clone();
-                match self.blocking(move |o| o.mark_delivered(seq, &u)).await {
-                    Ok(len) => metrics::gauge!("wakeeper_outbox_events").set(len as f64),
-                    // The event stays and is sent again later: at least once.
-                    Err(e) => tracing::error!(error = %e, "could not record a delivered message event"),
+            match self.send_until_answered(&http, &url, &secret, seq, &stored).await {
+                Sent::Delivered => {
+                    metrics::counter!("wakeeper_outbox_delivered_total").increment(1);
+                    let u = url.clone();
+                    match self.blocking(move |o| o.mark_delivered(seq, &u)).await {
+                        Ok(len) => metrics::gauge!("wakeeper_outbox_events").set(len as f64),
+                        // The event stays and is sent again later: at least once.
+                        Err(e) => tracing::error!(error = %e, "could not record a delivered message event"),
+                    }
+                }
+                Sent::Dropped => {}
+                Sent::Refused(status) => {
+                    let u = url.clone();
+                    match self.blocking(move |o| o.dead_letter_blocking(seq, &u, status)).await {
+                        Ok(n) => note_dead_letter(&stored.id, &url, status, n),
+                        Err(e) => {
+                            // Not kept: the URL stays on this event, retrying it, rather than lose it.
+                            tracing::error!(error = %e, "could not keep a refused message event as a dead letter");
+                            tokio::time::sleep(store_delay).await;
+                            store_delay = (store_delay * 2).min(MAX_RETRY_DELAY);
+                            continue;
+                        }
+                    }
                 }
             }
             cursor = seq + 1;
         }
     }
 
-    /// POSTs one event until `url` answers 2xx (true), or until the event is gone (dropped as the oldest of a
-    /// full outbox: false).
+    /// POSTs one event until `url` answers 2xx, refuses it for good, or the event is gone (dropped as the oldest
+    /// of a full outbox).
     async fn send_until_answered(
         &self,
         http: &reqwest::Client,
@@ -377,7 +598,7 @@ impl Outbox {
         secret: &Signer,
         seq: u64,
         stored: &Stored,
-    ) -> bool {
+    ) -> Sent {
         let mut delay = Duration::from_millis(200);
         loop {
             let mut request =
@@ -387,7 +608,8 @@ impl Outbox {
             }
             let sent = request.body(stored.body.clone()).send().await;
             match sent {
-                Ok(r) if r.status().is_success() => return true,
+                Ok(r) if r.status().is_success() => return Sent::Delivered,
+                Ok(r) if is_permanent_refusal(r.status().as_u16()) => return Sent::Refused(r.status().as_u16()),
                 Ok(r) => tracing::warn!(status = r.status().as_u16(), "message webhook refused; retrying"),
                 Err(e) => tracing::warn!(error = %e.without_url(), "message webhook unreachable; retrying"),
             }
@@ -395,10 +617,23 @@ impl Outbox {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(MAX_RETRY_DELAY);
             if let Ok(false) = self.blocking(move |o| o.still_waiting(seq)).await {
-                return false;
+                return Sent::Dropped;
             }
         }
     }
+}
+
+/// Counts and logs one dead-lettered event.
+fn note_dead_letter(event_id: &str, url: &str, status: u16, number: Option<u64>) {
+    metrics::counter!("wakeeper_webhook_dead_letters_total").increment(1);
+    tracing::warn!(
+        event_id,
+        url = url_for_display(url),
+        status,
+        dead_letter = ?number,
+        "webhook refused an event for good (4xx): kept as a dead letter (GET /v1/webhooks/dead-letters); the URL \
+         goes on with the next event"
+    );
 }
 
 #[cfg(test)]
@@ -482,6 +717,46 @@ mod tests {
         assert!(o.is_empty().await.unwrap());
         o.enqueue(vec![event("z")]).await.unwrap();
         assert!(o.next_for("http://a", seq_y + 1).unwrap().is_some());
+    }
+
+    #[test]
+    fn permanent_refusals_are_the_4xx_but_timeout_and_rate() {
+        assert!(is_permanent_refusal(400) && is_permanent_refusal(404) && is_permanent_refusal(410));
+        assert!(!is_permanent_refusal(408) && !is_permanent_refusal(429) && !is_permanent_refusal(500));
+        assert!(!is_permanent_refusal(302) && !is_permanent_refusal(204));
+        assert_eq!(url_for_display("https://bot/hook?token=s3cret"), "https://bot/hook");
+    }
+
+    /// A dead letter leaves its URL's queue (not the other URL's), survives a reopen, and a replay puts it at
+    /// the end of that URL's queue only, under its own id.
+    #[tokio::test]
+    async fn dead_letters_are_kept_listed_and_replayed_to_their_url_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(OUTBOX_FILE);
+        let urls = vec!["http://a/?token=s3cret".to_string(), "http://b".to_string()];
+        {
+            let o = Outbox::open(&path, cipher(), urls.clone(), 10).unwrap();
+            o.enqueue(vec![event("x"), event("y")]).await.unwrap();
+            let (seq, _) = o.next_for(&urls[0], 0).unwrap().unwrap();
+            assert_eq!(o.dead_letter_blocking(seq, &urls[0], 410).unwrap(), Some(0));
+            assert_eq!(ids(&o, &urls[0]), ["y"], "the refused event left a's queue");
+            assert_eq!(ids(&o, &urls[1]), ["x", "y"], "b still gets it");
+            o.dead_letter_event("state-1".into(), r#"{"type":"session.state_changed"}"#.into(), urls[1].clone(), 400)
+                .await;
+        }
+        let o = Outbox::open(&path, cipher(), urls.clone(), 10).unwrap();
+        let dead = o.dead_letters().await.unwrap();
+        assert_eq!(dead.len(), 2, "{dead:?}");
+        assert_eq!((dead[0].number, dead[0].event_id.as_str(), dead[0].status), (0, "x", 410));
+        assert_eq!(dead[0].url, "http://a/", "no query in the listing");
+        assert_eq!(dead[1].event_type, "session.state_changed");
+        assert!(o.replay(0).await.unwrap());
+        assert!(!o.replay(0).await.unwrap(), "replayed once");
+        assert_eq!(ids(&o, &urls[0]), ["y", "x"], "x is owed to a again, at the end");
+        assert_eq!(ids(&o, &urls[1]), ["y", "x"], "still owed to b once, moved with it");
+        assert_eq!(o.dead_letters().await.unwrap().len(), 1);
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!raw.windows(13).any(|w| w == b"state_changed"), "dead letters are sealed");
     }
 
     #[tokio::test]

@@ -43,7 +43,7 @@ pub struct Condition {
 }
 
 /// One condition as `/ready` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ConditionView {
     /// The condition's name.
     pub name: &'static str,
@@ -55,7 +55,7 @@ pub struct ConditionView {
 }
 
 /// The body of `GET /ready`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ReadyView {
     /// Every condition holds.
     pub ready: bool,
@@ -124,6 +124,11 @@ impl Condition {
 }
 
 /// `GET /ready`.
+#[utoipa::path(get, path = "/ready", tag = "health",
+    responses(
+        (status = 200, description = "Every condition holds.", body = ReadyView),
+        (status = 503, description = "A condition fails (see its `reason`).", body = ReadyView),
+    ))]
 pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let view = state.readiness.view();
     let status = if view.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -17,6 +17,8 @@ use tokio::sync::{Mutex, Notify, broadcast};
 use wakeeper_shared::domain::{SessionState, StateChange, TenantId};
 use wakeeper_shared::webhook::{Signer, unix_seconds};
 
+use crate::outbox::{Outbox, is_permanent_refusal};
+
 /// Failures in a row after which an alert fires.
 pub const ALERT_AFTER_FAILURES: u32 = 3;
 /// Events kept per URL while it is unreachable; the oldest are dropped past this (counted and logged).
@@ -123,7 +125,12 @@ impl Webhooks {
 
 /// Starts delivery of `changes` to `urls`. Returns at once (the handle queues further events on the same
 /// URLs); runs until the channel closes.
-pub fn start(mut changes: broadcast::Receiver<StateChange>, urls: Vec<String>, signer: Option<Signer>) -> Webhooks {
+pub fn start(
+    mut changes: broadcast::Receiver<StateChange>,
+    urls: Vec<String>,
+    signer: Option<Signer>,
+    dead_letters: Option<Outbox>,
+) -> Webhooks {
     let Some(signer) = signer.filter(|_| !urls.is_empty()) else {
         return Webhooks::default();
     };
@@ -133,7 +140,7 @@ pub fn start(mut changes: broadcast::Receiver<StateChange>, urls: Vec<String>, s
         .into_iter()
         .map(|url| {
             let q = Arc::new(Queue { items: Mutex::new(VecDeque::new()), ready: Notify::new() });
-            tokio::spawn(deliver(url, q.clone(), http.clone(), secret.clone()));
+            tokio::spawn(deliver(url, q.clone(), http.clone(), secret.clone(), dead_letters.clone()));
             q
         })
         .collect();
@@ -171,7 +178,9 @@ pub(crate) fn webhook_client() -> reqwest::Client {
         .expect("http client builds")
 }
 
-async fn deliver(url: String, q: Arc<Queue>, http: reqwest::Client, secret: Arc<Signer>) {
+/// Delivers `q`'s events to `url` in order, retrying each until it is answered; an event refused for good (a
+/// 4xx other than 408 and 429) goes to the outbox's dead letters instead of holding the queue.
+async fn deliver(url: String, q: Arc<Queue>, http: reqwest::Client, secret: Arc<Signer>, dead: Option<Outbox>) {
     loop {
         let next = q.items.lock().await.front().cloned();
         let Some((id, body)) = next else {
@@ -187,6 +196,18 @@ async fn deliver(url: String, q: Arc<Queue>, http: reqwest::Client, secret: Arc<
             let sent = request.body(body.clone()).send().await;
             match sent {
                 Ok(r) if r.status().is_success() => break,
+                Ok(r) if is_permanent_refusal(r.status().as_u16()) => {
+                    let body = String::from_utf8_lossy(&body).into_owned();
+                    match &dead {
+                        Some(outbox) => {
+                            outbox.dead_letter_event(id.clone(), body, url.clone(), r.status().as_u16()).await
+                        }
+                        None => {
+                            tracing::warn!(status = r.status().as_u16(), event_id = %id, "webhook refused an event for good; dropped")
+                        }
+                    }
+                    break;
+                }
                 Ok(r) => tracing::warn!(status = r.status().as_u16(), "webhook refused; retrying"),
                 Err(e) => tracing::warn!(error = %e.without_url(), "webhook unreachable; retrying"),
             }

@@ -126,7 +126,7 @@ async fn with_a_wrong_key_nobody_is_marked_undesired_or_written_and_the_host_say
         stored.push((cloud.creds.read(id).await.unwrap(), cloud.tenants.get(id).await.unwrap().unwrap()));
     }
     let sealed_by = KeyFingerprint::of(&KEY).to_string();
-    assert_eq!(cloud.creds.sealed_by(&ids[0]).await.unwrap(), [sealed_by.clone()]);
+    assert_eq!(cloud.creds.sealed_by(&ids[0]).await.unwrap(), std::slice::from_ref(&sealed_by));
 
     let wrong = [0xa5u8; 32];
     let env = cloud.host_env(&[("WAKEEPER_KEY_FILE", String::new()), ("WAKEEPER_DATA_KEY", b64(&wrong))]);
@@ -174,7 +174,7 @@ async fn with_a_wrong_key_nobody_is_marked_undesired_or_written_and_the_host_say
     // Nothing changed in either store: same snapshot, same key, still desired, not marked.
     for (id, (snapshot, record)) in ids.iter().zip(&stored) {
         assert_eq!(&cloud.creds.read(id).await.unwrap(), snapshot, "{id}'s credentials were written");
-        assert_eq!(cloud.creds.sealed_by(id).await.unwrap(), [sealed_by.clone()]);
+        assert_eq!(cloud.creds.sealed_by(id).await.unwrap(), std::slice::from_ref(&sealed_by));
         let now = cloud.tenants.get(id).await.unwrap().unwrap();
         assert_eq!(now.status, record.status, "{id} was marked");
         let desired = cloud.tenants.list_desired(None, 100).await.unwrap().items;
@@ -224,7 +224,7 @@ async fn keys_rotate_reseals_every_tenant_and_the_new_key_alone_restores_them() 
     assert_eq!(report["fingerprint"], new_fp.as_str());
     assert!(!out.contains(&b64(&new)) && !err.contains(&b64(&new)) && !err.contains(&key_b64()));
     for (id, before) in ids.iter().zip(before) {
-        assert_eq!(cloud.creds.sealed_by(id).await.unwrap(), [new_fp.clone()]);
+        assert_eq!(cloud.creds.sealed_by(id).await.unwrap(), std::slice::from_ref(&new_fp));
         // The old key alone no longer reads them, and says which key would.
         match cloud.creds.read(id).await {
             Err(StoreError::KeyMismatch { sealed_with, .. }) => assert_eq!(sealed_with, new_fp),

@@ -121,8 +121,8 @@ async fn terminal_faults_end_one_tenant_each_and_leave_the_rest_open() {
     // No further attempt by the terminal ones over an observation window.
     let attempts: Vec<u64> = (0..3).map(|i| wa.device(&jid(i)).unwrap().connect_attempts).collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    for i in 0..3 {
-        assert_eq!(wa.device(&jid(i)).unwrap().connect_attempts, attempts[i], "tenant {i} tried again");
+    for (i, before) in attempts.iter().enumerate() {
+        assert_eq!(wa.device(&jid(i)).unwrap().connect_attempts, *before, "tenant {i} tried again");
     }
     let list = host.client.sessions().await.unwrap();
     for t in &tenants[3..] {
@@ -230,7 +230,7 @@ async fn first_440_after_a_takeover_names_the_old_host() {
     let wa = sim.handle();
     let dirs = Dirs::new();
     let (imported, native) = (tid("taken-over"), tid("native"));
-    seed_embedded(&dirs, &wa, &[native.clone()]).await;
+    seed_embedded(&dirs, &wa, std::slice::from_ref(&native)).await;
     {
         let store = EmbeddedStore::open(dirs.data().join("store.redb"), dirs.cipher()).unwrap();
         let mut snap = wa.mint_device(&imported);

@@ -1,6 +1,7 @@
 //! Standard Webhooks (issue 21): real deliveries of the real host, state events and a received message, are
 //! verified by the reference `standardwebhooks` library (PyPI), which also refuses a tampered body and a replay
-//! ten minutes later. A URL that answers with a redirect is not followed.
+//! ten minutes later. A URL that answers with a redirect is not followed. A permanent refusal is dead-lettered,
+//! listed and replayed without blocking the queue.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -135,6 +136,90 @@ async fn the_reference_library_verifies_every_delivery_and_refuses_tampering_and
     let n = deliveries.as_array().unwrap().len();
     assert_eq!(stdout.trim(), format!("verified {n}"), "every delivery verified: {stderr}");
     assert_eq!(*followed.lock().unwrap(), 0, "a redirect is never followed with the signed body");
+    drop(host);
+    sim.shutdown().await;
+}
+
+/// A receiver that refuses (400) until told to accept; it records the `webhook-id` of what it accepted and
+/// counts what it refused.
+#[derive(Default)]
+struct Refuser {
+    accept: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicU32,
+    accepted: Mutex<Vec<String>>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_refusal_is_dead_lettered_listed_and_replayed_without_blocking_the_queue() {
+    use std::sync::atomic::Ordering;
+    let sim = wa_sim::Sim::start_local().await.unwrap();
+    let wa = sim.handle();
+    let dirs = Dirs::new();
+    let id = tid("deadletter-1");
+    seed_embedded(&dirs, &wa, std::slice::from_ref(&id)).await;
+    let refuser = Arc::new(Refuser::default());
+    let r = refuser.clone();
+    let app = Router::new().route(
+        "/refuse",
+        post(move |headers: HeaderMap| {
+            let r = r.clone();
+            async move {
+                if r.accept.load(Ordering::SeqCst) {
+                    let hook_id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                    r.accepted.lock().unwrap().push(hook_id);
+                    StatusCode::NO_CONTENT
+                } else {
+                    r.refused.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::BAD_REQUEST
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/refuse", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let env = [("WAKEEPER_WEBHOOK_URLS", url), ("WAKEEPER_WEBHOOK_SECRET", SECRET.to_string())];
+    let host = TestHost::spawn(socket_host_bin!(), &dirs, &wa.url(), "deadletter-a", &env);
+    host.ready().await;
+    host.wait_state(&id, SessionState::Open, Duration::from_secs(30)).await;
+    let phone = "4915155550002";
+    wa.add_contact(phone).unwrap();
+    let device = wa.device_jid(&id).unwrap();
+    for text in ["first order", "second order"] {
+        wa.contact_send_text(phone, &device, text).await.unwrap();
+    }
+
+    // Every event is refused once and kept, none retried forever: the queue moves on.
+    let http = reqwest::Client::new();
+    let list_url = format!("{}/v1/webhooks/dead-letters", host.base);
+    let dead = wait_until(Duration::from_secs(30), "both messages dead-lettered", || {
+        let (http, url) = (http.clone(), list_url.clone());
+        async move {
+            let v: Value = http.get(&url).bearer_auth(TOKEN).send().await.ok()?.json().await.ok()?;
+            let dead = v["dead_letters"].as_array()?.clone();
+            let messages = dead.iter().filter(|d| d["event_type"] == "message.received").count();
+            (messages == 2).then_some(dead)
+        }
+    })
+    .await;
+    assert!(dead.iter().all(|d| d["status"] == 400 && d["url"].as_str().unwrap().ends_with("/refuse")), "{dead:?}");
+    let refused = refuser.refused.load(Ordering::SeqCst) as usize;
+    assert_eq!(refused, dead.len(), "each event refused once, not retried: {dead:?}");
+
+    // Replayed once the receiver accepts: the same event id arrives; the dead letter is gone; a second replay 404s.
+    refuser.accept.store(true, Ordering::SeqCst);
+    let message = dead.iter().find(|d| d["event_type"] == "message.received").unwrap();
+    let (number, event_id) = (message["number"].as_u64().unwrap(), message["event_id"].as_str().unwrap().to_owned());
+    let replay = format!("{}/v1/webhooks/dead-letters/{number}/replay", host.base);
+    assert_eq!(http.post(&replay).bearer_auth(TOKEN).send().await.unwrap().status(), 202);
+    wait_until(Duration::from_secs(20), "the replayed event delivered", || {
+        let (got, want) = (refuser.accepted.lock().unwrap().clone(), event_id.clone());
+        async move { got.contains(&want).then_some(()) }
+    })
+    .await;
+    assert_eq!(http.post(&replay).bearer_auth(TOKEN).send().await.unwrap().status(), 404);
+    let bad = format!("{}/v1/webhooks/dead-letters/not-a-number/replay", host.base);
+    assert_eq!(http.post(&bad).bearer_auth(TOKEN).send().await.unwrap().status(), 404);
     drop(host);
     sim.shutdown().await;
 }

@@ -11,6 +11,7 @@
 //! | `WAKEEPER_DYNAMODB_ENDPOINT` | | DynamoDB endpoint override (DynamoDB Local; never in AWS) |
 //! | `WAKEEPER_HOST_TIMEOUT_S` | `10` | per-attempt timeout of a control-API call (3 attempts) |
 //! | `WAKEEPER_ALERT_WEBHOOK_URL` | | alerts are POSTed here, signed (`X-Wakeeper-Signature: sha256=<hex>`) |
+//! | `WAKEEPER_ALERT_WEBHOOK_ALLOW_HTTP` | `false` | allow a plain `http://` URL other than loopback |
 //! | `WAKEEPER_ALERT_WEBHOOK_SECRET` | | the signing secret (local runs); required with a webhook URL |
 //! | `WAKEEPER_ALERT_WEBHOOK_SECRET_ARN` | | or: a Secrets Manager secret holding it (AWS) |
 //! | `WAKEEPER_ALERT_TOPIC_ARN` | | alerts are also published to this SNS topic |
@@ -73,8 +74,9 @@ impl AlertConfig {
             Secret::from_lookup(get, "WAKEEPER_ALERT_WEBHOOK_SECRET", "WAKEEPER_ALERT_WEBHOOK_SECRET_ARN")?;
         let webhook = match (webhook_url, webhook_secret) {
             (Some(url), Some(secret)) => {
-                if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    bail!("WAKEEPER_ALERT_WEBHOOK_URL must be an http(s) URL");
+                let allow_http = get("WAKEEPER_ALERT_WEBHOOK_ALLOW_HTTP").is_some_and(|v| v.trim() == "true");
+                if let Err(why) = wakeeper_shared::webhook::check_url(&url, allow_http) {
+                    bail!("WAKEEPER_ALERT_WEBHOOK_URL: {why} (WAKEEPER_ALERT_WEBHOOK_ALLOW_HTTP=true allows it)");
                 }
                 Some((url, secret))
             }

@@ -453,6 +453,6 @@ pub async fn cred_a_tenant_of_several_megabytes_round_trips(store: &dyn Credenti
         write_ok(store, &t, &batch(generation, 1, changes.clone()), "a large tenant's batch").await;
         want = applied(generation, &want, &changes);
     }
-    assert!(RECORDS * RECORD_LEN >= 6 * 1024 * 1024);
+    const { assert!(RECORDS * RECORD_LEN >= 6 * 1024 * 1024) };
     assert_snapshot_eq(&read_ok(store, &t, "a 6 MiB tenant").await, &want, "a 6 MiB tenant reads back whole");
 }

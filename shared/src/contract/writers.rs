@@ -143,7 +143,7 @@ impl<'a> World<'a> {
         };
         let shared = RecordChange {
             key: RecordKey::new(RecordKind::Identity, "shared.0"),
-            value: (me.written % 3 != 0).then(|| format!("w{w}-e{epoch}-{}", me.written).into_bytes()),
+            value: (!me.written.is_multiple_of(3)).then(|| format!("w{w}-e{epoch}-{}", me.written).into_bytes()),
         };
         let batch = ChangeBatch { generation: me.next_generation, epoch, changes: vec![own, shared] };
         me.next_generation += 1;

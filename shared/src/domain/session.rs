@@ -7,6 +7,7 @@ use super::{Lease, TenantId, TenantStatus, UnixMillis};
 /// The state of a tenant's session on a host (DESIGN.md "session states").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum SessionState {
     /// Linking a new number: showing QR codes (or a pairing code) until the phone confirms. Nothing is marked
     /// in the tenant table until the pairing succeeded and its credentials are stored.
@@ -84,14 +85,17 @@ impl SessionState {
 
 /// One session as the host's control API reports it. Carries no secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionView {
     /// The tenant.
     pub tenant_id: TenantId,
     /// Current state.
     pub state: SessionState,
     /// When the session entered `state`.
+    #[cfg_attr(feature = "openapi", schema(value_type = i64))]
     pub since_ms: UnixMillis,
     /// When the current connection opened (only while `open`).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<i64>))]
     pub connected_since_ms: Option<UnixMillis>,
     /// How long ago the last frame arrived from WhatsApp, when known.
     pub last_frame_ago_ms: Option<u64>,
@@ -110,6 +114,7 @@ pub struct SessionView {
 
 /// The tenant's lease as a session reports it: whose, which epoch, and whether it still holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionLease {
     /// The host id the lease was taken for.
     pub owner: String,
@@ -163,6 +168,7 @@ pub struct StateChange {
 
 /// `GET /v1/sessions`: every session of a host, with the host's boot id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionList {
     /// Changes whenever the host process restarts.
     pub boot_id: String,
@@ -182,6 +188,7 @@ impl SessionList {
 
 /// A fault of a whole host that an operator must fix (the tenants it touches are left alone, never marked).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HostCondition {
     /// Stable code, e.g. `data_key_mismatch`.
     pub code: String,

@@ -98,6 +98,24 @@ impl<'de> Deserialize<'de> for TenantId {
     }
 }
 
+/// The OpenAPI schema of a tenant id: the same alphabet and length as [`TenantId::parse`].
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for TenantId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[A-Za-z0-9_-]{1,64}$"))
+            .min_length(Some(1))
+            .max_length(Some(MAX_TENANT_ID_LEN))
+            .description(Some("A tenant id: 1 to 64 of A-Z, a-z, 0-9, `_` and `-`."))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for TenantId {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,9 +104,6 @@ enum State {
     },
 }
 
-/// Reads single records of a working copy by location, without the working copy itself (so readers need not
-/// wait for a writer's fsync). Cheap to clone.
-
 /// One tenant's local working copy. Exactly one `WorkingCopy` may write a tenant's directory at a time (the
 /// tenant lease guarantees one host; within the host the engine store owns it).
 #[derive(Debug)]

@@ -38,6 +38,7 @@ use crate::stores::{Connect, Stores, StoresError};
 
 /// `socket-host import ...`.
 #[derive(Debug, Clone, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process, never moved around")]
 pub enum ImportCommand {
     /// Converts one tenant's Baileys auth state into its credential snapshot (no re-scan).
     Baileys(BaileysArgs),

@@ -224,11 +224,10 @@ impl Supervisor {
             if self.backend.take().is_some() {
                 self.deps.engines.close(&self.tenant).await;
             }
-            if cleanup && let Some(epoch) = self.lease.as_ref().map(|l| l.epoch) {
-                if let Err(e) = self.deps.engines.delete(&self.tenant, epoch).await {
+            if cleanup && let Some(epoch) = self.lease.as_ref().map(|l| l.epoch)
+                && let Err(e) = self.deps.engines.delete(&self.tenant, epoch).await {
                     tracing::warn!(tenant = %self.tenant, error = %e, "could not delete the keys of an unpaired link attempt");
                 }
-            }
             self.let_go_of_lease(true).await;
             if let Some(reply) = reply {
                 let _ = reply.send(());

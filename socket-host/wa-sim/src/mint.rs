@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use rand::RngExt;
 use sha2::Sha256;
 use wakeeper_shared::domain::{CredentialSnapshot, DeviceRecord, TenantId};
@@ -193,7 +193,7 @@ pub(crate) fn phone_half(identity_public: &[u8; 32], adv_secret: &[u8; 32]) -> P
         device_signature: None,
     }
     .encode_to_vec();
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(adv_secret).expect("hmac takes any key length");
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(adv_secret).expect("hmac takes any key length");
     mac.update(&signed_identity);
     let container = wa::ADVSignedDeviceIdentityHMAC {
         details: Some(signed_identity.clone()),
