@@ -24,9 +24,12 @@ use super::*;
 
 const STEP: Duration = Duration::from_secs(30);
 
-// Not in `cargo test` yet: its short form has seen one message that the restored device could not decrypt in
-// two of about six runs (the long form, 20 tenants and 967 messages, none). Open under issue 17 until that is
-// understood; `scripts/chaos` runs it (`--include-ignored`).
+// Not in `cargo test` yet: its short form failed 2 of 18 runs on 3b956a5. In both, a host that took tenants from a
+// paused one hydrated, for one or more tenants, a snapshot with no session for the contact ("No session found for
+// msg message from pn#..." at engine debug, and "LID-PN cache warm-up: no entries found in storage"). Likely: the
+// engine keeps LID-PN mappings learned from offline messages in memory only (`learn_lid_pn_mapping_fast`) while
+// it migrates the session to the LID address durably. Open under issue 17; `scripts/chaos` runs it
+// (`--include-ignored`; engine logs with WAKEEPER_TEST_HOST_LOG=info,whatsapp_rust=debug).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "an unexplained undecryptable message in some short runs; run by scripts/chaos"]
 async fn takeovers_under_writes_lose_no_acknowledged_state() {
