@@ -89,22 +89,18 @@ impl Signer {
 /// operator vouches for). Anything else carries signed events in the clear and is refused, naming only the
 /// scheme and host.
 pub fn check_url(url: &str, allow_http: bool) -> Result<(), String> {
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| "a webhook URL must start with https://".to_string())?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = match host_port.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => host_port.split(':').next().unwrap_or_default(),
-    };
-    if host.is_empty() {
-        return Err("a webhook URL has no host".into());
-    }
-    match scheme.to_ascii_lowercase().as_str() {
+    use url::Host;
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a webhook URL ({e}): it must start with https://"))?;
+    let host = parsed.host().ok_or_else(|| "a webhook URL has no host".to_string())?;
+    match parsed.scheme() {
         "https" => Ok(()),
         "http" if allow_http => Ok(()),
         "http" => {
-            let loopback = host.eq_ignore_ascii_case("localhost")
-                || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            let loopback = match &host {
+                Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+                Host::Ipv4(ip) => ip.is_loopback(),
+                Host::Ipv6(ip) => ip.is_loopback(),
+            };
             if loopback {
                 Ok(())
             } else {

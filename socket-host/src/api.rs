@@ -116,12 +116,16 @@ fn tenant(raw: &str) -> Result<TenantId, ApiError> {
 /// Parses an optional JSON body strictly (unknown fields are refused by the wire types); an empty body or a
 /// JSON `null` is `T::default()`.
 fn json_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
-    let body = body.trim_ascii();
-    if body.is_empty() || body == b"null" {
+    let trimmed = body.trim_ascii();
+    if trimmed.is_empty() || trimmed == b"null" {
         return Ok(T::default());
     }
-    // An object: serde would also read a struct from a JSON array.
-    if body.first() != Some(&b'{') {
+    json_object(body)
+}
+
+/// Parses a required JSON object body strictly (serde would also read a struct from a JSON array).
+fn json_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.trim_ascii().first() != Some(&b'{') {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST));
     }
     serde_json::from_slice(body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST))
@@ -359,12 +363,7 @@ async fn send_message(
     use crate::messages::{Invalid, check_text, check_typing, parse_recipient};
     use crate::session::SendRefused;
     let id = tenant(&id)?;
-    // A JSON object (serde would also read the struct from an array).
-    if body.trim_ascii().first() != Some(&b'{') {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST));
-    }
-    let request: SendMessageRequest =
-        serde_json::from_slice(&body).map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST))?;
+    let request: SendMessageRequest = json_object(&body)?;
     let invalid = |e: Invalid| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

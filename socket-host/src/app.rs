@@ -64,20 +64,31 @@ fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
 /// The control token: from the variable, the file, or generated once into the data dir (the CLI reads the
 /// same one to talk to a running host).
 pub fn control_token(config: &Config) -> anyhow::Result<String> {
+    if let Some(t) = existing_control_token(config)? {
+        return Ok(t);
+    }
+    let path = config.data_dir.join("control.token");
+    write_private(&path, &random_hex(32))?;
+    tracing::info!(path = %path.display(), "generated a control token (read it from this file)");
+    read_secret_trimmed(&path)
+}
+
+/// The control token as configured (`WAKEEPER_CONTROL_TOKEN`, `WAKEEPER_CONTROL_TOKEN_FILE`) or as generated
+/// into the data dir earlier; `None` when there is none yet. What a client of the host reads.
+pub fn existing_control_token(config: &Config) -> anyhow::Result<Option<String>> {
     if let Some(t) = config.control_token.as_ref().filter(|t| !t.is_empty()) {
-        return Ok(t.clone());
+        return Ok(Some(t.clone()));
     }
     if let Some(path) = &config.control_token_file {
         let t = read_secret_trimmed(path)?;
         anyhow::ensure!(!t.is_empty(), "control token file {} is empty", path.display());
-        return Ok(t);
+        return Ok(Some(t));
     }
     let path = config.data_dir.join("control.token");
     if !path.exists() {
-        write_private(&path, &random_hex(32))?;
-        tracing::info!(path = %path.display(), "generated a control token (read it from this file)");
+        return Ok(None);
     }
-    read_secret_trimmed(&path)
+    read_secret_trimmed(&path).map(Some)
 }
 
 /// This host's id: configured, or generated once into the data dir (so a restart takes its own leases back).

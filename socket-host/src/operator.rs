@@ -43,26 +43,15 @@ pub struct SessionsArgs {
     pub url: Option<String>,
 }
 
-/// The control token as the host has it, without creating one.
-fn token(config: &Config) -> anyhow::Result<String> {
-    if let Some(t) = config.control_token.as_ref().filter(|t| !t.is_empty()) {
-        return Ok(t.clone());
-    }
-    let path = config.control_token_file.clone().unwrap_or_else(|| config.data_dir.join("control.token"));
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "no control token: set WAKEEPER_CONTROL_TOKEN or WAKEEPER_CONTROL_TOKEN_FILE (could not read {})",
-            path.display()
-        )
-    })?;
-    let t = text.trim().to_owned();
-    anyhow::ensure!(!t.is_empty(), "the control token file {} is empty", path.display());
-    Ok(t)
-}
-
 fn client(config: &Config, url: Option<&str>) -> anyhow::Result<HostClient> {
     let base = url.map(str::to_owned).unwrap_or_else(|| format!("http://{}", config.listen));
-    Ok(HostClient::new(&base, token(config)?, Duration::from_secs(30))?)
+    let token = crate::app::existing_control_token(config)?.with_context(|| {
+        format!(
+            "no control token: set WAKEEPER_CONTROL_TOKEN or WAKEEPER_CONTROL_TOKEN_FILE (none in {})",
+            config.data_dir.display()
+        )
+    })?;
+    Ok(HostClient::new(&base, token, Duration::from_secs(30))?)
 }
 
 /// A client error in the operator's words.

@@ -128,7 +128,11 @@ pub const SERIES: &[Series] = &[
         "kind",
         &["full", "unavailable"],
     ),
-    gauge("wakeeper_disk_fault", Unit::Count, "1 while a path under the data dir has a disk fault (label path)."),
+    labelled(
+        gauge("wakeeper_disk_fault", Unit::Count, "1 while a path under the data dir has a disk fault."),
+        "path",
+        &[],
+    ),
     gauge("wakeeper_data_key_mismatch_tenants", Unit::Count, "Tenants whose records are sealed under another key."),
 ];
 
@@ -156,9 +160,8 @@ fn register() {
             Kind::Histogram(_) => metrics::describe_histogram!(s.name, s.unit, s.help),
         }
         let labels: Vec<Vec<(&'static str, &'static str)>> = match s.label {
+            // No known values (a per-path gauge): no series until one happens.
             Some((key, values)) => values.iter().map(|v| vec![(key, *v)]).collect(),
-            // A per-path gauge has no series until a path has a fault.
-            None if s.name == "wakeeper_disk_fault" => Vec::new(),
             None => vec![Vec::new()],
         };
         for l in labels {
